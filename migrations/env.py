@@ -1,0 +1,35 @@
+"""Alembic entry point: resolve the targets, then run each schema on its own.
+
+``alembic -x schema=dev upgrade head`` migrates dev only; with no ``-x``, every
+configured environment is migrated, public first. momentry-db passes its
+targets in ``config.attributes`` instead.
+"""
+
+import sys
+from logging.config import fileConfig
+from pathlib import Path
+
+from alembic import context
+
+from momentry_db.errors import MomentryError
+from momentry_db.stores import postgres
+
+config = context.config
+targets = config.attributes.get("momentry_targets")
+
+if targets is None:  # a plain `alembic` call
+    if config.config_file_name is not None:
+        fileConfig(config.config_file_name, disable_existing_loggers=False)
+    from momentry_db.settings import load_project
+
+    try:
+        root = Path(config.config_file_name).resolve().parent if config.config_file_name else None
+        project = load_project(root)
+        config.attributes["momentry_project"] = project
+        targets = postgres.targets_from_x_args(project, context.get_x_argument(as_dictionary=True))
+        postgres.run_env(context, targets)
+    except MomentryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+else:
+    postgres.run_env(context, targets)

@@ -1,0 +1,281 @@
+"""Environment values, the registry of known environments, and name validation.
+
+Pure logic: nothing here reads the process environment or touches a store.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+PRIMARY = "prod"
+PRIMARY_SCHEMA = "public"
+NAME_ROOT = "momentry"
+QDRANT_LOGICAL_COLLECTION = "rule1"
+
+_ENV_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
+_PG_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
+_MONGO_DB = re.compile(r"[a-z_][a-z0-9_]*")
+_QDRANT_COLLECTION = re.compile(r"[a-z_][a-z0-9_-]*")
+_REDIS_PREFIX = re.compile(r"[a-z_][a-z0-9_.:-]*:")
+_RESERVED_SCHEMAS = {"information_schema"}
+_RESERVED_MONGO = {"admin", "local", "config"}
+
+
+def _shown(value: str) -> str:
+    """Quote a user-supplied value for an error line, control characters escaped."""
+    return repr(value)
+
+
+def validate_env_name(name: str) -> str:
+    """Check an environment name such as ``dev``, ``staging`` or ``pr-42``."""
+    if not _ENV_NAME.fullmatch(name) or len(name) > 40:
+        raise ConfigError(
+            f"invalid environment name {_shown(name)}: use lowercase letters, digits, '-' or '_' "
+            "(at most 40 characters, starting with a letter)"
+        )
+    return name
+
+
+def validate_schema(schema: str, *, primary: bool) -> str:
+    """Check a PostgreSQL schema name; non-primary environments may not use public or pg_*."""
+    if not _PG_IDENT.fullmatch(schema):
+        raise ConfigError(
+            f"invalid schema name {_shown(schema)}: a schema is [a-z_][a-z0-9_]* (lowercase, unquoted)"
+        )
+    if len(schema.encode()) > 63:
+        raise ConfigError(f"invalid schema name {_shown(schema)}: longer than PostgreSQL's 63 bytes")
+    if primary:
+        if schema != PRIMARY_SCHEMA:
+            raise ConfigError(
+                f"prod's schema must be {PRIMARY_SCHEMA!r}, not {schema!r}: "
+                "unset DATABASE_SCHEMA or set it to public for prod"
+            )
+        return schema
+    if schema == PRIMARY_SCHEMA:
+        raise ConfigError("schema 'public' belongs to prod: another environment may not use it")
+    if schema.startswith("pg_") or schema in _RESERVED_SCHEMAS:
+        raise ConfigError(f"schema {schema!r} is reserved by PostgreSQL")
+    return schema
+
+
+def validate_mongo_database(database: str) -> str:
+    """Check a MongoDB database name."""
+    if not _MONGO_DB.fullmatch(database) or len(database.encode()) > 63:
+        raise ConfigError(
+            f"invalid MongoDB database name {_shown(database)}: use [a-z_][a-z0-9_]*, at most 63 bytes"
+        )
+    if database in _RESERVED_MONGO:
+        raise ConfigError(f"MongoDB database {database!r} is reserved by MongoDB")
+    return database
+
+
+def validate_collection(collection: str) -> str:
+    """Check a Qdrant collection name."""
+    if not _QDRANT_COLLECTION.fullmatch(collection) or len(collection) > 255:
+        raise ConfigError(
+            f"invalid Qdrant collection name {_shown(collection)}: use [a-z_][a-z0-9_-]*"
+        )
+    return collection
+
+
+def validate_redis_prefix(prefix: str) -> str:
+    """Check a Redis key prefix such as ``momentry_dev:`` (no glob characters)."""
+    if not _REDIS_PREFIX.fullmatch(prefix) or len(prefix) > 128:
+        raise ConfigError(
+            f"invalid Redis prefix {_shown(prefix)}: use [a-z_][a-z0-9_.:-]* ending in ':'"
+        )
+    return prefix
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A known environment before settings are applied: its name and declared names."""
+
+    name: str
+    schema: str | None = None
+    database: str | None = None
+    collection: str | None = None
+    prefix: str | None = None
+    env_file: str | None = None
+    port: int | None = None
+    source: str = "built in"
+
+    @property
+    def primary(self) -> bool:
+        return self.name == PRIMARY
+
+    @property
+    def slug(self) -> str:
+        """The name as it appears inside store names: ``pr-42`` becomes ``pr_42``."""
+        return self.name.replace("-", "_")
+
+    @property
+    def root(self) -> str:
+        """The stem of this environment's store names: ``momentry``, ``momentry_dev``."""
+        return NAME_ROOT if self.primary else f"{NAME_ROOT}_{self.slug}"
+
+    def default_env_file(self) -> str:
+        if self.env_file:
+            return self.env_file
+        return ".env" if self.primary else (".env.development" if self.name == "dev" else f".env.{self.name}")
+
+    def default_schema(self) -> str:
+        return self.schema or (PRIMARY_SCHEMA if self.primary else self.slug)
+
+    def default_database(self) -> str:
+        return self.database or self.root
+
+    def default_collection(self) -> str:
+        return self.collection or f"{self.root}_{QDRANT_LOGICAL_COLLECTION}"
+
+    def default_prefix(self) -> str:
+        return self.prefix or f"{self.root}:"
+
+    def default_port(self) -> int | None:
+        if self.port is not None:
+            return self.port
+        return {"prod": 3002, "dev": 3003}.get(self.name)
+
+
+BUILT_IN = (EnvSpec(PRIMARY), EnvSpec("dev"))
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Every known environment, prod first, in declaration order."""
+
+    specs: tuple[EnvSpec, ...] = BUILT_IN
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
+
+    def get(self, name: str) -> EnvSpec:
+        """Return the spec of a known environment; an unknown name lists the known ones."""
+        for spec in self.specs:
+            if spec.name == name:
+                return spec
+        raise ConfigError(
+            f"unknown environment {_shown(name)}; known: {', '.join(self.names)} "
+            "(declare more in momentry-db.toml [environments] or MOMENTRY_EXTRA_ENVS)"
+        )
+
+    def by_schema(self, schema: str) -> EnvSpec:
+        """Return the environment whose default schema is ``schema``."""
+        for spec in self.specs:
+            if spec.default_schema() == schema:
+                return spec
+        known = ", ".join(f"{s.default_schema()} ({s.name})" for s in self.specs)
+        raise ConfigError(f"schema {schema!r} belongs to no configured environment; known: {known}")
+
+    def with_declared(self, declared: list[EnvSpec]) -> Registry:
+        """Add declared environments; a declaration of a known name replaces its spec."""
+        specs = {s.name: s for s in self.specs}
+        for spec in declared:
+            if spec.primary:
+                raise ConfigError(f"{spec.source}: prod is built in and cannot be redeclared")
+            specs[spec.name] = spec
+        registry = Registry(tuple(specs.values()))
+        registry.check_distinct()
+        return registry
+
+    def check_distinct(self) -> None:
+        """Refuse two environments that would share a schema, database, collection or prefix."""
+        for label, value_of in (
+            ("schema", EnvSpec.default_schema),
+            ("MongoDB database", EnvSpec.default_database),
+            ("Qdrant collection", EnvSpec.default_collection),
+            ("Redis prefix", EnvSpec.default_prefix),
+        ):
+            seen: dict[str, str] = {}
+            for spec in self.specs:
+                value = value_of(spec)
+                if value in seen:
+                    raise ConfigError(
+                        f"environments {seen[value]} and {spec.name} would share the {label} {value!r}"
+                    )
+                seen[value] = spec.name
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value whose repr and str never show it."""
+
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.masked
+
+    @property
+    def masked(self) -> str:
+        return "***"
+
+    def reveal(self) -> str:
+        return self.value
+
+
+_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+
+
+@dataclass(frozen=True)
+class SecretURL(Secret):
+    """A connection URL whose password is masked wherever it is shown."""
+
+    @property
+    def masked(self) -> str:
+        return mask_url(self.value)
+
+    @property
+    def password(self) -> str | None:
+        match = _USERINFO.match(self.value)
+        return match.group("pw") if match and match.group("pw") else None
+
+
+def mask_url(url: str) -> str:
+    """Replace the password in a URL with ``***``."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One environment, fully resolved: its store names and connection settings."""
+
+    name: str
+    primary: bool
+    schema: str
+    mongo_database: str
+    qdrant_collection: str
+    redis_prefix: str
+    output_dir: Path
+    backup_dir: Path
+    server_port: int | None
+    worker_enabled: bool
+    env_file: Path | None
+    state_dir: Path
+    database_url: SecretURL | None = None
+    mongodb_url: SecretURL | None = None
+    qdrant_url: SecretURL | None = None
+    qdrant_api_key: Secret | None = None
+    redis_url: SecretURL | None = None
+
+    def secrets(self) -> list[str]:
+        """Every secret string this environment holds, for scrubbing output."""
+        found: list[str] = []
+        for item in (self.database_url, self.mongodb_url, self.qdrant_url, self.redis_url):
+            if item is not None and item.password:
+                found.append(item.password)
+        if self.qdrant_api_key is not None and self.qdrant_api_key.value:
+            found.append(self.qdrant_api_key.value)
+        return found
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """Remove every known secret, and any URL password, from a message."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "***")
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*):[^@/\s]*@", r"\1:***@", text)

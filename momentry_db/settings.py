@@ -1,0 +1,216 @@
+"""The only reader of the process environment, env files and momentry-db.toml.
+
+Precedence, highest first: explicit overrides (command-line options), the process
+environment, the environment's env file, the built-in default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .environments import (
+    Environment,
+    EnvSpec,
+    Registry,
+    Secret,
+    SecretURL,
+    validate_collection,
+    validate_env_name,
+    validate_mongo_database,
+    validate_redis_prefix,
+    validate_schema,
+)
+from .errors import ConfigError
+
+CONFIG_FILE = "momentry-db.toml"
+_SPEC_KEYS = {"schema": str, "database": str, "collection": str, "prefix": str, "env_file": str, "port": int}
+_PG_SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg://")
+
+
+@dataclass(frozen=True)
+class Project:
+    """Project-wide settings: where files live and which environments exist."""
+
+    root: Path
+    state_dir: Path
+    registry: Registry
+    environ: Mapping[str, str]
+
+    def environment(
+        self,
+        name: str,
+        *,
+        env_file: Path | None = None,
+        overrides: Mapping[str, str | None] | None = None,
+    ) -> Environment:
+        """Resolve one environment by name into a frozen, validated Environment."""
+        return _resolve(self, self.registry.get(name), env_file, overrides or {})
+
+    def environments(self) -> list[Environment]:
+        """Resolve every configured environment, prod first."""
+        return [self.environment(name) for name in self.registry.names]
+
+
+def load_project(root: Path | None = None, environ: Mapping[str, str] | None = None) -> Project:
+    """Read momentry-db.toml and MOMENTRY_EXTRA_ENVS into the project's registry."""
+    environ = os.environ if environ is None else environ
+    root = Path(root or environ.get("MOMENTRY_PROJECT_DIR") or Path.cwd()).resolve()
+    declared = _declared_in_file(root / CONFIG_FILE)
+    known = {"prod", "dev", *(s.name for s in declared)}
+    for raw in environ.get("MOMENTRY_EXTRA_ENVS", "").split(","):
+        name = raw.strip()
+        if name and name not in known:
+            try:
+                validate_env_name(name)
+            except ConfigError as exc:
+                raise ConfigError(f"MOMENTRY_EXTRA_ENVS: {exc}") from None
+            declared.append(EnvSpec(name, source="MOMENTRY_EXTRA_ENVS"))
+            known.add(name)
+    state_dir = Path(environ.get("MOMENTRY_STATE_DIR") or root / ".momentry")
+    if not state_dir.is_absolute():
+        state_dir = root / state_dir
+    return Project(root=root, state_dir=state_dir, registry=Registry().with_declared(declared),
+                   environ=environ)
+
+
+def _declared_in_file(path: Path) -> list[EnvSpec]:
+    if not path.is_file():
+        return []
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name}: not valid TOML ({exc})") from None
+    table = data.get("environments", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path.name}: [environments] must be a table")
+    specs = []
+    for name, body in table.items():
+        where = f"{path.name} [environments.{name}]"
+        try:
+            validate_env_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{path.name} [environments]: {exc}") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: must be a table, for example {name} = {{}}")
+        for key, value in body.items():
+            if key not in _SPEC_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(_SPEC_KEYS)}")
+            if not isinstance(value, _SPEC_KEYS[key]) or isinstance(value, bool):
+                raise ConfigError(f"{where}: {key} must be a {_SPEC_KEYS[key].__name__}")
+        spec = EnvSpec(name, source=where, **body)
+        if spec.schema is not None:
+            try:
+                validate_schema(spec.schema, primary=spec.primary)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        specs.append(spec)
+    return specs
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
+             overrides: Mapping[str, str | None]) -> Environment:
+    if env_file is not None:
+        env_file = Path(env_file)
+        if not env_file.is_file():
+            raise ConfigError(f"env file {str(env_file)!r} does not exist")
+        file_values = _read_env_file(env_file)
+    else:
+        env_file = project.root / spec.default_env_file()
+        file_values = _read_env_file(env_file) if env_file.is_file() else {}
+        if not file_values and not env_file.is_file():
+            env_file = None
+
+    def lookup(key: str) -> str | None:
+        for source in (overrides, project.environ, file_values):
+            value = source.get(key)
+            if value is not None and value != "":
+                return value
+        return None
+
+    primary = spec.primary
+    schema = validate_schema(lookup("DATABASE_SCHEMA") or spec.default_schema(), primary=primary)
+    database = validate_mongo_database(lookup("MONGODB_DATABASE") or spec.default_database())
+    collection = validate_collection(lookup("QDRANT_COLLECTION") or spec.default_collection())
+    prefix = validate_redis_prefix(lookup("MOMENTRY_REDIS_PREFIX") or spec.default_prefix())
+    _refuse_foreign_names(project.registry, spec, schema, database, collection, prefix)
+
+    data_root = Path(lookup("MOMENTRY_DATA_ROOT") or Path.home() / "momentry").expanduser()
+    output_dir = Path(lookup("MOMENTRY_OUTPUT_DIR")
+                      or data_root / ("output" if primary else f"output_{spec.slug}"))
+    backup_dir = Path(lookup("MOMENTRY_BACKUP_DIR") or data_root / "backup" / spec.root)
+    port_text = lookup("MOMENTRY_SERVER_PORT")
+    try:
+        port = int(port_text) if port_text else spec.default_port()
+    except ValueError:
+        raise ConfigError(f"MOMENTRY_SERVER_PORT must be a number, not {port_text!r}") from None
+    worker = lookup("MOMENTRY_WORKER_ENABLED")
+    worker_enabled = primary if worker is None else worker.strip().lower() in {"1", "true", "yes", "on"}
+
+    database_url = lookup("DATABASE_URL")
+    api_key = lookup("QDRANT_API_KEY")
+    return Environment(
+        name=spec.name,
+        primary=primary,
+        schema=schema,
+        mongo_database=database,
+        qdrant_collection=collection,
+        redis_prefix=prefix,
+        output_dir=output_dir,
+        backup_dir=backup_dir,
+        server_port=port,
+        worker_enabled=worker_enabled,
+        env_file=env_file,
+        state_dir=project.state_dir,
+        database_url=SecretURL(normalize_database_url(database_url)) if database_url else None,
+        mongodb_url=_url(lookup("MONGODB_URL")),
+        qdrant_url=_url(lookup("QDRANT_URL")),
+        qdrant_api_key=Secret(api_key) if api_key else None,
+        redis_url=_url(lookup("REDIS_URL")),
+    )
+
+
+def _url(value: str | None) -> SecretURL | None:
+    return SecretURL(value) if value else None
+
+
+def _refuse_foreign_names(registry: Registry, spec: EnvSpec, schema: str, database: str,
+                          collection: str, prefix: str) -> None:
+    """Refuse a name that another environment owns, so dev can never be pointed at prod."""
+    for other in registry.specs:
+        if other.name == spec.name:
+            continue
+        for label, mine, theirs in (
+            ("schema", schema, other.default_schema()),
+            ("MongoDB database", database, other.default_database()),
+            ("Qdrant collection", collection, other.default_collection()),
+            ("Redis prefix", prefix, other.default_prefix()),
+        ):
+            if mine == theirs:
+                raise ConfigError(
+                    f"{spec.name}'s {label} {mine!r} belongs to environment {other.name}; "
+                    f"check DATABASE_SCHEMA / MONGODB_DATABASE / QDRANT_COLLECTION / "
+                    f"MOMENTRY_REDIS_PREFIX for {spec.name}"
+                )
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept postgres://, postgresql:// and postgresql+psycopg:// and use psycopg 3."""
+    from .environments import mask_url
+
+    for scheme in _PG_SCHEMES:
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    raise ConfigError(
+        f"DATABASE_URL {mask_url(url)!r} is not a PostgreSQL URL; "
+        "use postgres://, postgresql:// or postgresql+psycopg://"
+    )

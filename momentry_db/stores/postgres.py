@@ -1,0 +1,318 @@
+"""PostgreSQL: per-schema Alembic runs.
+
+Each target (one environment's schema) gets its own connection, an advisory lock
+keyed by its schema, a search_path holding that schema only, its own
+``alembic_version`` table and one transaction. Isolated operations run in every
+target; shared operations only in public (see :mod:`momentry_db.revision`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..environments import Environment, scrub, validate_schema
+from ..errors import ConfigError, StoreError, UnreachableError
+from ..plan import Step
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.runtime.environment import EnvironmentContext
+    from sqlalchemy.engine import Connection, Engine
+
+    from ..settings import Project
+
+STORE = "postgres"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT_LOCATION = REPO_ROOT / "migrations"
+CONNECT_TIMEOUT_S = 5
+LOCK_CLASS = 0x6D6F6D64  # "momd": namespaces our advisory locks
+
+
+@dataclass
+class PgTarget:
+    """One Alembic run: an environment's schema, and how to reach its database."""
+
+    env: Environment
+    emit: Callable[[str, Step], None] | None = None
+    applied: list[str] = field(default_factory=list)
+    started_at: tuple[str, ...] = ()
+    _url: str | None = field(default=None, repr=False)
+    embedded: bool = False
+
+    @property
+    def schema(self) -> str:
+        return self.env.schema
+
+    @property
+    def primary(self) -> bool:
+        return self.env.primary
+
+    def url(self) -> str:
+        """The SQLAlchemy URL, starting the embedded server when none is configured."""
+        if self._url is None:
+            if self.env.database_url is not None:
+                self._url = self.env.database_url.reveal()
+            else:
+                from .embedded import embedded_url
+
+                self._url = embedded_url(self.env.state_dir)
+                self.embedded = True
+        return self._url
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier the way psycopg does, for SQL we emit as text."""
+    from psycopg import sql
+
+    return sql.Identifier(name).as_string(None)
+
+
+def lock_sql(schema: str, *, xact: bool) -> str:
+    """The advisory lock statement that serializes runs against one schema."""
+    fn = "pg_advisory_xact_lock" if xact else "pg_advisory_lock"
+    return f"SELECT {fn}({LOCK_CLASS}, hashtext({quote_literal(schema)}))"
+
+
+def quote_literal(value: str) -> str:
+    from psycopg import sql
+
+    return sql.Literal(value).as_string(None)
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for one migration run: no pooling, bounded connect time."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    return sa.create_engine(url, poolclass=NullPool,
+                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+
+
+def connect(target: PgTarget) -> Connection:
+    """Open a connection for a target, turning connection failures into one clear line."""
+    from sqlalchemy.exc import OperationalError
+
+    url = target.url()
+    try:
+        return create_engine(url).connect()
+    except OperationalError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc),
+                       target.env.secrets())
+        where = "the embedded server" if target.embedded else target.env.database_url.masked  # type: ignore[union-attr]
+        raise UnreachableError(f"postgres: cannot connect to {where}: {reason}") from None
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def targets_for(envs: Iterable[Environment]) -> list[PgTarget]:
+    """Targets for environments, public first."""
+    ordered = sorted(envs, key=lambda e: not e.primary)
+    return [PgTarget(env) for env in ordered]
+
+
+def targets_from_x_args(project: Project, x_args: dict[str, str]) -> list[PgTarget]:
+    """Targets for a plain ``alembic`` call: ``-x schema=NAME``, or every environment."""
+    unknown = set(x_args) - {"schema"}
+    if unknown:
+        raise ConfigError(f"unknown -x option(s): {', '.join(sorted(unknown))}; only schema=NAME is accepted")
+    schema = x_args.get("schema")
+    envs = project.environments()
+    if schema is None:
+        return targets_for(envs)
+    validate_schema(schema, primary=(schema == "public"))
+    for env in envs:
+        if env.schema == schema:
+            return targets_for([env])
+    known = ", ".join(f"{e.schema} ({e.name})" for e in envs)
+    raise ConfigError(f"-x schema={schema} is not the schema of a configured environment; known: {known}")
+
+
+# --- env.py: one run per target -------------------------------------------------------------
+
+
+def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> None:
+    """What migrations/env.py does: run each target in turn."""
+    if context.is_offline_mode():
+        for target in targets:
+            _run_offline(context, target)
+        return
+    for target in targets:
+        _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
+
+
+def _configure_kwargs(target: PgTarget) -> dict[str, Any]:
+    from ..models import metadata
+    from ..tables import include_object
+    from ..models.base import Scope
+
+    kwargs: dict[str, Any] = dict(
+        target_metadata=metadata,
+        version_table_schema=target.schema,
+        include_object=include_object(Scope.ISOLATED),
+        compare_type=True,
+        compare_server_default=True,
+        momentry_target=target,
+    )
+    kwargs["on_version_apply"] = _on_apply(target)
+    return kwargs
+
+
+def _on_apply(target: PgTarget) -> Callable[..., None]:
+    def on_apply(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
+        revision = step.up_revision_id if step.is_upgrade else step.down_revision_ids[0] if step.down_revision_ids else "base"
+        target.applied.append(step.up_revision_id if step.is_upgrade else revision)
+        if target.emit is not None:
+            verb = "upgraded" if step.is_upgrade else "downgraded"
+            target.emit(verb, Step(STORE, target.env.name, target.schema, step.up_revision_id, step.doc or ""))
+
+    return on_apply
+
+
+def _run_offline(context: EnvironmentContext, target: PgTarget) -> None:
+    context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True,
+                      **_configure_kwargs(target))
+    impl = context.get_context().impl
+    impl.static_output(f"-- momentry-db: environment {target.env.name}, schema {target.schema}")
+    with context.begin_transaction():
+        context.execute(lock_sql(target.schema, xact=True))
+        context.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(target.schema)}")
+        context.execute(f"SET search_path TO {quote_ident(target.schema)}")
+        context.run_migrations()
+
+
+def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_primary_only: bool) -> None:
+    import sqlalchemy as sa
+
+    from ..models.base import Scope
+    from ..tables import include_object
+
+    conn = connect(target)
+    try:
+        conn.execute(sa.text(lock_sql(target.schema, xact=False)))
+        conn.commit()
+        kwargs = _configure_kwargs(target)
+        context.configure(connection=conn, **kwargs)
+        opts = context.get_context().opts
+        autogenerate = "revision_context" in opts
+        if autogenerate:
+            if autogenerate_primary_only and not target.primary:
+                return  # public holds every table; comparing it once is enough
+            from alembic_utils.replaceable_entity import register_entities
+
+            from ..models import VIEWS
+
+            register_entities(VIEWS)
+            strays = _stray_tables(conn, target, context)
+            passes = [Scope.ISOLATED, Scope.SHARED] if target.primary else [Scope.ISOLATED]
+            for scope in passes:
+                context.configure(connection=conn, **{
+                    **kwargs,
+                    "include_object": include_object(scope, strays=strays),
+                    "upgrade_token": f"{scope.value}_upgrades",
+                    "downgrade_token": f"{scope.value}_downgrades",
+                    "process_revision_directives": _strip_scope_info,
+                })
+                with context.begin_transaction():
+                    _set_search_path(conn, target.schema)
+                    context.run_migrations()
+            return
+        with context.begin_transaction():
+            if not opts.get("dont_mutate"):
+                conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(target.schema)}"))
+            _set_search_path(conn, target.schema)
+            target.applied.clear()
+            target.started_at = tuple(context.get_context().get_current_heads())
+            try:
+                context.run_migrations()
+            except Exception as exc:
+                raise _store_error(context, target, exc) from None
+    finally:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
+            conn.commit()
+        finally:
+            conn.close()
+
+
+def _strip_scope_info(context: Any, revision: Any, directives: list[Any]) -> None:
+    """Keep the scope marking out of rendered create_table calls: the function says it."""
+    from alembic.operations import ops
+
+    from ..models import SCOPE_KEY
+
+    for script in directives:
+        for op_list in (*script.upgrade_ops_list, *script.downgrade_ops_list):
+            for op in op_list.ops:
+                if isinstance(op, ops.CreateTableOp):
+                    op.info = {k: v for k, v in op.info.items() if k != SCOPE_KEY}
+
+
+def _set_search_path(conn: Connection, schema: str) -> None:
+    import sqlalchemy as sa
+
+    # The target schema only: an unqualified name can never fall through to public.
+    conn.execute(sa.text(f"SET search_path TO {quote_ident(schema)}"))
+
+
+def _stray_tables(conn: Connection, target: PgTarget, context: EnvironmentContext) -> frozenset[str]:
+    """Undeclared tables that live in an environment schema (so are isolated, not shared)."""
+    import sqlalchemy as sa
+
+    from ..tables import isolated_tables, shared_tables
+
+    declared = isolated_tables() | shared_tables()
+    if target.primary:
+        schemas = [s for s in _configured_schemas(context) if s != target.schema]
+    else:
+        schemas = [target.schema]
+    if not schemas:
+        return frozenset()
+    rows = conn.execute(sa.text(
+        "SELECT DISTINCT table_name FROM information_schema.tables "
+        "WHERE table_schema = ANY(:schemas) AND table_type = 'BASE TABLE'"), {"schemas": schemas})
+    return frozenset(r[0] for r in rows if r[0] not in declared and r[0] != "alembic_version")
+
+
+def _configured_schemas(context: EnvironmentContext) -> list[str]:
+    project = context.config.attributes.get("momentry_project")
+    if project is None:
+        return []
+    return [e.schema for e in project.environments()]
+
+
+def _store_error(context: EnvironmentContext, target: PgTarget, exc: Exception) -> StoreError:
+    """Name the revision that failed: the one after the last that applied."""
+    orig = getattr(exc, "orig", None)
+    lines = str(orig or exc).strip().splitlines() or [type(exc).__name__]
+    reason = lines[0] if orig is not None else f"{type(exc).__name__}: {lines[0]}"
+    current = target.applied[-1] if target.applied else (target.started_at[0] if target.started_at else None)
+    step = "revision after " + current if current else "first revision"
+    for rev in context.script.walk_revisions():
+        if rev.down_revision == current or (current is None and rev.down_revision is None):
+            step = f"revision {rev.revision} ({rev.doc})"
+            break
+    return StoreError(STORE, f"{target.env.name} (schema {target.schema})", step,
+                      scrub(reason, target.env.secrets()))
+
+
+# --- library calls --------------------------------------------------------------------------
+
+
+def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = None,
+                   script_location: Path | None = None, output: io.StringIO | None = None) -> Config:
+    """An Alembic Config that runs our env.py against the given targets."""
+    from alembic.config import Config
+
+    cfg = Config(output_buffer=output)
+    cfg.set_main_option("script_location", str(script_location or SCRIPT_LOCATION))
+    cfg.set_main_option("version_path_separator", "os")
+    cfg.attributes["momentry_targets"] = list(targets)
+    cfg.attributes["momentry_project"] = project
+    return cfg
