@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub, validate_schema
 from ..errors import ConfigError, StoreError, UnreachableError
-from ..plan import Step
+from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.runtime.environment import EnvironmentContext
+    from sqlalchemy import MetaData
     from sqlalchemy.engine import Connection, Engine
 
     from ..settings import Project
@@ -145,15 +146,21 @@ def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> None:
         _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
 
 
-def _configure_kwargs(target: PgTarget) -> dict[str, Any]:
+def _metadata(context: EnvironmentContext) -> MetaData:
+    """The models' metadata, or the one a caller passed in ``config.attributes``."""
     from ..models import metadata
-    from ..tables import include_object
+
+    return context.config.attributes.get("momentry_metadata") or metadata
+
+
+def _configure_kwargs(target: PgTarget, meta: MetaData) -> dict[str, Any]:
     from ..models.base import Scope
+    from ..tables import include_object
 
     kwargs: dict[str, Any] = dict(
-        target_metadata=metadata,
+        target_metadata=meta,
         version_table_schema=target.schema,
-        include_object=include_object(Scope.ISOLATED),
+        include_object=include_object(Scope.ISOLATED, meta),
         compare_type=True,
         compare_server_default=True,
         momentry_target=target,
@@ -164,18 +171,20 @@ def _configure_kwargs(target: PgTarget) -> dict[str, Any]:
 
 def _on_apply(target: PgTarget) -> Callable[..., None]:
     def on_apply(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
-        revision = step.up_revision_id if step.is_upgrade else step.down_revision_ids[0] if step.down_revision_ids else "base"
-        target.applied.append(step.up_revision_id if step.is_upgrade else revision)
+        if ctx.as_sql:  # offline mode only writes SQL; nothing was applied
+            return
+        target.applied.append(step.up_revision_id)
         if target.emit is not None:
             verb = "upgraded" if step.is_upgrade else "downgraded"
-            target.emit(verb, Step(STORE, target.env.name, target.schema, step.up_revision_id, step.doc or ""))
+            doc = getattr(step.up_revision, "doc", "") or ""
+            target.emit(verb, Step(STORE, target.env.name, target.schema, step.up_revision_id, doc))
 
     return on_apply
 
 
 def _run_offline(context: EnvironmentContext, target: PgTarget) -> None:
     context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True,
-                      **_configure_kwargs(target))
+                      **_configure_kwargs(target, _metadata(context)))
     impl = context.get_context().impl
     impl.static_output(f"-- momentry-db: environment {target.env.name}, schema {target.schema}")
     with context.begin_transaction():
@@ -195,7 +204,8 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
     try:
         conn.execute(sa.text(lock_sql(target.schema, xact=False)))
         conn.commit()
-        kwargs = _configure_kwargs(target)
+        meta = _metadata(context)
+        kwargs = _configure_kwargs(target, meta)
         context.configure(connection=conn, **kwargs)
         opts = context.get_context().opts
         autogenerate = "revision_context" in opts
@@ -207,12 +217,12 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
             from ..models import VIEWS
 
             register_entities(VIEWS)
-            strays = _stray_tables(conn, target, context)
+            strays = _stray_tables(conn, target, context, meta)
             passes = [Scope.ISOLATED, Scope.SHARED] if target.primary else [Scope.ISOLATED]
             for scope in passes:
                 context.configure(connection=conn, **{
                     **kwargs,
-                    "include_object": include_object(scope, strays=strays),
+                    "include_object": include_object(scope, meta, strays=strays),
                     "upgrade_token": f"{scope.value}_upgrades",
                     "downgrade_token": f"{scope.value}_downgrades",
                     "process_revision_directives": _strip_scope_info,
@@ -261,13 +271,12 @@ def _set_search_path(conn: Connection, schema: str) -> None:
     conn.execute(sa.text(f"SET search_path TO {quote_ident(schema)}"))
 
 
-def _stray_tables(conn: Connection, target: PgTarget, context: EnvironmentContext) -> frozenset[str]:
+def _stray_tables(conn: Connection, target: PgTarget, context: EnvironmentContext,
+                  meta: MetaData) -> frozenset[str]:
     """Undeclared tables that live in an environment schema (so are isolated, not shared)."""
     import sqlalchemy as sa
 
-    from ..tables import isolated_tables, shared_tables
-
-    declared = isolated_tables() | shared_tables()
+    declared = set(meta.tables)
     if target.primary:
         schemas = [s for s in _configured_schemas(context) if s != target.schema]
     else:
@@ -298,7 +307,7 @@ def _store_error(context: EnvironmentContext, target: PgTarget, exc: Exception) 
         if rev.down_revision == current or (current is None and rev.down_revision is None):
             step = f"revision {rev.revision} ({rev.doc})"
             break
-    return StoreError(STORE, f"{target.env.name} (schema {target.schema})", step,
+    return StoreError(STORE, _label(target), step,
                       scrub(reason, target.env.secrets()))
 
 
@@ -306,7 +315,8 @@ def _store_error(context: EnvironmentContext, target: PgTarget, exc: Exception) 
 
 
 def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = None,
-                   script_location: Path | None = None, output: io.StringIO | None = None) -> Config:
+                   script_location: Path | None = None, output: io.StringIO | None = None,
+                   metadata: MetaData | None = None) -> Config:
     """An Alembic Config that runs our env.py against the given targets."""
     from alembic.config import Config
 
@@ -315,4 +325,75 @@ def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = Non
     cfg.set_main_option("version_path_separator", "os")
     cfg.attributes["momentry_targets"] = list(targets)
     cfg.attributes["momentry_project"] = project
+    cfg.attributes["momentry_metadata"] = metadata
     return cfg
+
+
+def _script(script_location: Path | None) -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+
+
+def current_heads(conn: Connection, schema: str) -> tuple[str, ...]:
+    """The revisions recorded in a schema's alembic_version (empty when never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    ctx = MigrationContext.configure(conn, opts={"version_table_schema": schema})
+    return tuple(sorted(ctx.get_current_heads()))
+
+
+def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | None = None,
+         project: Project | None = None) -> TargetPlan:
+    """Where a target stands and which revisions are pending, optionally with their SQL."""
+    from alembic.util import CommandError
+
+    script = _script(script_location)
+    with connect(target) as conn:
+        current = current_heads(conn, target.schema)
+    head = tuple(sorted(script.get_heads()))
+    try:
+        revisions = list(script.iterate_revisions("heads", current[0] if current else "base"))
+    except CommandError as exc:
+        raise StoreError(STORE, _label(target), "plan",
+                         f"{exc}; is this checkout older than the database?") from None
+    pending = tuple(Step(STORE, target.env.name, target.schema, r.revision, r.doc or "")
+                    for r in reversed(revisions))
+    sql = None
+    if with_sql and pending:
+        sql = offline_sql(target, f"{current[0]}:head" if current else "head",
+                          script_location=script_location, project=project)
+    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql)
+
+
+def offline_sql(target: PgTarget, revision_range: str, *, script_location: Path | None = None,
+                project: Project | None = None) -> str:
+    """The SQL an upgrade would run, as Alembic's offline mode writes it (psql-ready)."""
+    from alembic import command
+
+    out = io.StringIO()
+    command.upgrade(alembic_config([target], project=project, script_location=script_location,
+                                   output=out), revision_range, sql=True)
+    return out.getvalue()
+
+
+def upgrade(target: PgTarget, revision: str = "head", *, script_location: Path | None = None,
+            project: Project | None = None) -> list[str]:
+    """Upgrade one target; return the revisions applied."""
+    from alembic import command
+
+    command.upgrade(alembic_config([target], project=project, script_location=script_location), revision)
+    return list(target.applied)
+
+
+def downgrade(target: PgTarget, revision: str, *, script_location: Path | None = None,
+              project: Project | None = None) -> list[str]:
+    """Downgrade one target; return the revisions undone."""
+    from alembic import command
+
+    command.downgrade(alembic_config([target], project=project, script_location=script_location), revision)
+    return list(target.applied)
+
+
+def _label(target: PgTarget) -> str:
+    return f"{target.env.name} (schema {target.schema})"

@@ -1,0 +1,140 @@
+"""The momentry-db command line: parse options, call command.py, report, exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EXIT_FAILURE, MomentryError
+
+ENV_HELP = "Environment name: prod, dev, or one declared in momentry-db.toml / MOMENTRY_EXTRA_ENVS."
+
+
+def _run(ctx: click.Context, as_json: bool, work: Callable[[Any], Any]) -> None:
+    """Run a command function, render its result, and map errors to exit codes."""
+    from .environments import scrub
+    from .report import Reporter
+    from .settings import load_project
+
+    reporter = Reporter(as_json=as_json)
+    secrets: list[str] = []
+    try:
+        project = load_project(ctx.obj.get("project_dir"))
+        secrets = _known_secrets(project)
+        result = work(project, reporter)
+        if result is not None:
+            reporter.result(result)
+    except MomentryError as exc:
+        reporter.error(exc, scrub(str(exc), secrets))
+        ctx.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are reported
+        if os.environ.get("MOMENTRY_DEBUG"):
+            raise
+        message = scrub(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                        secrets)
+        reporter.error(MomentryError(message), message + " (set MOMENTRY_DEBUG=1 for a traceback)")
+        ctx.exit(EXIT_FAILURE)
+
+
+def _known_secrets(project: Any) -> list[str]:
+    """Secrets from every environment that resolves, for scrubbing error messages."""
+    found: list[str] = []
+    for name in project.registry.names:
+        try:
+            found.extend(project.environment(name).secrets())
+        except MomentryError:
+            continue
+    return found
+
+
+def _overrides(database_url: str | None) -> dict[str, str | None]:
+    return {"DATABASE_URL": database_url} if database_url else {}
+
+
+env_option = click.option("--env", "env_name", required=True, metavar="NAME", help=ENV_HELP)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+env_file_option = click.option(
+    "--env-file", type=click.Path(dir_okay=False, path_type=Path),
+    help="Read settings from this file instead of the environment's default (.env, .env.development).")
+url_option = click.option("--database-url", metavar="URL",
+                          help="PostgreSQL URL; overrides DATABASE_URL from the environment and env file.")
+store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
+                            help="Limit the run to this store (repeatable): postgres.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where momentry-db.toml and the env files live (default: the current directory).")
+@click.version_option(package_name="momentry-db")
+@click.pass_context
+def main(ctx: click.Context, project_dir: Path | None) -> None:
+    """Migrate and verify Momentry's stores, one environment at a time.
+
+    \b
+    Exit codes: 0 success; 1 a failure inside a store or a failed check;
+    2 bad input, bad configuration, an unreachable server, or a refused command.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["project_dir"] = project_dir
+
+
+@main.command()
+@env_option
+@store_option
+@click.option("--dry-run", is_flag=True, help="Print what would run, with the SQL per schema; change nothing.")
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def migrate(ctx: click.Context, env_name: str, stores: tuple[str, ...], dry_run: bool, as_json: bool,
+            env_file: Path | None, database_url: str | None) -> None:
+    """Apply every pending migration to one environment."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.migrate(
+        project, env_name, stores=stores, dry_run=dry_run, env_file=env_file,
+        overrides=_overrides(database_url), emit=emit))
+
+
+@main.command()
+@env_option
+@store_option
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def status(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+           env_file: Path | None, database_url: str | None) -> None:
+    """Show the current and pending migrations of one environment."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.status(
+        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url),
+        emit=emit))
+
+
+@main.group()
+def embedded() -> None:
+    """Manage the embedded PostgreSQL server used when DATABASE_URL is not set."""
+
+
+@embedded.command("stop")
+@click.pass_context
+def embedded_stop(ctx: click.Context) -> None:
+    """Stop the embedded PostgreSQL server."""
+    from . import command
+
+    def work(project: Any, emit: Any) -> None:
+        stopped = command.stop_embedded(project)
+        click.echo("embedded server stopped" if stopped else "embedded server is not running")
+
+    _run(ctx.find_root(), False, work)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

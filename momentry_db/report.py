@@ -1,0 +1,77 @@
+"""Rendering for people (text) and machines (JSON). The only module that writes output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from .errors import MomentryError
+from .plan import Step, TargetPlan
+
+JSON_VERSION = 1
+
+
+class Reporter:
+    """Receives events while a command runs and renders its result at the end."""
+
+    def __init__(self, *, as_json: bool = False, out: TextIO | None = None,
+                 err: TextIO | None = None) -> None:
+        self.as_json = as_json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def __call__(self, event: str, payload: Any) -> None:
+        if event == "notice":
+            print(payload, file=self.err)
+        elif event in ("upgraded", "downgraded") and not self.as_json:
+            step: Step = payload
+            print(f"{step.store} {step.env} (schema {step.target}): {event} to {step.name} "
+                  f"{step.description}".rstrip(), file=self.out)
+
+    def result(self, result: Any) -> None:
+        if self.as_json:
+            self._json({"version": JSON_VERSION, **result.to_json()})
+            return
+        for target in result.targets:
+            if result.command == "status":
+                print(_status_line(target), file=self.out)
+            elif result.dry_run:
+                print(_plan_line(target, prefix="would apply"), file=self.out)
+                if target.sql:
+                    print(target.sql, file=self.out, end="" if target.sql.endswith("\n") else "\n")
+            elif not target.pending:
+                print(f"{_where(target)}: nothing to do (at {_revs(target.current)})", file=self.out)
+        if result.command == "migrate" and not result.dry_run and result.applied:
+            print(f"done: {len(result.applied)} step(s) applied to {result.env}", file=self.out)
+
+    def error(self, exc: MomentryError, message: str) -> None:
+        print(f"error: {message}", file=self.err)
+        if self.as_json:
+            self._json({"version": JSON_VERSION, "ok": False,
+                        "error": {"type": type(exc).__name__, "message": message,
+                                  "exit_code": exc.exit_code}})
+
+    def _json(self, data: dict[str, Any]) -> None:
+        print(json.dumps(data, indent=2, sort_keys=False), file=self.out)
+
+
+def _where(target: TargetPlan) -> str:
+    return f"{target.store} {target.env} (schema {target.target})"
+
+
+def _revs(revs: tuple[str, ...]) -> str:
+    return ", ".join(revs) if revs else "base"
+
+
+def _plan_line(target: TargetPlan, *, prefix: str) -> str:
+    if not target.pending:
+        return f"-- {_where(target)}: nothing to do (at {_revs(target.current)})"
+    names = ", ".join(f"{s.name} ({s.description})" for s in target.pending)
+    return f"-- {_where(target)}: {prefix} {names}"
+
+
+def _status_line(target: TargetPlan) -> str:
+    state = "up to date" if not target.pending else (
+        f"{len(target.pending)} pending: " + ", ".join(s.name for s in target.pending))
+    return (f"{_where(target)}: current {_revs(target.current)}, head {_revs(target.head)}; {state}")

@@ -1,0 +1,210 @@
+"""Shared fixtures: a real PostgreSQL server, a fresh database per test, a project dir.
+
+The server is the embedded one from pgserver unless MOMENTRY_TEST_DATABASE_URL
+names another (for example the machine's PostgreSQL). Every test gets its own
+database, created here and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_URL_VAR = "MOMENTRY_TEST_DATABASE_URL"
+
+
+def _pg_bin(name: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver._commands import POSTGRES_BIN_PATH
+    return str(POSTGRES_BIN_PATH / name)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    url = os.environ.get(ADMIN_URL_VAR)
+    return [f"postgres under test: {_mask(url) if url else 'embedded pgserver (set ' + ADMIN_URL_VAR + ' for another)'}"]
+
+
+def _mask(url: str) -> str:
+    from momentry_db.environments import mask_url
+
+    return mask_url(url)
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> Iterator[str]:
+    """A libpq URL with rights to create databases."""
+    url = os.environ.get(ADMIN_URL_VAR)
+    if url:
+        yield url.replace("postgresql+psycopg://", "postgresql://")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    pgdata = Path(tempfile.mkdtemp(prefix="momentry-test-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@dataclass
+class Database:
+    """A fresh database for one test."""
+
+    name: str
+    url: str  # libpq form
+
+    @property
+    def sa_url(self) -> str:
+        return self.url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def query(self, text: str, params: tuple = ()) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(text, params)
+            return cur.fetchall() if cur.description else []
+
+    def execute(self, text: str) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(text)
+
+    def tables(self, schema: str, kind: str = "BASE TABLE") -> set[str]:
+        rows = self.query("SELECT table_name FROM information_schema.tables "
+                          "WHERE table_schema = %s AND table_type = %s", (schema, kind))
+        return {r[0] for r in rows}
+
+    def dump_schema(self, schema: str) -> str:
+        out = subprocess.run([_pg_bin("pg_dump"), "--schema-only", "--no-owner", "-n", schema, self.url],
+                             check=True, capture_output=True, text=True)
+        return out.stdout
+
+    def psql_file(self, path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_pg_bin("psql"), "-v", "ON_ERROR_STOP=1", "-q", "-f", str(path), self.url],
+                              capture_output=True, text=True)
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture
+def database(admin_url: str) -> Iterator[Database]:
+    name = f"momentry_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield Database(name, _with_database(admin_url, name))
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@dataclass
+class Project:
+    """A project directory with its own env and state dir, pointed at a test database."""
+
+    root: Path
+    environ: dict[str, str]
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
+        """Run momentry-db in-process, as a user would, and capture output and exit code."""
+        from momentry_db.cli import main
+
+        runner = CliRunner()
+        merged = {**self.environ, **(env or {})}
+        result = runner.invoke(main, ["--project-dir", str(self.root), *args], env=merged,
+                               catch_exceptions=False)
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    def run(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
+        """Run a real subprocess in the project directory (momentry-db or alembic)."""
+        merged = {**_clean_environ(), **self.environ, **(env or {})}
+        proc = subprocess.run(list(argv), cwd=self.root, env=merged, capture_output=True, text=True,
+                              timeout=timeout)
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    def momentry_db(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
+        return self.run(sys.executable, "-m", "momentry_db.cli", *args, env=env)
+
+    def alembic(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
+        return self.run(sys.executable, "-m", "alembic", *args, env=env)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+_SETTINGS_VARS = ("DATABASE_URL", "DATABASE_SCHEMA", "MONGODB_URL", "MONGODB_DATABASE", "QDRANT_URL",
+                  "QDRANT_API_KEY", "QDRANT_COLLECTION", "REDIS_URL", "MOMENTRY_REDIS_PREFIX",
+                  "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR")
+
+
+def _clean_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SETTINGS_VARS}
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings from the developer's shell must not leak into tests."""
+    for var in _SETTINGS_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def project(tmp_path: Path, database: Database) -> Project:
+    """A project whose environments point at this test's database."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    (root / "alembic.ini").write_text(
+        (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
+    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A loopback TCP port that accepts connections and never answers; records every accept."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                accepted.append(conn)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()

@@ -1,0 +1,142 @@
+"""Environments, names and settings precedence: pure logic, no server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from momentry_db.environments import mask_url, scrub, validate_schema
+from momentry_db.errors import ConfigError
+from momentry_db.settings import load_project, normalize_database_url
+
+
+def project(tmp_path: Path, environ: dict[str, str] | None = None, toml: str | None = None):
+    if toml is not None:
+        (tmp_path / "momentry-db.toml").write_text(toml)
+    return load_project(tmp_path, environ or {})
+
+
+def test_prod_and_dev_use_the_seed_names(tmp_path: Path) -> None:
+    prod = project(tmp_path).environment("prod")
+    dev = project(tmp_path).environment("dev")
+    assert (prod.schema, prod.mongo_database, prod.qdrant_collection, prod.redis_prefix) == (
+        "public", "momentry", "momentry_rule1", "momentry:")
+    assert (dev.schema, dev.mongo_database, dev.qdrant_collection, dev.redis_prefix) == (
+        "dev", "momentry_dev", "momentry_dev_rule1", "momentry_dev:")
+    assert (prod.server_port, prod.worker_enabled) == (3002, True)
+    assert (dev.server_port, dev.worker_enabled) == (3003, False)
+    assert prod.output_dir.name == "output" and dev.output_dir.name == "output_dev"
+    assert prod.backup_dir.parts[-2:] == ("backup", "momentry")
+    assert dev.backup_dir.parts[-2:] == ("backup", "momentry_dev")
+
+
+def test_declared_environments_get_derived_names(tmp_path: Path) -> None:
+    p = project(tmp_path, toml='[environments]\nstaging = {}\n"pr-42" = {}\nqa = { schema = "qa_one" }\n')
+    assert p.registry.names == ("prod", "dev", "staging", "pr-42", "qa")
+    pr = p.environment("pr-42")
+    assert (pr.schema, pr.mongo_database, pr.qdrant_collection, pr.redis_prefix) == (
+        "pr_42", "momentry_pr_42", "momentry_pr_42_rule1", "momentry_pr_42:")
+    assert p.environment("qa").schema == "qa_one"
+    assert p.environment("staging").env_file is None  # .env.staging is optional
+
+
+def test_extra_envs_come_from_the_process_environment(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "pr-7, staging ,dev"})
+    assert p.registry.names == ("prod", "dev", "pr-7", "staging")
+    assert p.environment("pr-7").schema == "pr_7"
+
+
+def test_unknown_environment_lists_the_known_ones(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "staging"})
+    with pytest.raises(ConfigError, match=r"unknown environment 'stagin'; known: prod, dev, staging"):
+        p.environment("stagin")
+
+
+@pytest.mark.parametrize("name", ["dev; drop schema public", '"dev"', "Dev", "a" * 64, "pg_temp",
+                                  "public", "information_schema", "", "dev-x", "9dev"])
+def test_hostile_or_malformed_schema_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError):
+        validate_schema(name, primary=False)
+
+
+def test_a_63_byte_schema_is_accepted() -> None:
+    assert validate_schema("a" * 63, primary=False) == "a" * 63
+
+
+def test_prod_schema_must_be_public(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prod's schema must be 'public'"):
+        project(tmp_path, {"DATABASE_SCHEMA": "dev"}).environment("prod")
+
+
+@pytest.mark.parametrize("var,value", [("DATABASE_SCHEMA", "public"), ("MONGODB_DATABASE", "momentry"),
+                                       ("QDRANT_COLLECTION", "momentry_rule1"),
+                                       ("MOMENTRY_REDIS_PREFIX", "momentry:")])
+def test_dev_can_never_be_pointed_at_prod_names(tmp_path: Path, var: str, value: str) -> None:
+    with pytest.raises(ConfigError):
+        project(tmp_path, {var: value}).environment("dev")
+
+
+def test_declared_env_may_not_take_another_envs_schema(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="would share the schema 'dev'"):
+        project(tmp_path, toml='[environments]\nstaging = { schema = "dev" }\n')
+
+
+@pytest.mark.parametrize("toml,message", [
+    ('[environments]\nstaging = { colour = "red" }\n', "unknown key 'colour'"),
+    ('[environments]\nstaging = { schema = 3 }\n', "schema must be a str"),
+    ('[environments]\n"Stage" = {}\n', "invalid environment name"),
+    ('[environments]\nprod = {}\n', "prod is built in"),
+    ('[environments\n', "not valid TOML"),
+])
+def test_bad_config_file_names_the_problem(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        project(tmp_path, toml=toml)
+
+
+def test_precedence_option_over_environment_over_file_over_default(tmp_path: Path) -> None:
+    (tmp_path / ".env.development").write_text(
+        "DATABASE_URL=postgres://file@h/db\nMONGODB_DATABASE=momentry_dev_file\nQDRANT_COLLECTION=from_file\n")
+    environ = {"DATABASE_URL": "postgres://proc@h/db", "QDRANT_COLLECTION": "from_process"}
+    p = project(tmp_path, environ)
+    dev = p.environment("dev")
+    assert dev.database_url.reveal() == "postgresql+psycopg://proc@h/db"
+    assert dev.mongo_database == "momentry_dev_file"
+    assert dev.qdrant_collection == "from_process"
+    assert dev.redis_prefix == "momentry_dev:"
+    dev = p.environment("dev", overrides={"DATABASE_URL": "postgresql://opt@h/db"})
+    assert dev.database_url.reveal() == "postgresql+psycopg://opt@h/db"
+
+
+def test_prod_reads_dot_env_and_dev_reads_dot_env_development(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DATABASE_URL=postgres://prod@h/db\n")
+    (tmp_path / ".env.development").write_text("DATABASE_URL=postgres://dev@h/db\n")
+    p = project(tmp_path)
+    assert p.environment("prod").database_url.reveal().startswith("postgresql+psycopg://prod@")
+    assert p.environment("dev").database_url.reveal().startswith("postgresql+psycopg://dev@")
+
+
+def test_explicit_env_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        project(tmp_path).environment("dev", env_file=tmp_path / "missing.env")
+
+
+@pytest.mark.parametrize("url", ["postgres://u@localhost:5432/momentry", "postgresql://u@localhost/m",
+                                 "postgresql+psycopg://u@localhost/m"])
+def test_database_url_forms(url: str) -> None:
+    assert normalize_database_url(url).startswith("postgresql+psycopg://u@localhost")
+
+
+def test_non_postgres_url_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        normalize_database_url("mysql://root:hunter2@localhost/db")
+    assert "hunter2" not in str(info.value)
+
+
+def test_secrets_are_masked_in_repr_and_scrubbed_from_messages(tmp_path: Path) -> None:
+    dev = project(tmp_path, {"DATABASE_URL": "postgres://u:hunter2@h/db", "QDRANT_API_KEY": "k-123456"}
+                  ).environment("dev")
+    assert "hunter2" not in repr(dev) and "k-123456" not in repr(dev)
+    assert dev.database_url.masked == "postgresql+psycopg://u:***@h/db"
+    assert scrub("failed for hunter2 with k-123456", dev.secrets()) == "failed for *** with ***"
+    assert mask_url("mongodb://a:b@h1,h2/x") == "mongodb://a:***@h1,h2/x"

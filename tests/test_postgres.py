@@ -1,0 +1,190 @@
+"""Per-schema migrations on real PostgreSQL: what lands in the catalogs, what stays untouched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from momentry_db.tables import isolated_tables, shared_tables, view_names
+
+ISOLATED = {"videos", "chunks", "pre_chunks", "chunk_vectors", "frames", "processor_results",
+            "file_registry", "file_lifecycle", "face_clusters", "face_detections", "face_identities",
+            "face_recognition_results"}
+VIEWS = {"v_idle_workflows", "v_recent_anomalies", "v_service_health", "v_storage_overview"}
+
+
+def test_registry_matches_the_design() -> None:
+    assert isolated_tables() == ISOLATED
+    assert view_names() == VIEWS
+    prefixes = ("api_key", "monitor_", "backup_", "node_", "python_", "storage_")
+    assert all(t.startswith(prefixes) or t in {"gitea_tokens", "n8n_api_keys"} for t in shared_tables())
+    assert {"api_keys", "api_key_audit_log", "api_key_anomalies", "gitea_tokens", "n8n_api_keys"} <= shared_tables()
+
+
+@pytest.fixture
+def migrated(project, database):
+    """prod, then dev, migrated through the CLI."""
+    for env in ("prod", "dev"):
+        result = project.cli("migrate", "--env", env)
+        assert result.code == 0, result.err
+    return database
+
+
+def test_dev_holds_exactly_the_isolated_tables_and_public_holds_everything(migrated) -> None:
+    assert migrated.tables("dev") == ISOLATED | {"alembic_version"}
+    assert migrated.tables("public") == ISOLATED | shared_tables() | {"alembic_version"}
+    assert migrated.tables("public", "VIEW") == VIEWS
+
+
+def test_no_view_exists_outside_public(migrated) -> None:
+    rows = migrated.query("SELECT schemaname, viewname FROM pg_views "
+                          "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')")
+    assert {r[0] for r in rows} == {"public"}
+    assert {r[1] for r in rows} == VIEWS
+
+
+def test_dev_foreign_keys_stay_in_dev(migrated) -> None:
+    rows = migrated.query("""
+        SELECT c.conname, src.nspname, dst.nspname
+        FROM pg_constraint c
+        JOIN pg_class s ON s.oid = c.conrelid JOIN pg_namespace src ON src.oid = s.relnamespace
+        JOIN pg_class d ON d.oid = c.confrelid JOIN pg_namespace dst ON dst.oid = d.relnamespace
+        WHERE c.contype = 'f' AND src.nspname IN ('public', 'dev')""")
+    dev_fks = [r for r in rows if r[1] == "dev"]
+    assert len(dev_fks) >= 10
+    assert all(r[2] == "dev" for r in dev_fks)
+    assert all(r[2] == "public" for r in rows if r[1] == "public")
+
+
+STRUCTURE = {
+    "columns": """SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default,
+                         character_maximum_length, numeric_precision, is_identity
+                  FROM information_schema.columns WHERE table_schema = %s""",
+    "indexes": """SELECT tablename, indexname, replace(indexdef, ' ' || schemaname || '.', ' ')
+                  FROM pg_indexes WHERE schemaname = %s""",
+    "constraints": """SELECT cl.relname, c.conname, c.contype, pg_get_constraintdef(c.oid)
+                      FROM pg_constraint c JOIN pg_class cl ON cl.oid = c.conrelid
+                      JOIN pg_namespace n ON n.oid = cl.relnamespace WHERE n.nspname = %s""",
+}
+
+
+@pytest.mark.parametrize("aspect", sorted(STRUCTURE))
+def test_dev_tables_have_the_same_structure_as_public(migrated, aspect: str) -> None:
+    def of(schema: str) -> set[tuple]:
+        # Qualified names in definitions differ by schema only; compare them unqualified.
+        rows = migrated.query(STRUCTURE[aspect], (schema,))
+        return {tuple(str(v).replace(f"{schema}.", "") if v is not None else None for v in r)
+                for r in rows if r[0] in ISOLATED}
+
+    public, dev = of("public"), of("dev")
+    assert public, f"no {aspect} found"
+    assert dev == public
+
+
+def test_dev_upgrade_and_downgrade_leave_public_byte_identical(project, database) -> None:
+    assert project.cli("migrate", "--env", "prod").code == 0
+    before = database.dump_schema("public")
+    up = project.alembic("-x", "schema=dev", "upgrade", "head")
+    assert up.code == 0, up.err
+    assert database.tables("dev") == ISOLATED | {"alembic_version"}
+    down = project.alembic("-x", "schema=dev", "downgrade", "base")
+    assert down.code == 0, down.err
+    assert database.tables("dev") == {"alembic_version"}
+    assert database.dump_schema("public") == before
+
+
+def test_plain_alembic_upgrade_migrates_public_then_every_environment(project, database) -> None:
+    (project.root / "momentry-db.toml").write_text('[environments]\nstaging = {}\n')
+    result = project.alembic("upgrade", "head")
+    assert result.code == 0, result.err
+    assert database.tables("staging") == ISOLATED | {"alembic_version"}
+    assert database.tables("dev") == ISOLATED | {"alembic_version"}
+    assert "v_service_health" in database.tables("public", "VIEW")
+    order = [line for line in result.err.splitlines() if "Running upgrade" in line]
+    assert len(order) == 3
+
+
+def test_x_schema_accepts_only_configured_schemas(project, database) -> None:
+    result = project.alembic("-x", "schema=other", "upgrade", "head")
+    assert result.code == 2
+    assert "not the schema of a configured environment" in result.err
+    assert "Traceback" not in result.err
+    assert database.query("SELECT nspname FROM pg_namespace WHERE nspname = 'other'") == []
+
+
+def test_status_reports_current_and_pending(project) -> None:
+    before = json.loads(project.cli("status", "--env", "dev", "--json").out)
+    assert before["targets"][0]["current"] == [] and before["targets"][0]["pending"][0]["name"] == "0001"
+    assert project.cli("migrate", "--env", "dev").code == 0
+    after = project.cli("status", "--env", "dev")
+    assert after.code == 0
+    assert "current 0001, head 0001; up to date" in after.out
+
+
+def test_second_migrate_has_nothing_to_do(project) -> None:
+    first = project.cli("migrate", "--env", "dev", "--json")
+    second = project.cli("migrate", "--env", "dev", "--json")
+    assert [s["name"] for s in json.loads(first.out)["applied"]] == ["0001"]
+    assert json.loads(second.out)["applied"] == []
+
+
+def test_concurrent_migrations_of_one_schema_apply_each_revision_once(project, database) -> None:
+    def run(_: int):
+        return project.momentry_db("migrate", "--env", "dev", "--json")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    assert all(r.code == 0 for r in results), [r.err for r in results]
+    applied = [s["name"] for r in results for s in json.loads(r.out)["applied"]]
+    assert applied == ["0001"]
+    assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
+
+
+def test_dry_run_sql_matches_alembic_and_runs_under_psql(project, database, tmp_path: Path) -> None:
+    dry = project.cli("migrate", "--env", "dev", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    sql = json.loads(dry.out)["targets"][0]["sql"]
+    offline = project.alembic("-x", "schema=dev", "upgrade", "head", "--sql")
+    assert offline.code == 0, offline.err
+    assert offline.out == sql
+    assert database.query("SELECT nspname FROM pg_namespace WHERE nspname = 'dev'") == []  # wrote nothing
+    script = tmp_path / "dev.sql"
+    script.write_text(sql)
+    applied = database.psql_file(script)
+    assert applied.returncode == 0, applied.stderr
+    assert database.tables("dev") == ISOLATED | {"alembic_version"}
+    assert project.cli("status", "--env", "dev").out.strip().endswith("up to date")
+
+
+def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
+    result = project.cli("migrate", "--env", "dev", "--dry-run")
+    assert result.code == 0
+    assert "-- postgres dev (schema dev): would apply 0001 (initial schema)" in result.out
+    assert 'SET search_path TO "dev";' in result.out
+    assert "CREATE TABLE videos" in result.out
+
+
+def test_embedded_server_is_the_default_without_database_url(tmp_path: Path) -> None:
+    root = tmp_path / "fresh"
+    root.mkdir()
+    env = {"MOMENTRY_STATE_DIR": str(tmp_path / "state")}
+    cli = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(root)]
+    from conftest import _clean_environ  # the developer's shell must not leak in
+
+    try:
+        first = subprocess.run([*cli, "migrate", "--env", "dev"], env={**_clean_environ(), **env},
+                               capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert first.stderr.count("using the embedded server") == 1
+        assert "upgraded to 0001" in first.stdout
+        second = subprocess.run([*cli, "status", "--env", "dev", "--json"], env={**_clean_environ(), **env},
+                                capture_output=True, text=True, timeout=120)
+        assert json.loads(second.stdout)["targets"][0]["current"] == ["0001"]
+        assert (tmp_path / "state" / "pg" / "PG_VERSION").exists()
+    finally:
+        subprocess.run([*cli, "embedded", "stop"], env={**_clean_environ(), **env}, timeout=60)
