@@ -15,13 +15,15 @@ from .errors import EXIT_FAILURE, MomentryError
 ENV_HELP = "Environment name: prod, dev, or one declared in momentry-db.toml / MOMENTRY_EXTRA_ENVS."
 
 
-def _run(ctx: click.Context, as_json: bool, work: Callable[[Any], Any]) -> None:
+def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
+         announce_plans: bool = False) -> None:
     """Run a command function, render its result, and map errors to exit codes."""
     from .environments import scrub
     from .report import Reporter
     from .settings import load_project
 
     reporter = Reporter(as_json=as_json)
+    reporter.announce_plans = announce_plans
     secrets: list[str] = []
     try:
         project = load_project(ctx.obj.get("project_dir"))
@@ -64,7 +66,7 @@ env_file_option = click.option(
 url_option = click.option("--database-url", metavar="URL",
                           help="PostgreSQL URL; overrides DATABASE_URL from the environment and env file.")
 store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
-                            help="Limit the run to this store (repeatable): postgres.")
+                            help="Limit the run to this store (repeatable): postgres, mongo, qdrant.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,8 +78,9 @@ def main(ctx: click.Context, project_dir: Path | None) -> None:
     """Migrate and verify Momentry's stores, one environment at a time.
 
     \b
-    Exit codes: 0 success; 1 a failure inside a store or a failed check;
-    2 bad input, bad configuration, an unreachable server, or a refused command.
+    Exit codes: 0 success; 1 a failure inside a store (including an unreachable
+    MongoDB or Qdrant, or a lock wait that timed out) or a failed check; 2 bad input,
+    bad configuration, an unreachable PostgreSQL, or a refused command.
     """
     ctx.ensure_object(dict)
     ctx.obj["project_dir"] = project_dir
@@ -87,17 +90,39 @@ def main(ctx: click.Context, project_dir: Path | None) -> None:
 @env_option
 @store_option
 @click.option("--dry-run", is_flag=True, help="Print what would run, with the SQL per schema; change nothing.")
+@click.option("--recreate-qdrant", is_flag=True,
+              help="Allow an immutable Qdrant change: new collection, copied points, atomic alias swap.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds to wait for another run's MongoDB migration lock.")
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
-def migrate(ctx: click.Context, env_name: str, stores: tuple[str, ...], dry_run: bool, as_json: bool,
-            env_file: Path | None, database_url: str | None) -> None:
-    """Apply every pending migration to one environment."""
+def migrate(ctx: click.Context, env_name: str, stores: tuple[str, ...], dry_run: bool, recreate_qdrant: bool,
+            lock_timeout: float, as_json: bool, env_file: Path | None, database_url: str | None) -> None:
+    """Apply every pending migration to one environment: postgres, then mongo, then qdrant."""
     from . import command
 
     _run(ctx, as_json, lambda project, emit: command.migrate(
-        project, env_name, stores=stores, dry_run=dry_run, env_file=env_file,
+        project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
+        env_file=env_file, overrides=_overrides(database_url), emit=emit, lock_timeout=lock_timeout),
+        announce_plans=True)
+
+
+@main.command()
+@env_option
+@store_option
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def plan(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+         env_file: Path | None, database_url: str | None) -> None:
+    """Show what migrate would run, with the SQL per schema (the same as migrate --dry-run)."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.migrate(
+        project, env_name, stores=stores, dry_run=True, env_file=env_file,
         overrides=_overrides(database_url), emit=emit))
 
 

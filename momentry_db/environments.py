@@ -246,6 +246,7 @@ class Environment:
 
     name: str
     primary: bool
+    root: str  # stem of derived store names: momentry, momentry_dev, momentry_pr_42
     schema: str
     mongo_database: str
     qdrant_collection: str
@@ -261,6 +262,12 @@ class Environment:
     qdrant_url: SecretURL | None = None
     qdrant_api_key: Secret | None = None
     redis_url: SecretURL | None = None
+
+    def qdrant_collection_for(self, logical: str) -> str:
+        """The physical collection name of a logical spec (``rule1`` -> ``momentry_dev_rule1``)."""
+        if logical == QDRANT_LOGICAL_COLLECTION:
+            return self.qdrant_collection
+        return f"{self.root}_{logical}"
 
     def secrets(self) -> list[str]:
         """Every secret string this environment holds, for scrubbing output."""

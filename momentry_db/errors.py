@@ -40,3 +40,15 @@ class StoreError(MomentryError):
     def __init__(self, store: str, target: str, step: str, reason: str) -> None:
         self.store, self.target, self.step, self.reason = store, target, step, reason
         super().__init__(f"{store} {target}: {step} failed: {reason}")
+
+
+class StoreUnreachableError(MomentryError):
+    """MongoDB or Qdrant could not be reached within the timeout (a failure in that store)."""
+
+    exit_code = EXIT_FAILURE
+
+
+class LockTimeoutError(MomentryError):
+    """Another run held the target's migration lock for longer than the wait allowed."""
+
+    exit_code = EXIT_FAILURE

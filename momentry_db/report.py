@@ -20,14 +20,21 @@ class Reporter:
         self.as_json = as_json
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.announce_plans = False  # set for commands that apply what they plan
 
     def __call__(self, event: str, payload: Any) -> None:
         if event == "notice":
             print(payload, file=self.err)
-        elif event in ("upgraded", "downgraded") and not self.as_json:
+        elif self.as_json:
+            return
+        elif event == "planned":
+            target: TargetPlan = payload
+            if target.pending and self.announce_plans:
+                print(f"{_where(target)}: {len(target.pending)} pending", file=self.out)
+        elif event in ("upgraded", "downgraded"):
             step: Step = payload
-            print(f"{step.store} {step.env} (schema {step.target}): {event} to {step.name} "
-                  f"{step.description}".rstrip(), file=self.out)
+            verb = "upgraded to" if step.store == "postgres" else "applied"
+            print(f"{_where(step)}: {verb} {step.name} {step.description}".rstrip(), file=self.out)
 
     def result(self, result: Any) -> None:
         if self.as_json:
@@ -41,9 +48,12 @@ class Reporter:
                 if target.sql:
                     print(target.sql, file=self.out, end="" if target.sql.endswith("\n") else "\n")
             elif not target.pending:
-                print(f"{_where(target)}: nothing to do (at {_revs(target.current)})", file=self.out)
-        if result.command == "migrate" and not result.dry_run and result.applied:
-            print(f"done: {len(result.applied)} step(s) applied to {result.env}", file=self.out)
+                print(f"{_where(target)}: nothing to do (at {_revs(target.current, target.store)})", file=self.out)
+            if result.command == "status" or result.dry_run:
+                for note in target.notes:
+                    print(f"{_where(target)}: {note}", file=self.out)
+        if result.command == "migrate" and not result.dry_run:
+            print(_summary(result), file=self.out)
 
     def error(self, exc: MomentryError, message: str) -> None:
         print(f"error: {message}", file=self.err)
@@ -56,17 +66,30 @@ class Reporter:
         print(json.dumps(data, indent=2, sort_keys=False), file=self.out)
 
 
-def _where(target: TargetPlan) -> str:
-    return f"{target.store} {target.env} (schema {target.target})"
+_TARGET_KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}
 
 
-def _revs(revs: tuple[str, ...]) -> str:
-    return ", ".join(revs) if revs else "base"
+def _where(item: TargetPlan | Step) -> str:
+    return f"{item.store} {item.env} ({_TARGET_KIND.get(item.store, 'target')} {item.target})"
+
+
+def _summary(result: Any) -> str:
+    if not result.applied:
+        return f"done: {result.env} is up to date; nothing applied"
+    counts: dict[str, int] = {}
+    for step in result.applied:
+        counts[step.store] = counts.get(step.store, 0) + 1
+    per_store = ", ".join(f"{store} {n}" for store, n in counts.items())
+    return f"done: {len(result.applied)} step(s) applied to {result.env} ({per_store})"
+
+
+def _revs(revs: tuple[str, ...], store: str = "postgres") -> str:
+    return ", ".join(revs) if revs else ("base" if store == "postgres" else "none")
 
 
 def _plan_line(target: TargetPlan, *, prefix: str) -> str:
     if not target.pending:
-        return f"-- {_where(target)}: nothing to do (at {_revs(target.current)})"
+        return f"-- {_where(target)}: nothing to do (at {_revs(target.current, target.store)})"
     names = ", ".join(f"{s.name} ({s.description})" for s in target.pending)
     return f"-- {_where(target)}: {prefix} {names}"
 
@@ -74,4 +97,5 @@ def _plan_line(target: TargetPlan, *, prefix: str) -> str:
 def _status_line(target: TargetPlan) -> str:
     state = "up to date" if not target.pending else (
         f"{len(target.pending)} pending: " + ", ".join(s.name for s in target.pending))
-    return (f"{_where(target)}: current {_revs(target.current)}, head {_revs(target.head)}; {state}")
+    return (f"{_where(target)}: current {_revs(target.current, target.store)}, "
+            f"head {_revs(target.head, target.store)}; {state}")

@@ -161,6 +161,7 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     return Environment(
         name=spec.name,
         primary=primary,
+        root=spec.root,
         schema=schema,
         mongo_database=database,
         qdrant_collection=collection,

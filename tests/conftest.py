@@ -27,6 +27,7 @@ from psycopg import sql
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_URL_VAR = "MOMENTRY_TEST_DATABASE_URL"
+REAL_SERVERS = {"mongo": "MONGODB_URL", "qdrant": "QDRANT_URL"}
 
 
 def _pg_bin(name: str) -> str:
@@ -36,9 +37,25 @@ def _pg_bin(name: str) -> str:
     return str(POSTGRES_BIN_PATH / name)
 
 
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     url = os.environ.get(ADMIN_URL_VAR)
-    return [f"postgres under test: {_mask(url) if url else 'embedded pgserver (set ' + ADMIN_URL_VAR + ' for another)'}"]
+    lines = [f"postgres under test: {_mask(url) if url else 'embedded pgserver (set ' + ADMIN_URL_VAR + ' for another)'}"]
+    missing = [f"{marker} ({var})" for marker, var in REAL_SERVERS.items() if not os.environ.get(var)]
+    if missing:
+        lines.append(f"real-server tests SKIPPED for {', '.join(missing)}: set the URL to run them")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, var in REAL_SERVERS.items():
+        if os.environ.get(var):
+            continue
+        skip = pytest.mark.skip(reason=f"needs a real server: set {var}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def _mask(url: str) -> str:
@@ -158,6 +175,16 @@ class CliResult:
 _SETTINGS_VARS = ("DATABASE_URL", "DATABASE_SCHEMA", "MONGODB_URL", "MONGODB_DATABASE", "QDRANT_URL",
                   "QDRANT_API_KEY", "QDRANT_COLLECTION", "REDIS_URL", "MOMENTRY_REDIS_PREFIX",
                   "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR")
+
+
+# Read at import, before each test clears settings from the environment.
+_REAL_SERVER_URLS = {var: os.environ[var] for var in REAL_SERVERS.values() if os.environ.get(var)}
+
+
+@pytest.fixture(scope="session")
+def real_servers() -> dict[str, str]:
+    """URLs of the real MongoDB / Qdrant servers given to this run."""
+    return dict(_REAL_SERVER_URLS)
 
 
 def _clean_environ() -> dict[str, str]:

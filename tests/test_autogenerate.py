@@ -39,7 +39,7 @@ def _config(lib_project, env: str, scripts: Path, meta: sa.MetaData | None = Non
 
 def _migrate_all(lib_project, scripts: Path) -> None:
     for env in ("prod", "dev"):
-        command.migrate(lib_project, env, script_location=scripts)
+        command.migrate(lib_project, env, stores=["postgres"], sources=command.Sources(alembic_scripts=scripts))
 
 
 def _with_column(table: str, column: sa.Column) -> sa.MetaData:
@@ -121,12 +121,12 @@ def test_dev_run_missing_a_table_fails_and_never_touches_public(project, lib_pro
                                                                 database) -> None:
     _migrate_all(lib_project, scripts)
     _generate(lib_project, scripts, _with_column("videos", sa.Column("note", sa.Text())), "video note")
-    command.migrate(lib_project, "prod", script_location=scripts)
+    command.migrate(lib_project, "prod", stores=["postgres"], sources=command.Sources(alembic_scripts=scripts))
     database.execute("DROP TABLE dev.videos CASCADE")
     public_before = database.dump_schema("public")
 
     with pytest.raises(StoreError) as info:
-        command.migrate(lib_project, "dev", script_location=scripts)
+        command.migrate(lib_project, "dev", stores=["postgres"], sources=command.Sources(alembic_scripts=scripts))
     message = str(info.value)
     assert message.startswith("postgres dev (schema dev): revision 0002 (video note) failed:")
     assert 'relation "videos" does not exist' in message

@@ -127,8 +127,8 @@ def test_status_reports_current_and_pending(project) -> None:
 
 
 def test_second_migrate_has_nothing_to_do(project) -> None:
-    first = project.cli("migrate", "--env", "dev", "--json")
-    second = project.cli("migrate", "--env", "dev", "--json")
+    first = project.cli("migrate", "--env", "dev", "--store", "postgres", "--json")
+    second = project.cli("migrate", "--env", "dev", "--store", "postgres", "--json")
     assert [s["name"] for s in json.loads(first.out)["applied"]] == ["0001"]
     assert json.loads(second.out)["applied"] == []
 
@@ -140,8 +140,8 @@ def test_concurrent_migrations_of_one_schema_apply_each_revision_once(project, d
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, range(4)))
     assert all(r.code == 0 for r in results), [r.err for r in results]
-    applied = [s["name"] for r in results for s in json.loads(r.out)["applied"]]
-    assert applied == ["0001"]
+    applied = sorted((s["store"], s["name"]) for r in results for s in json.loads(r.out)["applied"])
+    assert applied == [("postgres", "0001"), ("qdrant", "create")]
     assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
 
 
@@ -158,7 +158,7 @@ def test_dry_run_sql_matches_alembic_and_runs_under_psql(project, database, tmp_
     applied = database.psql_file(script)
     assert applied.returncode == 0, applied.stderr
     assert database.tables("dev") == ISOLATED | {"alembic_version"}
-    assert project.cli("status", "--env", "dev").out.strip().endswith("up to date")
+    assert project.cli("status", "--env", "dev", "--store", "postgres").out.strip().endswith("up to date")
 
 
 def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
@@ -169,22 +169,40 @@ def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
     assert "CREATE TABLE videos" in result.out
 
 
-def test_embedded_server_is_the_default_without_database_url(tmp_path: Path) -> None:
-    root = tmp_path / "fresh"
-    root.mkdir()
-    env = {"MOMENTRY_STATE_DIR": str(tmp_path / "state")}
-    cli = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(root)]
+def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
+    """The README's first command: embedded PostgreSQL, Mongo skipped, Qdrant in local mode."""
     from conftest import _clean_environ  # the developer's shell must not leak in
 
+    root = tmp_path / "fresh"
+    root.mkdir()
+    env = {**_clean_environ(), "MOMENTRY_STATE_DIR": str(tmp_path / "state")}
+    cli = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(root)]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120)
+
     try:
-        first = subprocess.run([*cli, "migrate", "--env", "dev"], env={**_clean_environ(), **env},
-                               capture_output=True, text=True, timeout=120)
+        first = run("migrate", "--env", "dev")
         assert first.returncode == 0, first.stderr
         assert first.stderr.count("using the embedded server") == 1
-        assert "upgraded to 0001" in first.stdout
-        second = subprocess.run([*cli, "status", "--env", "dev", "--json"], env={**_clean_environ(), **env},
-                                capture_output=True, text=True, timeout=120)
-        assert json.loads(second.stdout)["targets"][0]["current"] == ["0001"]
+        assert "mongo: skipped (MONGODB_URL is not set)" in first.stderr
+        assert "postgres dev (schema dev): upgraded to 0001" in first.stdout
+        assert "qdrant dev (collection momentry_dev_rule1): applied create" in first.stdout
+        second = run("migrate", "--env", "dev")
+        assert second.returncode == 0
+        assert "done: dev is up to date; nothing applied" in second.stdout
+        status = run("status", "--env", "dev", "--json")
+        body = json.loads(status.stdout)
+        assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("qdrant", [])]
+        assert body["skipped"] == [{"store": "mongo", "reason": "MONGODB_URL is not set"}]
         assert (tmp_path / "state" / "pg" / "PG_VERSION").exists()
     finally:
-        subprocess.run([*cli, "embedded", "stop"], env={**_clean_environ(), **env}, timeout=60)
+        run("embedded", "stop")
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(tmp_path / "state" / "qdrant"))
+    try:
+        vectors = client.get_collection("momentry_dev_rule1").config.params.vectors
+        assert (vectors.size, vectors.distance.value) == (1024, "Cosine")
+    finally:
+        client.close()

@@ -1,0 +1,282 @@
+"""MongoDB: pymongo-migrate modules applied to the environment's database.
+
+pymongo-migrate supplies the module format, the graph and the state collection
+(``pymongo_migrate`` in the environment's database, so its own CLI reads the same
+state). This runner adds what it lacks: validation of the graph, an atomic lock
+with a TTL, a plan read from the state collection, and a recorded failure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..environments import Environment, scrub
+from ..errors import ConfigError, LockTimeoutError, StoreError, StoreUnreachableError
+from ..plan import Step, TargetPlan
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
+    from pymongo.database import Database
+
+STORE = "mongo"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "mongo_migrations"
+STATE_COLLECTION = "pymongo_migrate"  # pymongo-migrate's default
+LOCK_COLLECTION = "momentry_migrate_lock"
+HISTORY_COLLECTION = "momentry_migrate_history"
+LOCK_ID = "migrate"
+TIMEOUT_MS = 5000
+LOCK_TTL = dt.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class MongoMigration:
+    """One migration module: its name, what it depends on, and its functions."""
+
+    name: str
+    dependencies: tuple[str, ...]
+    description: str
+    module: ModuleType = field(repr=False, compare=False)
+
+    def upgrade(self, db: Database) -> None:
+        self.module.upgrade(db)
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[MongoMigration]:
+    """Load and validate every module, in pymongo-migrate's order (initial first)."""
+    found: dict[str, MongoMigration] = {}
+    for path in sorted(directory.glob("*.py")):
+        if path.name.startswith("__"):
+            continue
+        module = _import(path)
+        where = f"{directory.name}/{path.name}"
+        deps = getattr(module, "dependencies", None)
+        if not isinstance(deps, (list, tuple)) or not all(isinstance(d, str) for d in deps):
+            raise ConfigError(f"{where}: needs a module-level `dependencies` list of migration names "
+                              "([] for the first migration)")
+        for fn in ("upgrade", "downgrade"):
+            if not callable(getattr(module, fn, None)):
+                raise ConfigError(f"{where}: needs a function {fn}(db)")
+        if getattr(module, "name", path.stem) != path.stem:
+            raise ConfigError(f"{where}: `name` must match the file name {path.stem!r}")
+        doc = (module.__doc__ or "").strip().splitlines()
+        found[path.stem] = MongoMigration(path.stem, tuple(deps), doc[0] if doc else "", module)
+    return _ordered(found, directory.name)
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"momentry_db._mongo_migrations.{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken module is a configuration error, reported by file
+        raise ConfigError(f"{path.parent.name}/{path.name}: cannot be imported: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _ordered(found: dict[str, MongoMigration], where: str) -> list[MongoMigration]:
+    """Check the graph (known dependencies, no cycle, one initial) and order it."""
+    for m in found.values():
+        for dep in m.dependencies:
+            if dep not in found:
+                raise ConfigError(f"{where}/{m.name}.py: depends on unknown migration {dep!r}")
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name):] + [name]
+            raise ConfigError(f"{where}: dependency cycle: {' -> '.join(cycle)}")
+        state[name] = 1
+        for dep in found[name].dependencies:
+            visit(dep, [*path, name])
+        state[name] = 2
+
+    for name in sorted(found):
+        visit(name, [])
+    initial = [m.name for m in found.values() if not m.dependencies]
+    if found and len(initial) != 1:
+        raise ConfigError(f"{where}: exactly one migration may have no dependencies; found {initial}")
+    if not found:
+        return []
+    from pymongo_migrate.migrations import Migration, MigrationsGraph
+
+    graph = MigrationsGraph()
+    for m in found.values():
+        graph.add_migration(Migration(m.name, list(m.dependencies)))
+    ordered = [found[m.name] for m in graph]
+    if len(ordered) != len(found):
+        raise ConfigError(f"{where}: the migration graph is disconnected")
+    return ordered
+
+
+@dataclass
+class MongoTarget:
+    """One environment's MongoDB database."""
+
+    env: Environment
+    client: MongoClient | None = None  # injected by tests; otherwise built from MONGODB_URL
+
+    @property
+    def database(self) -> str:
+        return self.env.mongo_database
+
+    @property
+    def label(self) -> str:
+        return f"{self.env.name} (database {self.database})"
+
+    @property
+    def configured(self) -> bool:
+        return self.client is not None or self.env.mongodb_url is not None
+
+    def connect(self) -> Database:
+        """The environment's database, after checking the server answers (5 s bound)."""
+        if self.client is None:
+            from pymongo import MongoClient
+            from pymongo.errors import ConfigurationError, InvalidURI
+
+            assert self.env.mongodb_url is not None
+            try:
+                self.client = MongoClient(self.env.mongodb_url.reveal(), tz_aware=True,
+                                          serverSelectionTimeoutMS=TIMEOUT_MS,
+                                          connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=60_000)
+            except (ConfigurationError, InvalidURI, ValueError) as exc:
+                raise ConfigError(f"MONGODB_URL {self.env.mongodb_url.masked!r} is invalid: "
+                                  f"{scrub(str(exc), self.env.secrets())}") from None
+        from pymongo.errors import PyMongoError
+
+        try:
+            self.client.admin.command("ping")
+        except PyMongoError as exc:
+            where = self.env.mongodb_url.masked if self.env.mongodb_url else "the server"
+            reason = scrub(str(exc).split(",")[0].split("\n")[0], self.env.secrets())
+            raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
+        return self.client[self.database]
+
+    def close(self) -> None:
+        if self.client is not None and self.env.mongodb_url is not None:
+            self.client.close()
+
+
+def _utc(db: Database, name: str) -> Any:
+    from bson.codec_options import CodecOptions
+
+    return db[name].with_options(codec_options=CodecOptions(tz_aware=True, tzinfo=dt.timezone.utc))
+
+
+def applied_names(db: Database) -> set[str]:
+    """Names recorded as applied in the state collection (read only)."""
+    return {d["name"] for d in _utc(db, STATE_COLLECTION).find({"applied": {"$ne": None}}, {"name": 1})}
+
+
+def plan(target: MongoTarget, migrations: list[MongoMigration] | None = None) -> TargetPlan:
+    """Which migrations the environment's database has applied and which are pending."""
+    migrations = load_migrations() if migrations is None else migrations
+    db = target.connect()
+    done = applied_names(db)
+    applied = [m.name for m in migrations if m.name in done]
+    pending = tuple(Step(STORE, target.env.name, target.database, m.name, m.description)
+                    for m in migrations if m.name not in done)
+    head = (migrations[-1].name,) if migrations else ()
+    return TargetPlan(STORE, target.env.name, target.database, tuple(applied[-1:]), head, pending)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def migration_lock(db: Database, *, timeout: float, ttl: dt.timedelta = LOCK_TTL,
+                   poll: float = 0.2) -> Iterator[Callable[[], None]]:
+    """Hold the database's migration lock; yields a function that extends it.
+
+    The lock is one document taken with find_one_and_update on a unique _id: an
+    expired lock (a crashed run) is taken over, a live one is waited for.
+    """
+    from pymongo import ReturnDocument
+    from pymongo.errors import DuplicateKeyError
+
+    locks = _utc(db, LOCK_COLLECTION)
+    locks.create_index("expires_at", expireAfterSeconds=0)  # the server also clears stale locks
+    owner = _owner()
+    deadline = time.monotonic() + timeout
+    while True:
+        now = dt.datetime.now(dt.timezone.utc)
+        try:
+            locks.find_one_and_update(
+                {"_id": LOCK_ID, "expires_at": {"$lt": now}},
+                {"$set": {"owner": owner, "acquired_at": now, "expires_at": now + ttl}},
+                upsert=True, return_document=ReturnDocument.AFTER)
+            break
+        except DuplicateKeyError:
+            holder = locks.find_one({"_id": LOCK_ID}) or {}
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"mongo {db.name}: migration lock held by {holder.get('owner', '?')} since "
+                    f"{_iso(holder.get('acquired_at'))} (expires {_iso(holder.get('expires_at'))}); "
+                    "retry when it finishes") from None
+            time.sleep(poll)
+
+    def extend() -> None:
+        locks.update_one({"_id": LOCK_ID, "owner": owner},
+                         {"$set": {"expires_at": dt.datetime.now(dt.timezone.utc) + ttl}})
+
+    try:
+        yield extend
+    finally:
+        locks.delete_one({"_id": LOCK_ID, "owner": owner})
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if isinstance(value, dt.datetime) else "?"
+
+
+def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *,
+          emit: Callable[[str, Any], None] | None = None, lock_timeout: float = 30.0) -> list[Step]:
+    """Apply every pending migration under the lock, recording each right after it succeeds."""
+    migrations = load_migrations() if migrations is None else migrations
+    db = target.connect()
+    state = _utc(db, STATE_COLLECTION)
+    history = _utc(db, HISTORY_COLLECTION)
+    applied: list[Step] = []
+    with migration_lock(db, timeout=lock_timeout) as extend:
+        done = applied_names(db)  # read again under the lock: another run may have applied some
+        for migration in migrations:
+            if migration.name in done:
+                continue
+            step = Step(STORE, target.env.name, target.database, migration.name, migration.description)
+            started = dt.datetime.now(dt.timezone.utc)
+            clock = time.monotonic()
+            try:
+                migration.upgrade(db)
+            except Exception as exc:
+                reason = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0], target.env.secrets())
+                history.insert_one({"env": target.env.name, "store": STORE, "step": migration.name,
+                                    "started_at": started, "duration_s": time.monotonic() - clock,
+                                    "outcome": "failed", "error": reason})
+                raise StoreError(STORE, target.label, f"migration {migration.name}", reason) from None
+            # The same document pymongo-migrate writes (MigrationState), so its CLI agrees.
+            state.replace_one({"name": migration.name},
+                              {"name": migration.name, "applied": dt.datetime.now(dt.timezone.utc)},
+                              upsert=True)
+            history.insert_one({"env": target.env.name, "store": STORE, "step": migration.name,
+                                "started_at": started, "duration_s": time.monotonic() - clock,
+                                "outcome": "applied"})
+            applied.append(step)
+            if emit is not None:
+                emit("upgraded", step)
+            extend()
+    return applied

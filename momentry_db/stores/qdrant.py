@@ -1,0 +1,445 @@
+"""Qdrant: declared collection specs applied per environment.
+
+Each environment's collection is an alias (``momentry_dev_rule1``) pointing at a
+physical collection (``momentry_dev_rule1__<fingerprint>``), so that an immutable
+change can be made on a new collection and swapped in atomically. A missing
+collection is created; a mutable difference (HNSW, optimizers, payload indexes) is
+updated in place; an immutable one (size, distance) only on explicit request. The
+applied spec's fingerprint is kept in the collection's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..environments import Environment, scrub, validate_collection
+from ..errors import ConfigError, LockTimeoutError, RefusedError, StoreError, StoreUnreachableError
+from ..plan import Step, TargetPlan
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+STORE = "qdrant"
+SPECS_DIR = Path(__file__).resolve().parents[2] / "qdrant_specs"
+TIMEOUT_S = 5
+COPY_BATCH = 256
+METADATA_KEY = "momentry"
+NOT_CHECKABLE = "hnsw, optimizers and payload indexes: not checkable here (local mode ignores them)"
+
+DISTANCES = ("Cosine", "Dot", "Euclid", "Manhattan")
+PAYLOAD_TYPES = ("keyword", "integer", "float", "bool", "geo", "text", "datetime", "uuid")
+HNSW_FIELDS = {"m": int, "ef_construct": int, "full_scan_threshold": int,
+               "max_indexing_threads": int, "on_disk": bool, "payload_m": int}
+OPTIMIZER_FIELDS = {"deleted_threshold": float, "vacuum_min_vector_number": int,
+                    "default_segment_number": int, "max_segment_size": int, "memmap_threshold": int,
+                    "indexing_threshold": int, "flush_interval_sec": int,
+                    "max_optimization_threads": int}
+
+
+# --- specs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """One declared logical collection."""
+
+    name: str
+    size: int
+    distance: str
+    hnsw: tuple[tuple[str, Any], ...] = ()
+    optimizers: tuple[tuple[str, Any], ...] = ()
+    payload_indexes: tuple[tuple[str, str], ...] = ()
+    source: str = field(default="", compare=False)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything the spec declares (not where it came from)."""
+        data = {k: v for k, v in asdict(self).items() if k != "source"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_specs(directory: Path = SPECS_DIR) -> list[CollectionSpec]:
+    """Read and check every ``*.toml`` spec; a bad one names its file and field."""
+    specs = [parse_spec(path) for path in sorted(directory.glob("*.toml"))]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(f"{spec.source}: collection {spec.name!r} is also declared in {seen[spec.name]}")
+        seen[spec.name] = spec.source
+    return specs
+
+
+def parse_spec(path: Path) -> CollectionSpec:
+    where = f"{path.parent.name}/{path.name}"
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {problem}")
+
+    def table(key: str, required: bool) -> dict[str, Any]:
+        value = data.get(key, None if required else {})
+        if value is None:
+            raise fail(key, "missing")
+        if not isinstance(value, dict):
+            raise fail(key, "must be a table")
+        return value
+
+    def typed(section: str, values: dict[str, Any], fields: dict[str, type]) -> tuple[tuple[str, Any], ...]:
+        out = []
+        for key, value in values.items():
+            if key not in fields:
+                raise fail(f"{section}.{key}", f"unknown field; known: {', '.join(fields)}")
+            expected = fields[key]
+            ok = isinstance(value, bool) if expected is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float
+                else isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise fail(f"{section}.{key}", f"must be {expected.__name__}, not {type(value).__name__}")
+            out.append((key, float(value) if expected is float else value))
+        return tuple(sorted(out))
+
+    unknown = set(data) - {"name", "vectors", "hnsw", "optimizers", "payload_indexes"}
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown field; known: name, vectors, hnsw, optimizers, payload_indexes")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise fail("name", "must be a non-empty string")
+    try:
+        validate_collection(name)
+    except ConfigError as exc:
+        raise fail("name", str(exc)) from None
+    vectors = table("vectors", required=True)
+    extra = set(vectors) - {"size", "distance"}
+    if extra:
+        raise fail(f"vectors.{sorted(extra)[0]}", "unknown field; known: size, distance")
+    size = vectors.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 65536:
+        raise fail("vectors.size", "must be an integer from 1 to 65536")
+    distance = vectors.get("distance")
+    if distance not in DISTANCES:
+        raise fail("vectors.distance", f"must be one of {', '.join(DISTANCES)}")
+    indexes = []
+    for key, value in table("payload_indexes", required=False).items():
+        if value not in PAYLOAD_TYPES:
+            raise fail(f"payload_indexes.{key}", f"must be one of {', '.join(PAYLOAD_TYPES)}")
+        indexes.append((key, value))
+    return CollectionSpec(
+        name=name, size=size, distance=distance,
+        hnsw=typed("hnsw", table("hnsw", required=False), HNSW_FIELDS),
+        optimizers=typed("optimizers", table("optimizers", required=False), OPTIMIZER_FIELDS),
+        payload_indexes=tuple(sorted(indexes)), source=where)
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+@dataclass
+class QdrantTarget:
+    """One environment's Qdrant: a server (QDRANT_URL) or the embedded local mode."""
+
+    env: Environment
+    client: QdrantClient | None = None  # injected by tests
+    lock_timeout: float = 30.0  # local mode: how long to wait for another run's storage lock
+
+    @property
+    def local(self) -> bool:
+        return self.env.qdrant_url is None
+
+    @property
+    def where(self) -> str:
+        if self.env.qdrant_url is not None:
+            return self.env.qdrant_url.masked
+        return f"local mode at {self.env.state_dir / 'qdrant'}"
+
+    @contextmanager
+    def session(self) -> Iterator[QdrantClient]:
+        """A connected client; local mode's file lock is released on exit."""
+        if self.client is not None:
+            yield self.client
+            return
+        client = self._connect()
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def _connect(self) -> QdrantClient:
+        from qdrant_client import QdrantClient
+
+        secrets = self.env.secrets()
+        if self.env.qdrant_url is None:
+            path = self.env.state_dir / "qdrant"
+            path.mkdir(parents=True, exist_ok=True)
+            deadline = time.monotonic() + self.lock_timeout
+            while True:  # local storage takes one client at a time: runs wait their turn
+                try:
+                    return QdrantClient(path=str(path))
+                except RuntimeError as exc:
+                    if "already accessed" not in str(exc):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another "
+                                               "run; retry when it finishes") from None
+                    time.sleep(0.1)
+        api_key = self.env.qdrant_api_key.reveal() if self.env.qdrant_api_key else None
+        with warnings.catch_warnings():  # plain-http API keys are reported as a notice instead
+            warnings.simplefilter("ignore")
+            client = QdrantClient(url=self.env.qdrant_url.reveal(), api_key=api_key, timeout=TIMEOUT_S)
+        try:
+            client.get_collections()
+        except Exception as exc:
+            client.close()
+            status = getattr(exc, "status_code", None)
+            if status in (401, 403):
+                raise StoreUnreachableError(f"qdrant: {self.where} refused the request ({status}); "
+                                            "check QDRANT_API_KEY") from None
+            reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                           secrets)
+            raise StoreUnreachableError(f"qdrant: cannot reach {self.where}: {reason}") from None
+        return client
+
+    @property
+    def key_over_plain_http(self) -> bool:
+        url = self.env.qdrant_url
+        return self.env.qdrant_api_key is not None and url is not None and url.value.startswith("http://")
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change to one collection."""
+
+    kind: str  # create | update_hnsw | update_optimizers | create_index | delete_index | record | recreate
+    collection: str
+    detail: str = ""
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class CollectionPlan:
+    spec: CollectionSpec
+    alias: str
+    physical: str | None  # where the alias points now (None: missing)
+    live_fingerprint: str | None
+    actions: tuple[Action, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def immutable(self) -> Action | None:
+        return next((a for a in self.actions if a.kind == "recreate"), None)
+
+
+def physical_name(alias: str, spec: CollectionSpec) -> str:
+    return f"{alias}__{spec.fingerprint()[:8]}"
+
+
+def _resolve(client: QdrantClient, alias: str) -> str | None:
+    """The physical collection behind a name: itself if it is a collection, else its alias target."""
+    for item in client.get_aliases().aliases:
+        if item.alias_name == alias:
+            return str(item.collection_name)
+    names = {c.name for c in client.get_collections().collections}
+    return alias if alias in names else None
+
+
+def plan_collection(client: QdrantClient, target: QdrantTarget, spec: CollectionSpec) -> CollectionPlan:
+    alias = target.env.qdrant_collection_for(spec.name)
+    physical = _resolve(client, alias)
+    if physical is None:
+        create = Action("create", physical_name(alias, spec), f"{spec.size} dims, {spec.distance}, alias {alias}")
+        return CollectionPlan(spec, alias, None, None, (create,))
+    info = client.get_collection(physical)
+    meta = (info.config.metadata or {}).get(METADATA_KEY) or {}
+    live_fp = meta.get("fingerprint") if isinstance(meta, dict) else None
+    vectors = info.config.params.vectors
+    actions: list[Action] = []
+    notes: list[str] = []
+    live_size, live_distance = getattr(vectors, "size", None), getattr(getattr(vectors, "distance", None), "value", None)
+    if (live_size, live_distance) != (spec.size, spec.distance):
+        actions.append(Action("recreate", physical_name(alias, spec),
+                              f"vectors {live_size} {live_distance} -> {spec.size} {spec.distance}"))
+        return CollectionPlan(spec, alias, physical, live_fp, tuple(actions))
+    if target.local:
+        notes.append(NOT_CHECKABLE)
+    else:
+        actions.extend(_mutable_actions(info, physical, spec))
+    if live_fp != spec.fingerprint():
+        actions.append(Action("record", physical, f"fingerprint {live_fp or 'none'} -> {spec.fingerprint()}"))
+    return CollectionPlan(spec, alias, physical, live_fp, tuple(actions), tuple(notes))
+
+
+def _mutable_actions(info: Any, physical: str, spec: CollectionSpec) -> list[Action]:
+    actions: list[Action] = []
+    for kind, declared, live in (("update_hnsw", spec.hnsw, info.config.hnsw_config),
+                                 ("update_optimizers", spec.optimizers, info.config.optimizer_config)):
+        changed = tuple((k, v) for k, v in declared if getattr(live, k, None) != v)
+        if changed:
+            detail = ", ".join(f"{k} {getattr(live, k, None)} -> {v}" for k, v in changed)
+            actions.append(Action(kind, physical, detail, changed))
+    live_indexes = {name: str(getattr(getattr(i, "data_type", None), "value", i.data_type))
+                    for name, i in (info.payload_schema or {}).items()}
+    declared = dict(spec.payload_indexes)
+    for name, schema in declared.items():
+        if live_indexes.get(name) != schema:
+            if name in live_indexes:
+                actions.append(Action("delete_index", physical, f"{name} ({live_indexes[name]})", (("field", name),)))
+            actions.append(Action("create_index", physical, f"{name} ({schema})",
+                                  (("field", name), ("schema", schema))))
+    for name in sorted(set(live_indexes) - set(declared)):
+        actions.append(Action("delete_index", physical, f"{name} ({live_indexes[name]})", (("field", name),)))
+    return actions
+
+
+def plan(target: QdrantTarget, specs: list[CollectionSpec] | None = None) -> list[TargetPlan]:
+    """One TargetPlan per declared collection of this environment (read only)."""
+    specs = load_specs() if specs is None else specs
+    with target.session() as client:
+        return [_target_plan(target, plan_collection(client, target, spec)) for spec in specs]
+
+
+def _target_plan(target: QdrantTarget, cp: CollectionPlan) -> TargetPlan:
+    steps = tuple(Step(STORE, target.env.name, cp.alias, a.kind, f"{a.collection}: {a.detail}".rstrip(": "))
+                  for a in cp.actions)
+    notes = list(cp.notes)
+    if cp.immutable:
+        notes.append("immutable change: refused unless --recreate-qdrant is given")
+    return TargetPlan(STORE, target.env.name, cp.alias,
+                      (cp.live_fingerprint,) if cp.live_fingerprint else (),
+                      (cp.spec.fingerprint(),), steps, notes=tuple(notes))
+
+
+# --- apply -----------------------------------------------------------------------------------
+
+
+Emit = Callable[[str, Any], None]
+
+
+def apply(target: QdrantTarget, specs: list[CollectionSpec] | None = None, *, recreate: bool = False,
+          emit: Emit | None = None) -> list[Step]:
+    """Bring every declared collection of this environment to its spec."""
+    specs = load_specs() if specs is None else specs
+    done: list[Step] = []
+    with target.session() as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # local mode warns that payload indexes have no effect
+        plans = [plan_collection(client, target, spec) for spec in specs]
+        refused = [cp for cp in plans if cp.immutable and not recreate]
+        if refused:
+            cp = refused[0]
+            raise RefusedError(f"qdrant {target.env.name}: {cp.alias} needs an immutable change "
+                               f"({cp.immutable.detail}); run with --recreate-qdrant to build a new "
+                               "collection and swap the alias")
+        for cp in plans:
+            for action in cp.actions:
+                step = Step(STORE, target.env.name, cp.alias, action.kind,
+                            f"{action.collection}: {action.detail}".rstrip(": "))
+                try:
+                    _apply_action(client, target, cp, action, emit)
+                except (ConfigError, RefusedError):
+                    raise
+                except Exception as exc:
+                    reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip()
+                                   else type(exc).__name__, target.env.secrets())
+                    raise StoreError(STORE, f"{target.env.name} (collection {cp.alias})",
+                                     f"{action.kind} {action.collection}", reason) from None
+                done.append(step)
+                if emit is not None:
+                    emit("upgraded", step)
+    return done
+
+
+def _models() -> Any:
+    from qdrant_client import models
+
+    return models
+
+
+def _create(client: QdrantClient, name: str, spec: CollectionSpec) -> None:
+    m = _models()
+    client.create_collection(
+        name,
+        vectors_config=m.VectorParams(size=spec.size, distance=m.Distance(spec.distance)),
+        hnsw_config=m.HnswConfigDiff(**dict(spec.hnsw)) if spec.hnsw else None,
+        optimizers_config=m.OptimizersConfigDiff(**dict(spec.optimizers)) if spec.optimizers else None,
+        metadata=_metadata(spec),
+    )
+    for field_name, schema in spec.payload_indexes:
+        client.create_payload_index(name, field_name, field_schema=m.PayloadSchemaType(schema))
+
+
+def _metadata(spec: CollectionSpec) -> dict[str, Any]:
+    return {METADATA_KEY: {"spec": spec.name, "fingerprint": spec.fingerprint()}}
+
+
+def _apply_action(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, action: Action,
+                  emit: Emit | None) -> None:
+    m = _models()
+    params = dict(action.params)
+    if action.kind == "create":
+        _create(client, action.collection, cp.spec)
+        client.update_collection_aliases(change_aliases_operations=[
+            m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name=action.collection,
+                                                              alias_name=cp.alias))])
+    elif action.kind == "update_hnsw":
+        client.update_collection(action.collection, hnsw_config=m.HnswConfigDiff(**params))
+    elif action.kind == "update_optimizers":
+        client.update_collection(action.collection, optimizers_config=m.OptimizersConfigDiff(**params))
+    elif action.kind == "create_index":
+        client.create_payload_index(action.collection, params["field"],
+                                    field_schema=m.PayloadSchemaType(params["schema"]))
+    elif action.kind == "delete_index":
+        client.delete_payload_index(action.collection, params["field"])
+    elif action.kind == "record":
+        client.update_collection(action.collection, metadata=_metadata(cp.spec))
+    elif action.kind == "recreate":
+        _recreate(client, cp, action.collection, emit)
+    else:  # pragma: no cover - plan_collection makes only the kinds above
+        raise AssertionError(action.kind)
+
+
+def _recreate(client: QdrantClient, cp: CollectionPlan, new: str, emit: Emit | None) -> None:
+    """Build the new collection, copy points where meaningful, swap the alias atomically."""
+    m = _models()
+    assert cp.physical is not None
+    if cp.physical == cp.alias:
+        raise RefusedError(f"qdrant: {cp.alias} is a plain collection, not an alias, so it cannot be "
+                           "swapped atomically; migrate its points to an aliased collection first")
+    if client.collection_exists(new):
+        client.delete_collection(new)  # a leftover from an interrupted recreate
+    _create(client, new, cp.spec)
+    old_size = client.get_collection(cp.physical).config.params.vectors.size
+    copied = 0
+    if old_size == cp.spec.size:  # vectors of another size cannot be carried over
+        offset = None
+        while True:
+            records, offset = client.scroll(cp.physical, limit=COPY_BATCH, offset=offset,
+                                            with_payload=True, with_vectors=True)
+            if records:
+                client.upsert(new, points=[m.PointStruct(id=r.id, vector=r.vector, payload=r.payload)
+                                           for r in records], wait=True)
+                copied += len(records)
+                if emit is not None:
+                    emit("progress", {"store": STORE, "collection": new, "copied": copied})
+            if offset is None:
+                break
+    elif emit is not None:
+        emit("notice", f"qdrant: {cp.alias}: vector size changed; points were not copied (re-embed them)")
+    client.update_collection_aliases(change_aliases_operations=[
+        m.DeleteAliasOperation(delete_alias=m.DeleteAlias(alias_name=cp.alias)),
+        m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name=new, alias_name=cp.alias)),
+    ])
+    if emit is not None:
+        emit("notice", f"qdrant: {cp.alias} now points at {new} ({copied} points copied); "
+                       f"the old collection {cp.physical} is kept until you delete it")

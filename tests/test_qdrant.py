@@ -1,0 +1,265 @@
+"""Qdrant specs applied per environment, on qdrant-client's local mode (and a real server when given)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qdrant_client import QdrantClient, models
+
+from momentry_db import command
+from momentry_db.errors import ConfigError, RefusedError
+from momentry_db.settings import load_project
+from momentry_db.stores import qdrant
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[QdrantClient]:
+    c = QdrantClient(path=str(tmp_path / "qdrant"))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def proj(tmp_path: Path):
+    return load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+
+
+def spec_file(directory: Path, text: str) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / "rule1.toml").write_text(text)
+    return directory
+
+
+BASE = (REPO / "qdrant_specs" / "rule1.toml").read_text()
+
+
+def specs_with(tmp_path: Path, old: str, new: str) -> list[qdrant.CollectionSpec]:
+    assert old in BASE
+    return qdrant.load_specs(spec_file(tmp_path / "specs", BASE.replace(old, new)))
+
+
+def tgt(proj, env: str, client: QdrantClient) -> qdrant.QdrantTarget:
+    return qdrant.QdrantTarget(proj.environment(env), client=client)
+
+
+def add_points(client: QdrantClient, name: str, n: int, size: int = 1024) -> None:
+    client.upsert(name, points=[models.PointStruct(id=i, vector=[float(i + 1)] + [0.5] * (size - 1),
+                                                   payload={"video_id": i}) for i in range(n)])
+
+
+def test_the_declared_spec() -> None:
+    (spec,) = qdrant.load_specs()
+    assert (spec.name, spec.size, spec.distance) == ("rule1", 1024, "Cosine")
+    assert dict(spec.payload_indexes)["video_id"] == "integer"
+
+
+def test_create_then_idempotent_reapply(proj, client) -> None:
+    t = tgt(proj, "dev", client)
+    created = qdrant.apply(t)
+    assert [s.name for s in created] == ["create"]
+    info = client.get_collection("momentry_dev_rule1")
+    assert (info.config.params.vectors.size, info.config.params.vectors.distance) == (1024, models.Distance.COSINE)
+    (spec,) = qdrant.load_specs()
+    assert info.config.metadata["momentry"]["fingerprint"] == spec.fingerprint()
+    assert qdrant.apply(t) == []
+    (plan,) = qdrant.plan(t)
+    assert plan.pending == () and plan.current == plan.head
+    assert qdrant.NOT_CHECKABLE in plan.notes
+
+
+def test_a_mutable_change_is_applied_in_place(proj, client, tmp_path: Path) -> None:
+    t = tgt(proj, "dev", client)
+    qdrant.apply(t)
+    before = client.get_aliases().aliases[0].collection_name
+    add_points(client, "momentry_dev_rule1", 5)
+    specs = specs_with(tmp_path, "m = 16", "m = 32")
+    (plan,) = qdrant.plan(t, specs)
+    assert [s.name for s in plan.pending] == ["record"]  # local mode cannot see hnsw; the fingerprint moved
+    qdrant.apply(t, specs)
+    assert client.get_aliases().aliases[0].collection_name == before  # same collection, no recreate
+    assert client.count("momentry_dev_rule1").count == 5
+    assert client.get_collection(before).config.metadata["momentry"]["fingerprint"] == specs[0].fingerprint()
+
+
+def test_mutable_differences_on_a_server_become_in_place_updates() -> None:
+    spec = qdrant.CollectionSpec("rule1", 1024, "Cosine", hnsw=(("ef_construct", 128), ("m", 16)),
+                                 optimizers=(("indexing_threshold", 20000),),
+                                 payload_indexes=(("processor", "keyword"), ("video_id", "integer")))
+    live = models.CollectionInfo(
+        status=models.CollectionStatus.GREEN, optimizer_status=models.OptimizersStatusOneOf.OK,
+        segments_count=1, payload_schema={
+            "video_id": models.PayloadIndexInfo(data_type=models.PayloadSchemaType.KEYWORD, points=0),
+            "stale": models.PayloadIndexInfo(data_type=models.PayloadSchemaType.INTEGER, points=0)},
+        config=models.CollectionConfig(
+            params=models.CollectionParams(vectors=models.VectorParams(size=1024, distance=models.Distance.COSINE)),
+            hnsw_config=models.HnswConfig(m=16, ef_construct=100, full_scan_threshold=10000),
+            optimizer_config=models.OptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000,
+                                                     default_segment_number=0, indexing_threshold=10000,
+                                                     flush_interval_sec=5),
+            wal_config=models.WalConfig(wal_capacity_mb=32, wal_segments_ahead=0)))
+    actions = [(a.kind, a.detail) for a in qdrant._mutable_actions(live, "phys", spec)]
+    assert actions == [
+        ("update_hnsw", "ef_construct 100 -> 128"),
+        ("update_optimizers", "indexing_threshold 10000 -> 20000"),
+        ("create_index", "processor (keyword)"),
+        ("delete_index", "video_id (keyword)"),
+        ("create_index", "video_id (integer)"),
+        ("delete_index", "stale (integer)"),
+    ]
+
+
+def test_an_immutable_change_is_refused_without_the_flag(proj, client, tmp_path: Path) -> None:
+    t = tgt(proj, "dev", client)
+    qdrant.apply(t)
+    add_points(client, "momentry_dev_rule1", 3)
+    specs = specs_with(tmp_path, "size = 1024", "size = 768")
+    (plan,) = qdrant.plan(t, specs)
+    assert [s.name for s in plan.pending] == ["recreate"]
+    with pytest.raises(RefusedError, match="--recreate-qdrant"):
+        qdrant.apply(t, specs)
+    assert client.get_collection("momentry_dev_rule1").config.params.vectors.size == 1024
+    assert client.count("momentry_dev_rule1").count == 3
+    assert len(client.get_collections().collections) == 1
+
+
+def test_the_alias_swap_keeps_the_logical_name_answering(proj, client, tmp_path: Path) -> None:
+    t = tgt(proj, "dev", client)
+    qdrant.apply(t)
+    old = client.get_aliases().aliases[0].collection_name
+    add_points(client, "momentry_dev_rule1", 600)  # more than one copy batch
+    specs = specs_with(tmp_path, 'distance = "Cosine"', 'distance = "Dot"')
+    seen: list[int] = []
+
+    def probe(event: str, payload) -> None:  # runs between every step of the recreate
+        seen.append(client.count("momentry_dev_rule1").count)
+
+    applied = qdrant.apply(t, specs, recreate=True, emit=probe)
+    assert [s.name for s in applied] == ["recreate"]
+    assert len(seen) >= 3 and all(n == 600 for n in seen)
+    info = client.get_collection("momentry_dev_rule1")
+    assert info.config.params.vectors.distance == models.Distance.DOT
+    assert client.count("momentry_dev_rule1").count == 600
+    new = client.get_aliases().aliases[0].collection_name
+    assert new != old and client.collection_exists(old)  # the old collection stays until asked
+    assert qdrant.apply(t, specs) == []
+
+
+def test_a_size_change_builds_an_empty_collection(proj, client, tmp_path: Path) -> None:
+    t = tgt(proj, "dev", client)
+    qdrant.apply(t)
+    add_points(client, "momentry_dev_rule1", 4)
+    notices = []
+    qdrant.apply(t, specs_with(tmp_path, "size = 1024", "size = 8"), recreate=True,
+                 emit=lambda e, p: notices.append(p) if e == "notice" else None)
+    assert client.get_collection("momentry_dev_rule1").config.params.vectors.size == 8
+    assert client.count("momentry_dev_rule1").count == 0
+    assert any("points were not copied" in n for n in notices)
+
+
+def test_a_dev_run_leaves_the_prod_collection_untouched(proj, client) -> None:
+    qdrant.apply(tgt(proj, "prod", client))
+    add_points(client, "momentry_rule1", 7)
+    prod_before = client.get_collection("momentry_rule1")
+    qdrant.apply(tgt(proj, "dev", client))
+    aliases = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+    assert set(aliases) == {"momentry_rule1", "momentry_dev_rule1"}
+    assert aliases["momentry_rule1"] != aliases["momentry_dev_rule1"]
+    assert client.get_collection("momentry_rule1") == prod_before
+    assert client.count("momentry_dev_rule1").count == 0
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ('name = "rule1"', 'name = "rule1"\ncolour = 3', r"rule1.toml: colour: unknown field"),
+    ("[hnsw]", "colour = 3\n[hnsw]", r"rule1.toml: vectors.colour: unknown field"),
+    ("m = 16", 'm = "sixteen"', r"rule1.toml: hnsw.m: must be int, not str"),
+    ("m = 16", "mm = 16", r"rule1.toml: hnsw.mm: unknown field"),
+    ('distance = "Cosine"', 'distance = "cosine"', r"rule1.toml: vectors.distance: must be one of"),
+    ("size = 1024", "size = 1024.5", r"rule1.toml: vectors.size: must be an integer"),
+    ('video_id = "integer"', 'video_id = "int"', r"rule1.toml: payload_indexes.video_id: must be one of"),
+    ('name = "rule1"', 'name = "Rule 1"', r"rule1.toml: name: invalid Qdrant collection name"),
+])
+def test_a_bad_spec_names_the_file_and_the_field(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        specs_with(tmp_path, old, new)
+
+
+def test_a_bad_spec_stops_the_run_before_any_store_is_touched(project, database, tmp_path: Path) -> None:
+    bad = spec_file(tmp_path / "bad", BASE.replace("m = 16", 'm = "x"'))
+    proj = load_project(project.root, project.environ)
+    with pytest.raises(ConfigError):
+        command.migrate(proj, "dev", sources=command.Sources(qdrant_specs=bad))
+    assert database.tables("dev") == set()
+    assert not (Path(project.environ["MOMENTRY_STATE_DIR"]) / "qdrant").exists()
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).seen.append(dict(self.headers))
+        self.send_response(401)
+        self.end_headers()
+        self.wfile.write(b'{"status": {"error": "Unauthorized"}}')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_api_key_is_sent_and_never_printed(project) -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = project.momentry_db("--project-dir", str(project.root), "migrate", "--env", "dev",
+                                     "--store", "qdrant",
+                                     env={"QDRANT_URL": f"http://127.0.0.1:{server.server_port}",
+                                          "QDRANT_API_KEY": "qk-very-secret-123"})
+    finally:
+        server.shutdown()
+    assert result.code == 1
+    assert _Recorder.seen and _Recorder.seen[0].get("api-key") == "qk-very-secret-123"
+    assert "qk-very-secret-123" not in result.out + result.err
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: qdrant: http://127.0.0.1:{server.server_port} refused the request (401); "
+                      "check QDRANT_API_KEY"]
+    assert "Traceback" not in result.err and "Warning" not in result.err
+
+
+def test_unreachable_qdrant_fails_in_one_line(project, silent_server) -> None:
+    port, _ = silent_server
+    started = time.monotonic()
+    result = project.momentry_db("--project-dir", str(project.root), "status", "--env", "dev",
+                                 "--store", "qdrant", env={"QDRANT_URL": f"http://127.0.0.1:{port}"})
+    assert result.code == 1
+    lines = [x for x in result.err.splitlines() if x.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: qdrant: cannot reach")
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.qdrant
+def test_payload_indexes_and_hnsw_on_a_real_server(real_servers, tmp_path: Path) -> None:
+    proj = load_project(tmp_path, {"QDRANT_URL": real_servers["QDRANT_URL"],
+                                   "QDRANT_COLLECTION": f"momentry_test_{int(time.time() * 1000)}"})
+    t = qdrant.QdrantTarget(proj.environment("dev"))
+    with t.session() as c:
+        t.client = c
+        try:
+            qdrant.apply(t)
+            info = c.get_collection(t.env.qdrant_collection)
+            assert set(info.payload_schema) == {"video_id", "chunk_id", "sequence", "video_uuid", "processor"}
+            assert info.config.hnsw_config.ef_construct == 128
+            assert qdrant.apply(t) == []
+            specs = specs_with(tmp_path, "ef_construct = 128", "ef_construct = 200")
+            assert [s.name for s in qdrant.apply(t, specs)] == ["update_hnsw", "record"]
+            assert c.get_collection(t.env.qdrant_collection).config.hnsw_config.ef_construct == 200
+        finally:
+            for alias in c.get_aliases().aliases:
+                if alias.alias_name == t.env.qdrant_collection:
+                    c.delete_collection(alias.collection_name)
