@@ -25,6 +25,7 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
     reporter = Reporter(as_json=as_json)
     reporter.announce_plans = announce_plans
     secrets: list[str] = []
+    result = None
     try:
         project = load_project(ctx.obj.get("project_dir"))
         secrets = _known_secrets(project)
@@ -40,6 +41,8 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
         message = scrub(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
                         secrets)
         reporter.error(MomentryError(message), message + " (set MOMENTRY_DEBUG=1 for a traceback)")
+        ctx.exit(EXIT_FAILURE)
+    if result is not None and getattr(result, "ok", True) is False:  # a failed check
         ctx.exit(EXIT_FAILURE)
 
 
@@ -141,6 +144,103 @@ def status(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: 
     _run(ctx, as_json, lambda project, emit: command.status(
         project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url),
         emit=emit))
+
+
+@main.command()
+@env_option
+@click.option("--store", "stores", multiple=True, metavar="STORE",
+              help="Limit the checks (repeatable): postgres, mongo, qdrant, redis, dirs.")
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def verify(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+           env_file: Path | None, database_url: str | None) -> None:
+    """Prove an environment's isolation: every check passes, fails, or is not checkable here."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.verify(
+        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+
+
+@main.command()
+@env_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@click.pass_context
+def reset(ctx: click.Context, env_name: str, yes: bool, as_json: bool) -> None:
+    """Drop and recreate a non-prod environment's stores and Redis keys, then migrate. Never prod."""
+    from . import command
+
+    def work(project: Any, emit: Any) -> Any:
+        from .errors import RefusedError
+
+        env = command.resettable(project, env_name)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise RefusedError("reset needs --yes when there is no terminal to confirm on")
+            answer = click.prompt(f"This drops schema {env.schema}, database {env.mongo_database}, collection "
+                                  f"{env.qdrant_collection} and Redis keys {env.redis_prefix}*. "
+                                  f"Type {env.name!r} to confirm", default="", show_default=False)
+            if answer != env.name:
+                raise RefusedError("reset not confirmed; nothing was changed")
+        return command.reset(project, env_name, emit=emit)
+
+    _run(ctx, as_json, work)
+
+
+@main.command()
+@click.option("--from", "source", required=True, metavar="NAME", help="Environment to copy from.")
+@click.option("--to", "dest", required=True, metavar="NAME", help="Environment to copy into (never prod).")
+@store_option
+@click.option("--tables", metavar="T1,T2", help="Only these isolated tables (comma-separated).")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many rows, documents or points each.")
+@json_option
+@click.pass_context
+def clone(ctx: click.Context, source: str, dest: str, stores: tuple[str, ...], tables: str | None,
+          limit: int | None, as_json: bool) -> None:
+    """Copy data from one environment into another: tables, collections and points."""
+    from . import command
+
+    names = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    _run(ctx, as_json, lambda project, emit: command.clone(
+        project, source, dest, stores=stores, tables=names, limit=limit, emit=emit))
+
+
+@main.command()
+@env_option
+@click.option("--force", is_flag=True, help="Stamp even when the live schema differs from the models.")
+@json_option
+@click.pass_context
+def adopt(ctx: click.Context, env_name: str, force: bool, as_json: bool) -> None:
+    """Take over a schema created outside Alembic: compare it with the models, then stamp it."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.adopt(project, env_name, force=force, emit=emit))
+
+
+@main.command("env-file")
+@env_option
+@click.option("--check", is_flag=True, help="Report differences without writing; exit 1 when there are any.")
+@click.option("--path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write (default: the environment's, such as .env.development).")
+@json_option
+@click.pass_context
+def env_file_command(ctx: click.Context, env_name: str, check: bool, path: Path | None, as_json: bool) -> None:
+    """Write an environment's isolation variables into its env file, keeping everything else."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.env_file(project, env_name, check=check, path=path))
+
+
+@main.command()
+@json_option
+@click.pass_context
+def envs(ctx: click.Context, as_json: bool) -> None:
+    """List every environment with its schema, database, collection, prefix and directories."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.envs(project))
 
 
 @main.group()

@@ -166,6 +166,12 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         before = run.planned(postgres.plan(target, with_sql=with_sql, script_location=sources.alembic_scripts,
                                            project=project))
         if apply and before.pending:
+            if any(n.startswith(postgres.UNMANAGED) for n in before.notes):
+                from .errors import RefusedError
+
+                raise RefusedError(f"postgres {env.name} (schema {env.schema}) already holds "
+                                   f"{before.notes[0].split(': ', 1)[1]} but no alembic_version; run "
+                                   f"momentry-db adopt --env {env.name} instead of creating them again")
             postgres.upgrade(target, script_location=sources.alembic_scripts, project=project)
             result.applied.extend(s for s in before.pending if s.name in target.applied)
     if "mongo" in chosen:
@@ -201,3 +207,262 @@ def stop_embedded(project: Project) -> bool:
     from .stores.embedded import stop_embedded as stop
 
     return stop(project.state_dir)
+
+
+def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+           env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
+           emit: Emit = _ignore, sources: Sources = Sources()) -> Any:
+    """Prove one environment's isolation from every other, store by store."""
+    from . import verify as checks
+    from .errors import MomentryError
+
+    env = project.environment(env_name, env_file=env_file, overrides=overrides)
+    others = [project.environment(name) for name in project.registry.names if name != env.name]
+    chosen = [s for s in (*STORES, "redis", "dirs") if not stores or s in stores]
+    declared = _load_declarations(chosen, sources)
+    result = checks.VerifyResult("verify", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        try:
+            target = _postgres_target(env, run)
+            checks.check_postgres(result, env, target, script_location=sources.alembic_scripts)
+        except MomentryError as exc:
+            result.add("postgres", "server reachable", [str(exc)])
+    if "mongo" in chosen:
+        from .stores import mongo
+
+        checks.check_mongo(result, env, others, mongo.MongoTarget(env, client=sources.mongo_client),
+                           declared["mongo"])
+    if "qdrant" in chosen:
+        checks.check_qdrant(result, env, others, _qdrant_target(env, run, sources, 30.0), declared["qdrant"])
+    if "redis" in chosen:
+        checks.check_redis(result, env, others)
+    if "dirs" in chosen:
+        checks.check_directories(result, env, others)
+    for check in result.checks:
+        emit("check", check)
+    return result
+
+
+@dataclass
+class ActionResult:
+    """What a management command (reset, clone, adopt, env-file, envs) did, for the report."""
+
+    command: str
+    env: str
+    ok: bool = True
+    lines: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": self.command, "env": self.env, "ok": self.ok, **self.data,
+                "notices": self.notices}
+
+
+def resettable(project: Project, env_name: str) -> Environment:
+    """Resolve an environment that may be reset; prod is refused whatever the flags."""
+    from .errors import RefusedError
+
+    env = project.environment(env_name)
+    if env.primary:
+        raise RefusedError("reset is refused for prod, whatever the flags: it would destroy production data")
+    return env
+
+
+def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = None, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """Drop and recreate one environment's schema, database, collection and Redis keys, then migrate."""
+    env = resettable(project, env_name)
+    chosen = _stores(stores)
+    declared = _load_declarations(chosen, sources)  # check every declaration before dropping anything
+    result = ActionResult("reset", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    dropped: dict[str, Any] = {}
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        target = _postgres_target(env, run)
+        dropped["postgres"] = env.schema if postgres.drop_schema(target) else None
+    if "mongo" in chosen:
+        from .stores import mongo
+
+        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
+        if mtarget.configured:
+            try:
+                dropped["mongo"] = env.mongo_database if mongo.drop_database(mtarget) else None
+            finally:
+                mtarget.close()
+    if "qdrant" in chosen:
+        from .stores import qdrant
+
+        with _qdrant_target(env, run, sources, 30.0).session() as client:
+            dropped["qdrant"] = qdrant.drop(client, env, declared["qdrant"])
+    if env.redis_url is not None and not stores:
+        from .stores import redis as redis_store
+
+        dropped["redis"] = redis_store.delete_keys(env.redis_url.reveal(), env.redis_prefix)
+    for store, what in dropped.items():
+        result.lines.append(f"{store} {env.name}: dropped {what if what not in (None, []) else 'nothing (absent)'}"
+                            if store != "redis" else f"redis {env.name}: deleted {what} keys under {env.redis_prefix}")
+    migrated = migrate(project, env.name, stores=stores, emit=emit, sources=sources)
+    result.data = {"dropped": dropped, "migrated": migrated.to_json()}
+    result.lines.append(f"migrated {env.name}: {len(migrated.applied)} step(s) applied")
+    return result
+
+
+def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequence[str] | None = None,
+          tables: Sequence[str] | None = None, limit: int | None = None, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """Copy one environment's data into another (never into prod)."""
+    from .errors import RefusedError
+    from .tables import isolated_tables
+
+    source = project.environment(source_name)
+    dest = project.environment(dest_name)
+    if source.name == dest.name:
+        raise ConfigError(f"--from and --to both name {source.name}; clone needs two environments")
+    if dest.primary:
+        raise RefusedError("clone never writes into prod; choose another --to")
+    if limit is not None and limit < 0:
+        raise ConfigError("--limit must be zero or more")
+    selected = list(tables) if tables else sorted(isolated_tables())
+    unknown = sorted(set(selected) - isolated_tables())
+    if unknown:
+        raise ConfigError(f"unknown or shared table(s): {', '.join(unknown)}; clone copies isolated tables: "
+                          f"{', '.join(sorted(isolated_tables()))}")
+    chosen = _stores(stores)
+    declared = _load_declarations(chosen, sources)
+    result = ActionResult("clone", dest.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    copied: dict[str, dict[str, int]] = {}
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
+        if postgres.plan(dst_t).pending:
+            raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
+        copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
+    if "mongo" in chosen:
+        from .stores import mongo
+
+        src_m = mongo.MongoTarget(source, client=sources.mongo_client)
+        if not src_m.configured:
+            run.skip("mongo", "MONGODB_URL is not set")
+        else:
+            dst_m = mongo.MongoTarget(dest, client=src_m.connect().client)
+            copied["mongo"] = mongo.clone(src_m, dst_m, limit, emit)
+            src_m.close()
+    if "qdrant" in chosen:
+        from .stores import qdrant
+
+        with _qdrant_target(source, run, sources, 30.0).session() as client:
+            copied["qdrant"] = qdrant.clone_points(client, source, dest, declared["qdrant"], limit, emit)
+    for store, counts in copied.items():
+        for name, count in counts.items():
+            result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
+    result.data = {"from": source.name, "to": dest.name, "copied": copied}
+    return result
+
+
+def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """Take over a schema created outside Alembic: compare it with the models, then stamp it."""
+    from .stores import postgres
+
+    env = project.environment(env_name)
+    result = ActionResult("adopt", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    target = _postgres_target(env, run)
+    plan = postgres.plan(target, script_location=sources.alembic_scripts)
+    if plan.current:
+        result.lines.append(f"postgres {env.name} (schema {env.schema}): already managed, at {', '.join(plan.current)}")
+        result.data = {"stamped": False, "current": list(plan.current), "differences": []}
+        return result
+    differences = postgres.compare_live(target)
+    result.data = {"differences": differences, "stamped": False}
+    result.lines += [f"postgres {env.name} (schema {env.schema}): {d}" for d in differences]
+    if differences and not force:
+        result.ok = False
+        result.lines.append(f"not stamped: {len(differences)} difference(s) from the models; fix them, "
+                            "or stamp anyway with --force")
+        return result
+    postgres.stamp(target, script_location=sources.alembic_scripts, project=project)
+    result.data["stamped"] = True
+    result.data["current"] = list(plan.head)
+    result.lines.append(f"postgres {env.name} (schema {env.schema}): stamped at {', '.join(plan.head)}"
+                        + (" despite the differences (--force)" if differences else ""))
+    return result
+
+
+ISOLATION_KEYS = ("DATABASE_SCHEMA", "MONGODB_DATABASE", "QDRANT_COLLECTION", "MOMENTRY_REDIS_PREFIX",
+                  "MOMENTRY_OUTPUT_DIR", "MOMENTRY_BACKUP_DIR", "MOMENTRY_SERVER_PORT", "MOMENTRY_WORKER_ENABLED")
+
+
+def isolation_values(env: Environment) -> dict[str, str]:
+    """The variables that point a Momentry binary at one environment's targets."""
+    values = {
+        "DATABASE_SCHEMA": env.schema, "MONGODB_DATABASE": env.mongo_database,
+        "QDRANT_COLLECTION": env.qdrant_collection, "MOMENTRY_REDIS_PREFIX": env.redis_prefix,
+        "MOMENTRY_OUTPUT_DIR": str(env.output_dir), "MOMENTRY_BACKUP_DIR": str(env.backup_dir),
+        "MOMENTRY_WORKER_ENABLED": "true" if env.worker_enabled else "false",
+    }
+    if env.server_port is not None:
+        values["MOMENTRY_SERVER_PORT"] = str(env.server_port)
+    return values
+
+
+def env_file(project: Project, env_name: str, *, check: bool = False, path: Path | None = None) -> ActionResult:
+    """Write (or with check, compare) an environment's isolation variables in its env file."""
+    from dotenv import dotenv_values, set_key
+
+    env = project.environment(env_name, env_file=path if path and path.is_file() else None)
+    target = path or project.root / project.registry.get(env.name).default_env_file()
+    current = {k: v for k, v in dotenv_values(target).items()} if target.is_file() else {}
+    wanted = isolation_values(env)
+    changes = [(k, current.get(k), v) for k, v in wanted.items() if current.get(k) != v]
+    result = ActionResult("env-file", env.name, data={
+        "path": str(target), "check": check, "in_sync": not changes,
+        "changes": [{"key": k, "old": old, "new": new} for k, old, new in changes]})
+    for key, old, new in changes:
+        result.lines.append(f"{target.name}: {key}: {old if old is not None else '(missing)'} -> {new}")
+    if check:
+        result.ok = not changes
+        result.lines.append(f"{target.name}: {'in sync' if not changes else f'{len(changes)} difference(s)'}")
+        return result
+    if changes:
+        target.touch(exist_ok=True)
+        for key, _, new in changes:
+            set_key(str(target), key, new, quote_mode="never")
+    result.lines.append(f"{target.name}: {len(changes)} variable(s) written" if changes else f"{target.name}: already in sync")
+    return result
+
+
+def envs(project: Project) -> ActionResult:
+    """List every environment and its targets, secrets masked."""
+    rows = []
+    for env in project.environments():
+        rows.append({
+            "name": env.name, "primary": env.primary, "schema": env.schema,
+            "mongodb_database": env.mongo_database, "qdrant_collection": env.qdrant_collection,
+            "redis_prefix": env.redis_prefix, "output_dir": str(env.output_dir),
+            "backup_dir": str(env.backup_dir), "server_port": env.server_port,
+            "worker_enabled": env.worker_enabled,
+            "env_file": str(env.env_file) if env.env_file else None,
+            "database_url": env.database_url.masked if env.database_url else None,
+            "mongodb_url": env.mongodb_url.masked if env.mongodb_url else None,
+            "qdrant_url": env.qdrant_url.masked if env.qdrant_url else None,
+            "qdrant_api_key": "***" if env.qdrant_api_key else None,
+            "redis_url": env.redis_url.masked if env.redis_url else None,
+        })
+    result = ActionResult("envs", "*", data={"environments": rows})
+    for row in rows:
+        result.lines.append(
+            f"{row['name']:<10} schema {row['schema']:<12} mongo {row['mongodb_database']:<18} "
+            f"qdrant {row['qdrant_collection']:<22} redis {row['redis_prefix']:<16} "
+            f"output {row['output_dir']}  backup {row['backup_dir']}"
+            + (f"  port {row['server_port']}" if row['server_port'] else "")
+            + (f"  db {row['database_url']}" if row['database_url'] else ""))
+    return result

@@ -35,10 +35,28 @@ class Reporter:
             step: Step = payload
             verb = "upgraded to" if step.store == "postgres" else "applied"
             print(f"{_where(step)}: {verb} {step.name} {step.description}".rstrip(), file=self.out)
+        elif event == "progress":
+            self._progress(payload)
+
+    def _progress(self, p: dict[str, Any]) -> None:
+        """A progress bar on a terminal; nothing when stderr is a pipe or a file."""
+        if not self.err.isatty() or not p.get("total"):
+            return
+        width = 30
+        filled = int(width * p["done"] / p["total"])
+        print(f"\r{p['store']} {p['target']}: [{'#' * filled}{' ' * (width - filled)}] {p['done']}/{p['total']}",
+              end="\n" if p["done"] >= p["total"] else "", file=self.err, flush=True)
 
     def result(self, result: Any) -> None:
         if self.as_json:
             self._json({"version": JSON_VERSION, **result.to_json()})
+            return
+        if result.command == "verify":
+            self._verify(result)
+            return
+        if hasattr(result, "lines"):
+            for line in result.lines:
+                print(line, file=self.out)
             return
         for target in result.targets:
             if result.command == "status":
@@ -54,6 +72,15 @@ class Reporter:
                     print(f"{_where(target)}: {note}", file=self.out)
         if result.command == "migrate" and not result.dry_run:
             print(_summary(result), file=self.out)
+
+    def _verify(self, result: Any) -> None:
+        labels = {"pass": "ok  ", "fail": "FAIL", "not checkable here": "n/a "}
+        for check in result.checks:
+            detail = f": {check.detail}" if check.detail else ""
+            print(f"{labels.get(check.status, check.status)} {check.store:<8} {check.name}{detail}", file=self.out)
+        counts = {status: sum(1 for c in result.checks if c.status == status) for status in labels}
+        print(f"verify {result.env}: {counts['pass']} passed, {counts['fail']} failed, "
+              f"{counts['not checkable here']} not checkable here", file=self.out)
 
     def error(self, exc: MomentryError, message: str) -> None:
         print(f"error: {message}", file=self.err)

@@ -280,3 +280,43 @@ def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *
                 emit("upgraded", step)
             extend()
     return applied
+
+
+BOOKKEEPING = (STATE_COLLECTION, LOCK_COLLECTION, HISTORY_COLLECTION)
+
+
+def drop_database(target: MongoTarget) -> bool:
+    """Drop the environment's database; return whether it existed."""
+    db = target.connect()
+    assert target.client is not None
+    existed = db.name in target.client.list_database_names()
+    target.client.drop_database(db.name)
+    return existed
+
+
+def clone(source: MongoTarget, dest: MongoTarget, limit: int | None,
+          emit: Callable[[str, Any], None] | None = None, batch: int = 1000) -> dict[str, int]:
+    """Copy every data collection of one environment's database into another's."""
+    src, dst = source.connect(), dest.connect()
+    counts: dict[str, int] = {}
+    for name in sorted(src.list_collection_names()):
+        if name in BOOKKEEPING or name.startswith("system."):
+            continue
+        dst[name].delete_many({})
+        cursor = src[name].find({}, sort=[("_id", 1)])
+        if limit is not None:
+            cursor = cursor.limit(limit)
+        copied, chunk = 0, []
+        for doc in cursor:
+            chunk.append(doc)
+            if len(chunk) >= batch:
+                dst[name].insert_many(chunk, bypass_document_validation=True)
+                copied += len(chunk)
+                chunk = []
+        if chunk:
+            dst[name].insert_many(chunk, bypass_document_validation=True)
+            copied += len(chunk)
+        counts[name] = copied
+        if emit is not None:
+            emit("copied", {"store": STORE, "target": f"{dst.name}.{name}", "count": copied})
+    return counts

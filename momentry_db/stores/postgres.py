@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_LOCATION = REPO_ROOT / "migrations"
 CONNECT_TIMEOUT_S = 5
 LOCK_CLASS = 0x6D6F6D64  # "momd": namespaces our advisory locks
+UNMANAGED = "tables created outside momentry-db (no alembic_version)"
 
 
 @dataclass
@@ -349,8 +350,14 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
     from alembic.util import CommandError
 
     script = _script(script_location)
+    notes: tuple[str, ...] = ()
     with connect(target) as conn:
         current = current_heads(conn, target.schema)
+        if not current:
+            unmanaged = unmanaged_tables(conn, target.schema)
+            if unmanaged:
+                notes = (f"{UNMANAGED}: {', '.join(unmanaged[:5])}"
+                         + (f" and {len(unmanaged) - 5} more" if len(unmanaged) > 5 else ""),)
     head = tuple(sorted(script.get_heads()))
     try:
         revisions = list(script.iterate_revisions("heads", current[0] if current else "base"))
@@ -363,7 +370,7 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
     if with_sql and pending:
         sql = offline_sql(target, f"{current[0]}:head" if current else "head",
                           script_location=script_location, project=project)
-    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql)
+    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql, notes)
 
 
 def offline_sql(target: PgTarget, revision_range: str, *, script_location: Path | None = None,
@@ -397,3 +404,176 @@ def downgrade(target: PgTarget, revision: str, *, script_location: Path | None =
 
 def _label(target: PgTarget) -> str:
     return f"{target.env.name} (schema {target.schema})"
+
+
+# --- environment management: reset, clone, adopt ---------------------------------------------
+
+_EXTERNAL_DEPENDENTS = """
+SELECT DISTINCT dep_ns.nspname || '.' || dep.relname || ' (view)'
+FROM pg_depend d
+JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+JOIN pg_class dep ON dep.oid = r.ev_class JOIN pg_namespace dep_ns ON dep_ns.oid = dep.relnamespace
+JOIN pg_class ref ON d.refclassid = 'pg_class'::regclass AND ref.oid = d.refobjid
+JOIN pg_namespace ref_ns ON ref_ns.oid = ref.relnamespace
+WHERE ref_ns.nspname = :s AND dep_ns.nspname <> :s
+UNION
+SELECT DISTINCT src_ns.nspname || '.' || src.relname || ' (foreign key ' || c.conname || ')'
+FROM pg_constraint c
+JOIN pg_class src ON src.oid = c.conrelid JOIN pg_namespace src_ns ON src_ns.oid = src.relnamespace
+JOIN pg_class dst ON dst.oid = c.confrelid JOIN pg_namespace dst_ns ON dst_ns.oid = dst.relnamespace
+WHERE c.contype = 'f' AND dst_ns.nspname = :s AND src_ns.nspname <> :s
+"""
+
+
+def unmanaged_tables(conn: Connection, schema: str, meta: MetaData | None = None) -> list[str]:
+    """Model tables that exist in a schema that has no alembic_version (created outside Alembic)."""
+    import sqlalchemy as sa
+
+    from ..models import metadata
+
+    names = sorted((meta or metadata).tables)
+    rows = conn.execute(sa.text(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = :s "
+        "AND table_name = ANY(:names)"), {"s": schema, "names": names})
+    return sorted(r[0] for r in rows)
+
+
+def drop_schema(target: PgTarget) -> bool:
+    """Drop a non-primary environment's schema; refuse when anything outside it depends on it."""
+    import sqlalchemy as sa
+
+    from ..errors import RefusedError
+
+    if target.primary:
+        raise RefusedError("postgres: the public schema is never dropped")
+    with connect(target) as conn:
+        conn.execute(sa.text(lock_sql(target.schema, xact=True)))
+        exists = conn.execute(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"),
+                              {"s": target.schema}).first()
+        if not exists:
+            conn.rollback()
+            return False
+        outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
+        if outside:
+            conn.rollback()
+            raise RefusedError(f"postgres: objects outside schema {target.schema} depend on it "
+                               f"({', '.join(outside)}); dropping it would cascade into them")
+        conn.execute(sa.text(f"DROP SCHEMA {quote_ident(target.schema)} CASCADE"))
+        conn.commit()
+    return True
+
+
+def clone_tables(source: PgTarget, dest: PgTarget, tables: Sequence[str], limit: int | None,
+                 emit: Callable[[str, Any], None] | None = None) -> dict[str, int]:
+    """Copy isolated tables between two schemas of one database, in one transaction, in FK order.
+
+    Rows whose foreign keys point at rows not present in the destination are left
+    out, so a ``limit`` never breaks a foreign key.
+    """
+    import sqlalchemy as sa
+    from psycopg import sql
+
+    from ..errors import ConfigError
+    from ..models import metadata
+
+    if source.url() != dest.url():
+        raise ConfigError("clone copies PostgreSQL tables within one database; "
+                          f"{source.env.name} and {dest.env.name} use different DATABASE_URLs")
+    ordered = [t for t in metadata.sorted_tables if t.name in set(tables)]
+    counts: dict[str, int] = {}
+    src, dst = source.schema, dest.schema
+    with connect(dest) as conn:
+        conn.execute(sa.text(lock_sql(dst, xact=True)))
+        names = sql.SQL(", ").join(sql.Identifier(dst, t.name) for t in ordered)
+        conn.exec_driver_sql(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names).as_string(None))
+        for table in ordered:
+            cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+            conditions = []
+            for fk in table.foreign_key_constraints:
+                local = [sql.Identifier(c.name) for c in fk.columns]
+                remote = [sql.Identifier(e.column.name) for e in fk.elements]
+                parent = sql.Identifier(dst, fk.referred_table.name)
+                conditions.append(sql.SQL("({nulls} OR ({local}) IN (SELECT {remote} FROM {parent}))").format(
+                    nulls=sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(c) for c in local),
+                    local=sql.SQL(", ").join(local), remote=sql.SQL(", ").join(remote), parent=parent))
+            where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+            pk = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.primary_key.columns)
+            query = sql.SQL("INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE "
+                            "SELECT {cols} FROM {src}{where} ORDER BY {pk}{limit}").format(
+                dst=sql.Identifier(dst, table.name), src=sql.Identifier(src, table.name), cols=cols,
+                where=where, pk=pk,
+                limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL(""))
+            counts[table.name] = conn.exec_driver_sql(query.as_string(None)).rowcount
+            for column in table.primary_key.columns:
+                if column.identity is not None:
+                    conn.exec_driver_sql(sql.SQL(
+                        "SELECT setval(pg_get_serial_sequence({t}, {c}), coalesce(max({ci}), 0) + 1, false) "
+                        "FROM {tbl}").format(t=sql.Literal(f"{quote_ident(dst)}.{quote_ident(table.name)}"),
+                                             c=sql.Literal(column.name), ci=sql.Identifier(column.name),
+                                             tbl=sql.Identifier(dst, table.name)).as_string(None))
+            if emit is not None:
+                emit("copied", {"store": STORE, "target": f"{dst}.{table.name}", "count": counts[table.name]})
+        conn.commit()
+    return counts
+
+
+def compare_live(target: PgTarget, meta: MetaData | None = None) -> list[str]:
+    """Differences between a live schema and the models, as autogenerate sees them."""
+    import sqlalchemy as sa
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from ..models import VIEWS, metadata
+    from ..models.base import Scope
+    from ..tables import include_object
+
+    meta = meta or metadata
+    isolated = include_object(Scope.ISOLATED, meta)
+    shared = include_object(Scope.SHARED, meta)
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        if type_ == "view":
+            return False  # views are compared by name below
+        if target.primary:
+            return isolated(obj, name, type_, reflected, compare_to) or shared(obj, name, type_, reflected, compare_to)
+        return isolated(obj, name, type_, reflected, compare_to)
+
+    with connect(target) as conn:
+        _set_search_path(conn, target.schema)
+        ctx = MigrationContext.configure(conn, opts={
+            "include_object": include, "compare_type": True, "compare_server_default": True,
+            "target_metadata": meta})
+        diffs = [_describe(d) for d in compare_metadata(ctx, meta)]
+        if target.primary:
+            live = {r[0] for r in conn.execute(sa.text(
+                "SELECT viewname FROM pg_views WHERE schemaname = 'public'"))}
+            diffs += [f"missing view {v.signature}" for v in VIEWS if v.signature not in live]
+        conn.rollback()
+    return diffs
+
+
+def _describe(diff: Any) -> str:
+    """One line for an autogenerate difference tuple."""
+    if isinstance(diff, list):
+        return "; ".join(_describe(d) for d in diff)
+    kind = diff[0]
+    if kind in ("add_table", "remove_table"):
+        return f"{'missing' if kind == 'add_table' else 'unexpected'} table {diff[1].name}"
+    if kind in ("add_column", "remove_column"):
+        return f"{'missing' if kind == 'add_column' else 'unexpected'} column {diff[2]}.{diff[3].name}"
+    if kind in ("add_index", "remove_index", "add_constraint", "remove_constraint", "add_fk", "remove_fk"):
+        obj = diff[1]
+        what = kind.split("_", 1)[1].replace("fk", "foreign key")
+        state = "missing" if kind.startswith("add") else "unexpected"
+        return f"{state} {what} {obj.name} on {obj.table.name}"
+    if kind.startswith("modify_"):
+        return f"{kind.replace('modify_', '')} of {diff[2]}.{diff[3]}: {diff[5]!r} in the database, {diff[6]!r} in the models"
+    return str(diff)
+
+
+def stamp(target: PgTarget, revision: str = "head", *, script_location: Path | None = None,
+          project: Project | None = None) -> None:
+    """Record a revision as applied without running it."""
+    from alembic import command
+
+    command.stamp(alembic_config([target], project=project, script_location=script_location), revision)

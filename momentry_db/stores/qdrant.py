@@ -443,3 +443,48 @@ def _recreate(client: QdrantClient, cp: CollectionPlan, new: str, emit: Emit | N
     if emit is not None:
         emit("notice", f"qdrant: {cp.alias} now points at {new} ({copied} points copied); "
                        f"the old collection {cp.physical} is kept until you delete it")
+
+
+# --- environment management: reset, clone ----------------------------------------------------
+
+
+def drop(client: QdrantClient, env: Environment, specs: list[CollectionSpec]) -> list[str]:
+    """Delete every physical collection behind the environment's aliases, and the aliases."""
+    dropped = []
+    names = {c.name for c in client.get_collections().collections}
+    for spec in specs:
+        alias = env.qdrant_collection_for(spec.name)
+        owned = sorted(n for n in names if n == alias or n.startswith(f"{alias}__"))
+        for name in owned:
+            client.delete_collection(name)  # its aliases go with it
+            dropped.append(name)
+    return dropped
+
+
+def clone_points(client: QdrantClient, source: Environment, dest: Environment, specs: list[CollectionSpec],
+                 limit: int | None, emit: Emit | None = None) -> dict[str, int]:
+    """Copy points between two environments' collections by scroll and upsert, in batches."""
+    m = _models()
+    counts: dict[str, int] = {}
+    for spec in specs:
+        src, dst = source.qdrant_collection_for(spec.name), dest.qdrant_collection_for(spec.name)
+        if not client.collection_exists(src):
+            counts[dst] = 0
+            continue
+        total = client.count(src, exact=True).count
+        total = min(total, limit) if limit is not None else total
+        copied, offset = 0, None
+        while copied < total:
+            records, offset = client.scroll(src, limit=min(COPY_BATCH, total - copied), offset=offset,
+                                            with_payload=True, with_vectors=True)
+            if not records:
+                break
+            client.upsert(dst, points=[m.PointStruct(id=r.id, vector=r.vector, payload=r.payload)
+                                       for r in records], wait=True)
+            copied += len(records)
+            if emit is not None:
+                emit("progress", {"store": STORE, "target": dst, "done": copied, "total": total})
+            if offset is None:
+                break
+        counts[dst] = copied
+    return counts
