@@ -255,11 +255,12 @@ class ActionResult:
     ok: bool = True
     lines: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"command": self.command, "env": self.env, "ok": self.ok, **self.data,
-                "notices": self.notices}
+                "skipped": self.skipped, "notices": self.notices}
 
 
 def resettable(project: Project, env_name: str) -> Environment:

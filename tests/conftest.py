@@ -39,9 +39,33 @@ def _pg_bin(name: str) -> str:
 
 
 
+REDIS_URL_VAR = "MOMENTRY_TEST_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def _redis_test_url() -> str | None:
+    """The Redis that tests may use: MOMENTRY_TEST_REDIS_URL, or the machine's on db 15 if it answers."""
+    import redis
+
+    url = os.environ.get(REDIS_URL_VAR, DEFAULT_REDIS_URL)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        client.ping()
+        client.close()
+        return url
+    except redis.RedisError:
+        return None
+
+
+REDIS_TEST_URL = _redis_test_url()
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     url = os.environ.get(ADMIN_URL_VAR)
     lines = [f"postgres under test: {_mask(url) if url else 'embedded pgserver (set ' + ADMIN_URL_VAR + ' for another)'}"]
+    if REDIS_TEST_URL is None:
+        lines.append(f"redis tests SKIPPED: no Redis answers at {os.environ.get(REDIS_URL_VAR, DEFAULT_REDIS_URL)} "
+                     f"(set {REDIS_URL_VAR})")
     missing = [f"{marker} ({var})" for marker, var in REAL_SERVERS.items() if not os.environ.get(var)]
     if missing:
         lines.append(f"real-server tests SKIPPED for {', '.join(missing)}: set the URL to run them")
@@ -49,6 +73,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if REDIS_TEST_URL is None:
+        skip = pytest.mark.skip(reason=f"no Redis answers; set {REDIS_URL_VAR}")
+        for item in items:
+            if "redis" in item.keywords:
+                item.add_marker(skip)
     for marker, var in REAL_SERVERS.items():
         if os.environ.get(var):
             continue
@@ -235,3 +264,9 @@ def silent_server() -> Iterator[tuple[int, list[socket.socket]]]:
     for conn in accepted:
         conn.close()
     server.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    assert REDIS_TEST_URL is not None  # tests marked redis are skipped otherwise
+    return REDIS_TEST_URL

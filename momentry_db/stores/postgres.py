@@ -541,7 +541,8 @@ def compare_live(target: PgTarget, meta: MetaData | None = None) -> list[str]:
     with connect(target) as conn:
         _set_search_path(conn, target.schema)
         ctx = MigrationContext.configure(conn, opts={
-            "include_object": include, "compare_type": True, "compare_server_default": True,
+            "include_object": include, "include_schemas": False, "compare_type": True,
+            "compare_server_default": True,
             "target_metadata": meta})
         diffs = [_describe(d) for d in compare_metadata(ctx, meta)]
         if target.primary:
