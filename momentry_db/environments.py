@@ -30,6 +30,16 @@ def _shown(value: str) -> str:
     return repr(value)
 
 
+_PG_DURATION = re.compile(r"\d+(ms|s|min|h)?")
+
+
+def validate_pg_duration(value: str, what: str) -> str:
+    """Check a PostgreSQL duration for lock_timeout / statement_timeout, such as 5s or 500ms."""
+    if not _PG_DURATION.fullmatch(value):
+        raise ConfigError(f"{what} {_shown(value)} is not a duration: use a number with ms, s, min or h (0 = none)")
+    return value
+
+
 def validate_env_name(name: str) -> str:
     """Check an environment name such as ``dev``, ``staging`` or ``pr-42``."""
     if not _ENV_NAME.fullmatch(name) or len(name) > 40:
@@ -257,6 +267,8 @@ class Environment:
     worker_enabled: bool
     env_file: Path | None
     state_dir: Path
+    pg_lock_timeout: str = "5s"
+    pg_statement_timeout: str = "30min"
     database_url: SecretURL | None = None
     mongodb_url: SecretURL | None = None
     qdrant_url: SecretURL | None = None

@@ -21,6 +21,7 @@ from .environments import (
     validate_collection,
     validate_env_name,
     validate_mongo_database,
+    validate_pg_duration,
     validate_redis_prefix,
     validate_schema,
 )
@@ -156,6 +157,9 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     worker = lookup("MOMENTRY_WORKER_ENABLED")
     worker_enabled = primary if worker is None else worker.strip().lower() in {"1", "true", "yes", "on"}
 
+    pg_lock_timeout = validate_pg_duration(lookup("MOMENTRY_PG_LOCK_TIMEOUT") or "5s", "MOMENTRY_PG_LOCK_TIMEOUT")
+    pg_statement_timeout = validate_pg_duration(lookup("MOMENTRY_PG_STATEMENT_TIMEOUT") or "30min",
+                                                "MOMENTRY_PG_STATEMENT_TIMEOUT")
     database_url = lookup("DATABASE_URL")
     api_key = lookup("QDRANT_API_KEY")
     return Environment(
@@ -172,6 +176,8 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         worker_enabled=worker_enabled,
         env_file=env_file,
         state_dir=project.state_dir,
+        pg_lock_timeout=pg_lock_timeout,
+        pg_statement_timeout=pg_statement_timeout,
         database_url=SecretURL(normalize_database_url(database_url)) if database_url else None,
         mongodb_url=_url(lookup("MONGODB_URL")),
         qdrant_url=_url(lookup("QDRANT_URL")),

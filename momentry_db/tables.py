@@ -15,6 +15,8 @@ from sqlalchemy import MetaData
 from .models import SCOPE_KEY, VIEWS, Scope, metadata
 
 VERSION_TABLE = "alembic_version"
+#: Tables momentry-db keeps beside the models in every schema; never drift, never data.
+BOOKKEEPING_TABLES = frozenset({VERSION_TABLE, "momentry_history"})
 IncludeObject = Callable[[Any, str | None, str, bool, Any], bool]
 
 
@@ -54,7 +56,7 @@ def include_object(scope: Scope, meta: MetaData = metadata,
             return scope is Scope.SHARED
         if type_ != "table" or name is None:
             return True
-        if name == VERSION_TABLE:
+        if name in BOOKKEEPING_TABLES:
             return False
         declared = scope_of(name, meta)
         if declared is None:

@@ -124,7 +124,7 @@ def check_postgres(result: VerifyResult, env: Environment, target: Any, *,
     import sqlalchemy as sa
 
     from .stores import postgres
-    from .tables import VERSION_TABLE, isolated_tables, shared_tables, view_names
+    from .tables import BOOKKEEPING_TABLES, isolated_tables, shared_tables, view_names
 
     store = "postgres"
     schema = env.schema
@@ -139,7 +139,7 @@ def check_postgres(result: VerifyResult, env: Environment, target: Any, *,
             result.add(store, f"schema {schema} exists", [f"schema {schema} does not exist; run migrate"])
             return
         mine = by_schema.get(schema, {})
-        tables = {n for n, k in mine.items() if k in ("r", "p")} - {VERSION_TABLE}
+        tables = {n for n, k in mine.items() if k in ("r", "p")} - BOOKKEEPING_TABLES
         plan = postgres.plan(target, script_location=script_location)
         result.add(store, f"{schema} at head",
                    [f"pending: {', '.join(s.name for s in plan.pending)}"] if plan.pending else [],

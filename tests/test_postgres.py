@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from momentry_db.tables import BOOKKEEPING_TABLES as BOOKKEEPING
 from momentry_db.tables import isolated_tables, shared_tables, view_names
 
 ISOLATED = {"videos", "chunks", "pre_chunks", "chunk_vectors", "frames", "processor_results",
@@ -36,8 +37,8 @@ def migrated(project, database):
 
 
 def test_dev_holds_exactly_the_isolated_tables_and_public_holds_everything(migrated) -> None:
-    assert migrated.tables("dev") == ISOLATED | {"alembic_version"}
-    assert migrated.tables("public") == ISOLATED | shared_tables() | {"alembic_version"}
+    assert migrated.tables("dev") == ISOLATED | BOOKKEEPING
+    assert migrated.tables("public") == ISOLATED | shared_tables() | BOOKKEEPING
     assert migrated.tables("public", "VIEW") == VIEWS
 
 
@@ -91,10 +92,10 @@ def test_dev_upgrade_and_downgrade_leave_public_byte_identical(project, database
     before = database.dump_schema("public")
     up = project.alembic("-x", "schema=dev", "upgrade", "head")
     assert up.code == 0, up.err
-    assert database.tables("dev") == ISOLATED | {"alembic_version"}
+    assert database.tables("dev") == ISOLATED | BOOKKEEPING
     down = project.alembic("-x", "schema=dev", "downgrade", "base")
     assert down.code == 0, down.err
-    assert database.tables("dev") == {"alembic_version"}
+    assert database.tables("dev") == BOOKKEEPING
     assert database.dump_schema("public") == before
 
 
@@ -102,8 +103,8 @@ def test_plain_alembic_upgrade_migrates_public_then_every_environment(project, d
     (project.root / "momentry-db.toml").write_text('[environments]\nstaging = {}\n')
     result = project.alembic("upgrade", "head")
     assert result.code == 0, result.err
-    assert database.tables("staging") == ISOLATED | {"alembic_version"}
-    assert database.tables("dev") == ISOLATED | {"alembic_version"}
+    assert database.tables("staging") == ISOLATED | BOOKKEEPING
+    assert database.tables("dev") == ISOLATED | BOOKKEEPING
     assert "v_service_health" in database.tables("public", "VIEW")
     order = [line for line in result.err.splitlines() if "Running upgrade" in line]
     assert len(order) == 3
