@@ -57,8 +57,24 @@ def _known_secrets(project: Any) -> list[str]:
     return found
 
 
-def _overrides(database_url: str | None) -> dict[str, str | None]:
-    return {"DATABASE_URL": database_url} if database_url else {}
+def _consent(given: bool) -> Callable[[str], bool]:
+    """Consent for risky work: the flag, or a yes typed on a terminal; never assumed."""
+
+    def ask(question: str) -> bool:
+        if given:
+            return True
+        if not sys.stdin.isatty():
+            return False
+        return click.confirm(f"{question}\nProceed?", default=False, err=True)
+
+    return ask
+
+
+def _overrides(database_url: str | None, pg_lock_timeout: str | None = None,
+               pg_statement_timeout: str | None = None) -> dict[str, str | None]:
+    values = {"DATABASE_URL": database_url, "MOMENTRY_PG_LOCK_TIMEOUT": pg_lock_timeout,
+              "MOMENTRY_PG_STATEMENT_TIMEOUT": pg_statement_timeout}
+    return {k: v for k, v in values.items() if v}
 
 
 env_option = click.option("--env", "env_name", required=True, metavar="NAME", help=ENV_HELP)
@@ -68,6 +84,20 @@ env_file_option = click.option(
     help="Read settings from this file instead of the environment's default (.env, .env.development).")
 url_option = click.option("--database-url", metavar="URL",
                           help="PostgreSQL URL; overrides DATABASE_URL from the environment and env file.")
+lock_timeout_option = click.option(
+    "--lock-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    help="Seconds to wait for another run's migration lock (every store) before failing.")
+
+
+def pg_timeout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--pg-statement-timeout", metavar="DURATION",
+                      help="PostgreSQL statement_timeout for migration sessions (default 30min; "
+                           "MOMENTRY_PG_STATEMENT_TIMEOUT).")(fn)
+    return click.option("--pg-lock-timeout", metavar="DURATION",
+                        help="PostgreSQL lock_timeout for migration sessions (default 5s; "
+                             "MOMENTRY_PG_LOCK_TIMEOUT).")(fn)
+
+
 store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
                             help="Limit the run to this store (repeatable): postgres, mongo, qdrant.")
 
@@ -95,20 +125,25 @@ def main(ctx: click.Context, project_dir: Path | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would run, with the SQL per schema; change nothing.")
 @click.option("--recreate-qdrant", is_flag=True,
               help="Allow an immutable Qdrant change: new collection, copied points, atomic alias swap.")
-@click.option("--lock-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds to wait for another run's MongoDB migration lock.")
+@lock_timeout_option
+@click.option("--accept-risky", is_flag=True,
+              help="On prod, apply revisions even when lint finds risky DDL (otherwise asked, or refused).")
+@pg_timeout_options
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
 def migrate(ctx: click.Context, env_name: str, stores: tuple[str, ...], dry_run: bool, recreate_qdrant: bool,
-            lock_timeout: float, as_json: bool, env_file: Path | None, database_url: str | None) -> None:
+            lock_timeout: float, accept_risky: bool, pg_lock_timeout: str | None,
+            pg_statement_timeout: str | None, as_json: bool, env_file: Path | None,
+            database_url: str | None) -> None:
     """Apply every pending migration to one environment: postgres, then mongo, then qdrant."""
     from . import command
 
     _run(ctx, as_json, lambda project, emit: command.migrate(
         project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
-        env_file=env_file, overrides=_overrides(database_url), emit=emit, lock_timeout=lock_timeout),
+        env_file=env_file, overrides=_overrides(database_url, pg_lock_timeout, pg_statement_timeout),
+        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky)),
         announce_plans=True)
 
 
@@ -241,6 +276,66 @@ def envs(ctx: click.Context, as_json: bool) -> None:
     from . import command
 
     _run(ctx, as_json, lambda project, emit: command.envs(project))
+
+
+@main.command()
+@env_option
+@store_option
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def check(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool, env_file: Path | None,
+          database_url: str | None) -> None:
+    """Exit 0 when every store is at head and the schema matches the models; else 1, naming why."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.check(
+        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+
+
+@main.command()
+@env_option
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def lint(ctx: click.Context, env_name: str, as_json: bool, env_file: Path | None, database_url: str | None) -> None:
+    """Report risky DDL in the pending revisions (squawk); exit 1 when there is any."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.lint(
+        project, env_name, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+
+
+@main.command()
+@env_option
+@click.option("--to", "revision", required=True, metavar="REV", help="Revision to go down to (base for none).")
+@click.option("--yes", is_flag=True, help="Consent to downgrading prod without being asked.")
+@lock_timeout_option
+@json_option
+@click.pass_context
+def downgrade(ctx: click.Context, env_name: str, revision: str, yes: bool, lock_timeout: float,
+              as_json: bool) -> None:
+    """Downgrade one environment's PostgreSQL schema; prod needs explicit consent."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.downgrade(
+        project, env_name, revision, consent=_consent(yes), emit=emit, lock_timeout=lock_timeout))
+
+
+@main.command()
+@env_option
+@store_option
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest entries shown.")
+@json_option
+@click.pass_context
+def history(ctx: click.Context, env_name: str, stores: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """Show what was applied to an environment: time, store, step, duration and outcome."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.history(project, env_name, limit=limit, stores=stores,
+                                                             emit=emit))
 
 
 @main.group()

@@ -88,6 +88,21 @@ def _stores(selected: Sequence[str] | None) -> list[str]:
     return [s for s in STORES if s in chosen]  # always postgres, then mongo, then qdrant
 
 
+def _consent_to_risks(env: Environment, plan: TargetPlan, consent: Consent) -> None:
+    """Lint prod's pending SQL; risky statements need explicit consent."""
+    from .errors import RefusedError
+    from .lint import lint_sql
+
+    findings = lint_sql(plan.sql or "", f"postgres {env.name} (schema {env.schema})")
+    if not findings:
+        return
+    summary = "; ".join(str(f) for f in findings[:5]) + (f"; and {len(findings) - 5} more" if len(findings) > 5 else "")
+    if not consent(f"{len(findings)} risky statement(s) in the pending revisions for {env.name}: {summary}"):
+        raise RefusedError(f"{env.name}: lint found {len(findings)} risky statement(s) in the pending revisions "
+                           f"({findings[0]}); review them with momentry-db lint --env {env.name}, then rerun "
+                           "with --accept-risky")
+
+
 def _postgres_target(env: Environment, run: _Run) -> Any:
     from .stores import postgres
 
@@ -131,15 +146,27 @@ def _load_declarations(chosen: list[str], sources: Sources) -> dict[str, Any]:
     return loaded
 
 
+Consent = Callable[[str], bool]
+
+
+def _refuse(question: str) -> bool:
+    return False
+
+
 def migrate(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
             dry_run: bool = False, recreate_qdrant: bool = False, env_file: Path | None = None,
             overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
-            sources: Sources = Sources(), lock_timeout: float = 30.0) -> RunResult:
-    """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant."""
+            sources: Sources = Sources(), lock_timeout: float = 30.0,
+            consent: Consent = _refuse) -> RunResult:
+    """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant.
+
+    On prod, pending PostgreSQL revisions are linted first; risky DDL runs only when
+    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky).
+    """
     result = RunResult("migrate", env_name, dry_run=dry_run)
     return _work(project, env_name, result, stores=stores, apply=not dry_run, with_sql=dry_run,
                  recreate_qdrant=recreate_qdrant, env_file=env_file, overrides=overrides, emit=emit,
-                 sources=sources, lock_timeout=lock_timeout)
+                 sources=sources, lock_timeout=lock_timeout, consent=consent)
 
 
 def status(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
@@ -153,7 +180,7 @@ def status(project: Project, env_name: str, *, stores: Sequence[str] | None = No
 def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequence[str] | None,
           apply: bool, with_sql: bool, env_file: Path | None, overrides: Mapping[str, str | None] | None,
           emit: Emit, sources: Sources, recreate_qdrant: bool = False,
-          lock_timeout: float = 30.0) -> RunResult:
+          lock_timeout: float = 30.0, consent: Consent = _refuse) -> RunResult:
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result.env = env.name
     chosen = _stores(stores)
@@ -163,8 +190,15 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         from .stores import postgres
 
         target = _postgres_target(env, run)
-        before = run.planned(postgres.plan(target, with_sql=with_sql, script_location=sources.alembic_scripts,
-                                           project=project))
+        target.lock_wait = lock_timeout
+        before = run.planned(postgres.plan(target, with_sql=with_sql or (apply and env.primary),
+                                           script_location=sources.alembic_scripts, project=project))
+        if apply and before.pending and env.primary:
+            _consent_to_risks(env, before, consent)
+            if not with_sql:  # the SQL was only needed for the lint
+                import dataclasses
+
+                result.targets[-1] = dataclasses.replace(before, sql=None)
         if apply and before.pending:
             if any(n.startswith(postgres.UNMANAGED) for n in before.notes):
                 from .errors import RefusedError
@@ -466,4 +500,113 @@ def envs(project: Project) -> ActionResult:
             f"output {row['output_dir']}  backup {row['backup_dir']}"
             + (f"  port {row['server_port']}" if row['server_port'] else "")
             + (f"  db {row['database_url']}" if row['database_url'] else ""))
+    return result
+
+
+def check(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+          env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
+          emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
+    """Exit 0 only when every store is at head and the live schema matches the models."""
+    from .stores import postgres
+
+    st = status(project, env_name, stores=stores, env_file=env_file, overrides=overrides, emit=emit,
+                sources=sources)
+    result = ActionResult("check", st.env, notices=st.notices, skipped=st.skipped)
+    pending = [s for t in st.targets for s in t.pending]
+    drift: list[str] = []
+    if "postgres" in _stores(stores):
+        env = project.environment(env_name, env_file=env_file, overrides=overrides)
+        drift = [f"postgres {env.name} (schema {env.schema}): {d}"
+                 for d in postgres.compare_live(postgres.PgTarget(env))]
+    result.ok = not pending and not drift
+    result.lines += [f"pending: {s.store} {s.env} ({s.target}): {s.name} {s.description}".rstrip() for s in pending]
+    result.lines += [f"drift: {d}" for d in drift[:20]] + ([f"drift: and {len(drift) - 20} more"] if len(drift) > 20 else [])
+    result.lines.append(f"check {st.env}: " + ("every store at head, no drift" if result.ok else
+                                                 f"{len(pending)} pending step(s), {len(drift)} drift(s)"))
+    result.data = {"pending": [s.to_json() for s in pending], "drift": drift,
+                   "targets": [t.to_json() for t in st.targets]}
+    return result
+
+
+def lint(project: Project, env_name: str, *, env_file: Path | None = None,
+         overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
+         sources: Sources = Sources()) -> ActionResult:
+    """Lint the SQL of the pending PostgreSQL revisions for risky DDL (squawk)."""
+    from .lint import lint_sql
+    from .stores import postgres
+
+    env = project.environment(env_name, env_file=env_file, overrides=overrides)
+    result = ActionResult("lint", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    plan = postgres.plan(_postgres_target(env, run), with_sql=True, script_location=sources.alembic_scripts,
+                         project=project)
+    findings = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
+    result.ok = not findings
+    result.lines += [str(f) for f in findings]
+    result.lines.append(f"lint {env.name}: {len(plan.pending)} pending revision(s), {len(findings)} risky statement(s)")
+    result.data = {"pending": [s.to_json() for s in plan.pending], "findings": [f.to_json() for f in findings]}
+    return result
+
+
+def downgrade(project: Project, env_name: str, revision: str, *, consent: Consent = _refuse,
+              emit: Emit = _ignore, sources: Sources = Sources(), lock_timeout: float = 30.0) -> ActionResult:
+    """Downgrade one environment's schema to a revision; prod needs explicit consent."""
+    from .errors import RefusedError
+    from .stores import postgres
+
+    env = project.environment(env_name)
+    if env.primary and not consent(f"downgrade prod (schema {env.schema}) to {revision}"):
+        raise RefusedError("downgrade of prod needs explicit consent: confirm on a terminal, or pass --yes")
+    result = ActionResult("downgrade", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    target = _postgres_target(env, run)
+    target.lock_wait = lock_timeout
+    undone = postgres.downgrade(target, revision, script_location=sources.alembic_scripts, project=project)
+    result.lines += [f"postgres {env.name} (schema {env.schema}): downgraded {r}" for r in undone]
+    result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
+    result.data = {"undone": undone, "to": revision}
+    return result
+
+
+def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequence[str] | None = None,
+            emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
+    """Show the steps applied to one environment: time, store, step, duration and outcome."""
+    env = project.environment(env_name)
+    chosen = _stores(stores)
+    result = ActionResult("history", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    entries: list[dict[str, Any]] = []
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        for row in postgres.history(_postgres_target(env, run), limit):
+            entries.append({**row, "recorded_at": row["recorded_at"].isoformat(timespec="seconds")})
+    if "mongo" in chosen:
+        from .stores import mongo
+
+        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
+        if not mtarget.configured:
+            run.skip("mongo", "MONGODB_URL is not set")
+        else:
+            try:
+                for doc in mongo.history(mtarget, limit):
+                    entries.append(doc)
+            finally:
+                mtarget.close()
+    if "qdrant" in chosen:
+        from .stores import qdrant
+
+        specs = _load_declarations(["qdrant"], sources)["qdrant"]
+        with _qdrant_target(env, run, sources, 30.0).session() as client:
+            entries.extend(qdrant.history(client, env, specs))
+    entries.sort(key=lambda e: str(e.get("recorded_at", "")), reverse=True)
+    entries = entries[:limit]
+    for e in entries:
+        ms = e.get("duration_ms")
+        result.lines.append(f"{e.get('recorded_at')}  {e.get('store'):<8} {e.get('step')}  "
+                            f"{e.get('outcome')}" + (f" in {ms} ms" if ms is not None else "")
+                            + (f": {e['error']}" if e.get("error") else ""))
+    if not entries:
+        result.lines.append(f"no history recorded for {env.name}")
+    result.data = {"history": entries}
     return result

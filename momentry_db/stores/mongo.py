@@ -320,3 +320,15 @@ def clone(source: MongoTarget, dest: MongoTarget, limit: int | None,
         if emit is not None:
             emit("copied", {"store": STORE, "target": f"{dst.name}.{name}", "count": copied})
     return counts
+
+
+def history(target: MongoTarget, limit: int = 50) -> list[dict[str, Any]]:
+    """Recorded steps, newest first, in the shape the history command shows."""
+    db = target.connect()
+    rows = []
+    for doc in _utc(db, HISTORY_COLLECTION).find({}, sort=[("started_at", -1)], limit=limit):
+        rows.append({"recorded_at": doc["started_at"].isoformat(timespec="seconds"), "env": doc.get("env"),
+                     "store": STORE, "step": doc.get("step"), "description": "",
+                     "duration_ms": int(doc.get("duration_s", 0) * 1000), "outcome": doc.get("outcome"),
+                     "error": doc.get("error")})
+    return rows

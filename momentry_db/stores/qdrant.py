@@ -168,30 +168,52 @@ class QdrantTarget:
         if self.client is not None:
             yield self.client
             return
+        if self.local:
+            with self._local_lock():
+                client = self._connect()
+                try:
+                    yield client
+                finally:
+                    client.close()
+            return
         client = self._connect()
         try:
             yield client
         finally:
             client.close()
 
+    @contextmanager
+    def _local_lock(self) -> Iterator[None]:
+        """One run at a time on the local storage, taken before qdrant-client first touches it."""
+        import fcntl
+
+        path = self.env.state_dir / "qdrant"
+        path.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout
+        with open(self.env.state_dir / "qdrant.lock", "a+") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another run "
+                                               f"for over {self.lock_timeout:g}s; retry when it finishes") from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _connect(self) -> QdrantClient:
         from qdrant_client import QdrantClient
 
         secrets = self.env.secrets()
         if self.env.qdrant_url is None:
-            path = self.env.state_dir / "qdrant"
-            path.mkdir(parents=True, exist_ok=True)
-            deadline = time.monotonic() + self.lock_timeout
-            while True:  # local storage takes one client at a time: runs wait their turn
-                try:
-                    return QdrantClient(path=str(path))
-                except RuntimeError as exc:
-                    if "already accessed" not in str(exc):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another "
-                                               "run; retry when it finishes") from None
-                    time.sleep(0.1)
+            try:
+                return QdrantClient(path=str(self.env.state_dir / "qdrant"))
+            except RuntimeError as exc:  # held by a client outside momentry-db
+                raise StoreError(STORE, self.env.name, "open local storage", str(exc)) from None
         api_key = self.env.qdrant_api_key.reveal() if self.env.qdrant_api_key else None
         with warnings.catch_warnings():  # plain-http API keys are reported as a notice instead
             warnings.simplefilter("ignore")
@@ -327,6 +349,70 @@ def _target_plan(target: QdrantTarget, cp: CollectionPlan) -> TargetPlan:
 Emit = Callable[[str, Any], None]
 
 
+LOCK_TTL_S = 600
+HISTORY_KEY = "momentry_history"
+HISTORY_KEPT = 50
+
+
+@contextmanager
+def apply_lock(client: QdrantClient, target: QdrantTarget, alias: str) -> Iterator[None]:
+    """Serialize applies per collection across processes.
+
+    Local mode already admits one client at a time. On a server, the lock is a tiny
+    collection ``<alias>__lock``: creating a collection that exists fails, so only
+    one run holds it; its metadata names the holder and when it expires.
+    """
+    if target.local:
+        yield
+        return
+    import os
+    import socket
+
+    m = _models()
+    name = f"{alias}__lock"
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + target.lock_timeout
+    while True:
+        try:
+            client.create_collection(name, vectors_config=m.VectorParams(size=1, distance=m.Distance.DOT),
+                                     metadata={"momentry_lock": {"owner": owner,
+                                                                 "expires_at": time.time() + LOCK_TTL_S}})
+            break
+        except Exception:
+            if not client.collection_exists(name):
+                raise
+            held = (client.get_collection(name).config.metadata or {}).get("momentry_lock") or {}
+            if float(held.get("expires_at", 0)) < time.time():  # a crashed run's lock
+                client.delete_collection(name)
+                continue
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(f"qdrant {target.env.name}: {alias} is being migrated by "
+                                       f"{held.get('owner', 'another run')}; retry when it finishes") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_collection(name)
+
+
+def _record(client: QdrantClient, collection: str, entry: dict[str, Any]) -> None:
+    """Append a step to the collection's own history (kept in its metadata, newest last)."""
+    meta = client.get_collection(collection).config.metadata or {}
+    past = meta.get(HISTORY_KEY) if isinstance(meta.get(HISTORY_KEY), list) else []
+    client.update_collection(collection, metadata={HISTORY_KEY: [*past, entry][-HISTORY_KEPT:]})
+
+
+def history(client: QdrantClient, env: Environment, specs: list[CollectionSpec]) -> list[dict[str, Any]]:
+    """Recorded steps of the environment's collections."""
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        physical = _resolve(client, env.qdrant_collection_for(spec.name))
+        if physical is not None:
+            meta = client.get_collection(physical).config.metadata or {}
+            out.extend(e for e in meta.get(HISTORY_KEY, []) if isinstance(e, dict))
+    return out
+
+
 def apply(target: QdrantTarget, specs: list[CollectionSpec] | None = None, *, recreate: bool = False,
           emit: Emit | None = None) -> list[Step]:
     """Bring every declared collection of this environment to its spec."""
@@ -342,22 +428,40 @@ def apply(target: QdrantTarget, specs: list[CollectionSpec] | None = None, *, re
                                f"({cp.immutable.detail}); run with --recreate-qdrant to build a new "
                                "collection and swap the alias")
         for cp in plans:
-            for action in cp.actions:
-                step = Step(STORE, target.env.name, cp.alias, action.kind,
-                            f"{action.collection}: {action.detail}".rstrip(": "))
-                try:
-                    _apply_action(client, target, cp, action, emit)
-                except (ConfigError, RefusedError):
-                    raise
-                except Exception as exc:
-                    reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip()
-                                   else type(exc).__name__, target.env.secrets())
-                    raise StoreError(STORE, f"{target.env.name} (collection {cp.alias})",
-                                     f"{action.kind} {action.collection}", reason) from None
-                done.append(step)
-                if emit is not None:
-                    emit("upgraded", step)
+            if not cp.actions:
+                continue
+            with apply_lock(client, target, cp.alias):
+                cp = plan_collection(client, target, cp.spec)  # again, under the lock
+                for action in cp.actions:
+                    done.append(_run_action(client, target, cp, action, emit))
     return done
+
+
+def _run_action(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, action: Action,
+                emit: Emit | None) -> Step:
+    import datetime as dt
+
+    step = Step(STORE, target.env.name, cp.alias, action.kind, f"{action.collection}: {action.detail}".rstrip(": "))
+    started, clock = dt.datetime.now(dt.timezone.utc), time.monotonic()
+    entry = {"recorded_at": started.isoformat(timespec="seconds"), "env": target.env.name, "store": STORE,
+             "step": action.kind, "description": step.description}
+    try:
+        _apply_action(client, target, cp, action, emit)
+    except (ConfigError, RefusedError):
+        raise
+    except Exception as exc:
+        reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                       target.env.secrets())
+        if cp.physical is not None:
+            _record(client, cp.physical, {**entry, "duration_ms": int((time.monotonic() - clock) * 1000),
+                                          "outcome": "failed", "error": reason})
+        raise StoreError(STORE, f"{target.env.name} (collection {cp.alias})",
+                         f"{action.kind} {action.collection}", reason) from None
+    where = _resolve(client, cp.alias) or action.collection
+    _record(client, where, {**entry, "duration_ms": int((time.monotonic() - clock) * 1000), "outcome": "applied"})
+    if emit is not None:
+        emit("upgraded", step)
+    return step
 
 
 def _models() -> Any:
