@@ -88,6 +88,11 @@ def _stores(selected: Sequence[str] | None) -> list[str]:
     return [s for s in STORES if s in chosen]  # always postgres, then mongo, then qdrant
 
 
+def _scripts(project: Project, sources: Sources) -> Path | None:
+    """Where the Alembic revisions are: given by the caller, the project's alembic.ini, or the package's."""
+    return sources.alembic_scripts or project.alembic_scripts
+
+
 def _consent_to_risks(env: Environment, plan: TargetPlan, consent: Consent) -> None:
     """Lint prod's pending SQL; risky statements need explicit consent."""
     from .errors import RefusedError
@@ -132,17 +137,29 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-def _load_declarations(chosen: list[str], sources: Sources) -> dict[str, Any]:
-    """Read every store's migrations and specs first, so a bad file stops the run before any write."""
+def _load_declarations(chosen: list[str], sources: Sources, project: Project | None = None) -> dict[str, Any]:
+    """Read every store's migrations and specs first, so a bad file stops the run before any write.
+
+    They come from the caller, else the project directory's mongo_migrations/ and
+    qdrant_specs/, else the ones beside the package.
+    """
+    def pick(given: Path | None, name: str, default: Path) -> Path:
+        if given is not None:
+            return given
+        if project is not None and (project.root / name).is_dir():
+            return project.root / name
+        return default
+
     loaded: dict[str, Any] = {}
     if "mongo" in chosen:
         from .stores import mongo
 
-        loaded["mongo"] = mongo.load_migrations(sources.mongo_migrations or mongo.MIGRATIONS_DIR)
+        loaded["mongo"] = mongo.load_migrations(pick(sources.mongo_migrations, "mongo_migrations",
+                                                     mongo.MIGRATIONS_DIR))
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        loaded["qdrant"] = qdrant.load_specs(sources.qdrant_specs or qdrant.SPECS_DIR)
+        loaded["qdrant"] = qdrant.load_specs(pick(sources.qdrant_specs, "qdrant_specs", qdrant.SPECS_DIR))
     return loaded
 
 
@@ -184,7 +201,7 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result.env = env.name
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources)
+    declared = _load_declarations(chosen, sources, project)
     run = _Run(result, emit)
     if "postgres" in chosen:
         from .stores import postgres
@@ -192,7 +209,7 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         target = _postgres_target(env, run)
         target.lock_wait = lock_timeout
         before = run.planned(postgres.plan(target, with_sql=with_sql or (apply and env.primary),
-                                           script_location=sources.alembic_scripts, project=project))
+                                           script_location=_scripts(project, sources), project=project))
         if apply and before.pending and env.primary:
             _consent_to_risks(env, before, consent)
             if not with_sql:  # the SQL was only needed for the lint
@@ -206,7 +223,7 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
                 raise RefusedError(f"postgres {env.name} (schema {env.schema}) already holds "
                                    f"{before.notes[0].split(': ', 1)[1]} but no alembic_version; run "
                                    f"momentry-db adopt --env {env.name} instead of creating them again")
-            postgres.upgrade(target, script_location=sources.alembic_scripts, project=project)
+            postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
             result.applied.extend(s for s in before.pending if s.name in target.applied)
     if "mongo" in chosen:
         from .stores import mongo
@@ -253,7 +270,7 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     others = [project.environment(name) for name in project.registry.names if name != env.name]
     chosen = [s for s in (*STORES, "redis", "dirs") if not stores or s in stores]
-    declared = _load_declarations(chosen, sources)
+    declared = _load_declarations(chosen, sources, project)
     result = checks.VerifyResult("verify", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     if "postgres" in chosen:
@@ -261,7 +278,7 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
 
         try:
             target = _postgres_target(env, run)
-            checks.check_postgres(result, env, target, script_location=sources.alembic_scripts)
+            checks.check_postgres(result, env, target, script_location=_scripts(project, sources))
         except MomentryError as exc:
             result.add("postgres", "server reachable", [str(exc)])
     if "mongo" in chosen:
@@ -312,7 +329,7 @@ def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     """Drop and recreate one environment's schema, database, collection and Redis keys, then migrate."""
     env = resettable(project, env_name)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources)  # check every declaration before dropping anything
+    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
     result = ActionResult("reset", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     dropped: dict[str, Any] = {}
@@ -369,7 +386,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         raise ConfigError(f"unknown or shared table(s): {', '.join(unknown)}; clone copies isolated tables: "
                           f"{', '.join(sorted(isolated_tables()))}")
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources)
+    declared = _load_declarations(chosen, sources, project)
     result = ActionResult("clone", dest.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     copied: dict[str, dict[str, int]] = {}
@@ -377,7 +394,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         from .stores import postgres
 
         src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
-        if postgres.plan(dst_t).pending:
+        if postgres.plan(dst_t, script_location=_scripts(project, sources)).pending:
             raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
         copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
     if "mongo" in chosen:
@@ -411,7 +428,7 @@ def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = 
     result = ActionResult("adopt", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     target = _postgres_target(env, run)
-    plan = postgres.plan(target, script_location=sources.alembic_scripts)
+    plan = postgres.plan(target, script_location=_scripts(project, sources))
     if plan.current:
         result.lines.append(f"postgres {env.name} (schema {env.schema}): already managed, at {', '.join(plan.current)}")
         result.data = {"stamped": False, "current": list(plan.current), "differences": []}
@@ -424,7 +441,7 @@ def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = 
         result.lines.append(f"not stamped: {len(differences)} difference(s) from the models; fix them, "
                             "or stamp anyway with --force")
         return result
-    postgres.stamp(target, script_location=sources.alembic_scripts, project=project)
+    postgres.stamp(target, script_location=_scripts(project, sources), project=project)
     result.data["stamped"] = True
     result.data["current"] = list(plan.head)
     result.lines.append(f"postgres {env.name} (schema {env.schema}): stamped at {', '.join(plan.head)}"
@@ -514,7 +531,11 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     result = ActionResult("check", st.env, notices=st.notices, skipped=st.skipped)
     pending = [s for t in st.targets for s in t.pending]
     drift: list[str] = []
-    if "postgres" in _stores(stores):
+    pg_pending = any(s.store == "postgres" for s in pending)
+    if "postgres" in _stores(stores) and pg_pending:
+        result.notices.append("postgres: drift is compared once the schema is at head; migrate, then check again")
+        emit("notice", result.notices[-1])
+    elif "postgres" in _stores(stores):
         env = project.environment(env_name, env_file=env_file, overrides=overrides)
         drift = [f"postgres {env.name} (schema {env.schema}): {d}"
                  for d in postgres.compare_live(postgres.PgTarget(env))]
@@ -538,7 +559,7 @@ def lint(project: Project, env_name: str, *, env_file: Path | None = None,
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result = ActionResult("lint", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
-    plan = postgres.plan(_postgres_target(env, run), with_sql=True, script_location=sources.alembic_scripts,
+    plan = postgres.plan(_postgres_target(env, run), with_sql=True, script_location=_scripts(project, sources),
                          project=project)
     findings = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
     result.ok = not findings
@@ -561,7 +582,7 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     run = _Run(result, emit)  # type: ignore[arg-type]
     target = _postgres_target(env, run)
     target.lock_wait = lock_timeout
-    undone = postgres.downgrade(target, revision, script_location=sources.alembic_scripts, project=project)
+    undone = postgres.downgrade(target, revision, script_location=_scripts(project, sources), project=project)
     result.lines += [f"postgres {env.name} (schema {env.schema}): downgraded {r}" for r in undone]
     result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
     result.data = {"undone": undone, "to": revision}
@@ -596,7 +617,7 @@ def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequenc
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        specs = _load_declarations(["qdrant"], sources)["qdrant"]
+        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
         with _qdrant_target(env, run, sources, 30.0).session() as client:
             entries.extend(qdrant.history(client, env, specs))
     entries.sort(key=lambda e: str(e.get("recorded_at", "")), reverse=True)

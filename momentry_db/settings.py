@@ -40,6 +40,7 @@ class Project:
     state_dir: Path
     registry: Registry
     environ: Mapping[str, str]
+    alembic_scripts: Path | None = None  # from the project's alembic.ini, when it has one
 
     def environment(
         self,
@@ -75,7 +76,25 @@ def load_project(root: Path | None = None, environ: Mapping[str, str] | None = N
     if not state_dir.is_absolute():
         state_dir = root / state_dir
     return Project(root=root, state_dir=state_dir, registry=Registry().with_declared(declared),
-                   environ=environ)
+                   environ=environ, alembic_scripts=_script_location(root / "alembic.ini"))
+
+
+def _script_location(ini: Path) -> Path | None:
+    """The migrations folder an alembic.ini names, so momentry-db and alembic run the same revisions."""
+    import configparser
+
+    if not ini.is_file():
+        return None
+    parser = configparser.ConfigParser(defaults={"here": str(ini.parent)})
+    try:
+        parser.read(ini)
+        location = parser.get("alembic", "script_location", fallback=None)
+    except configparser.Error as exc:
+        raise ConfigError(f"{ini.name}: cannot be read ({exc})") from None
+    if not location:
+        return None
+    path = Path(location)
+    return path if path.is_absolute() else ini.parent / path
 
 
 def _declared_in_file(path: Path) -> list[EnvSpec]:

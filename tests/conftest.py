@@ -122,7 +122,7 @@ class Database:
 
     def query(self, text: str, params: tuple = ()) -> list[tuple]:
         with psycopg.connect(self.url, autocommit=True) as conn:
-            cur = conn.execute(text, params)
+            cur = conn.execute(text, params or None)
             return cur.fetchall() if cur.description else []
 
     def execute(self, text: str) -> None:

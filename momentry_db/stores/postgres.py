@@ -96,7 +96,7 @@ def lock_sql(schema: str, *, xact: bool) -> str:
 _LOCK_HOLDER = """
 SELECT a.application_name, a.pid, coalesce(host(a.client_addr), 'local'), a.backend_start
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :c::oid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:c AS oid)
   AND l.objid = (hashtext(:s)::bigint & 4294967295)::text::oid AND l.objsubid = 2
 """
 
