@@ -453,6 +453,8 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
     script = _script(script_location)
     notes: tuple[str, ...] = ()
     with connect(target) as conn:
+        # One snapshot for both reads, so a concurrent first run is seen whole or not at all.
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
         current = current_heads(conn, target.schema)
         if not current:
             unmanaged = unmanaged_tables(conn, target.schema)
