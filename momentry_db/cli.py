@@ -120,7 +120,11 @@ def main(ctx: click.Context, project_dir: Path | None) -> None:
 
 
 @main.command()
-@env_option
+@click.option("--env", "env_names", multiple=True, metavar="NAME",
+              help=ENV_HELP + " Repeat it to migrate several environments in one run.")
+@click.option("--all", "all_envs", is_flag=True, help="Migrate every configured environment, prod first.")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="With several environments: migrate K schemas at once (worker processes).")
 @store_option
 @click.option("--dry-run", is_flag=True, help="Print what would run, with the SQL per schema; change nothing.")
 @click.option("--recreate-qdrant", is_flag=True,
@@ -133,13 +137,26 @@ def main(ctx: click.Context, project_dir: Path | None) -> None:
 @env_file_option
 @url_option
 @click.pass_context
-def migrate(ctx: click.Context, env_name: str, stores: tuple[str, ...], dry_run: bool, recreate_qdrant: bool,
+def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, parallel: int,
+            stores: tuple[str, ...], dry_run: bool, recreate_qdrant: bool,
             lock_timeout: float, accept_risky: bool, pg_lock_timeout: str | None,
             pg_statement_timeout: str | None, as_json: bool, env_file: Path | None,
             database_url: str | None) -> None:
-    """Apply every pending migration to one environment: postgres, then mongo, then qdrant."""
+    """Apply every pending migration to one environment (or several): postgres, mongo, qdrant."""
     from . import command
 
+    if not env_names and not all_envs:
+        raise click.UsageError("give --env NAME (repeatable) or --all")
+    if all_envs or len(env_names) > 1 or parallel > 1:
+        if dry_run or recreate_qdrant or env_file or database_url or pg_lock_timeout or pg_statement_timeout:
+            raise click.UsageError("with several environments, use the environment and files for settings; "
+                                   "--dry-run, --recreate-qdrant, --env-file, --database-url and the "
+                                   "--pg-* options take one --env")
+        _run(ctx, as_json, lambda project, emit: command.migrate_many(
+            project, None if all_envs else env_names, stores=stores, parallel=parallel, emit=emit,
+            lock_timeout=lock_timeout, consent=_consent(accept_risky)))
+        return
+    env_name = env_names[0]
     _run(ctx, as_json, lambda project, emit: command.migrate(
         project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
         env_file=env_file, overrides=_overrides(database_url, pg_lock_timeout, pg_statement_timeout),

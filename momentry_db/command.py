@@ -631,3 +631,120 @@ def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequenc
         result.lines.append(f"no history recorded for {env.name}")
     result.data = {"history": entries}
     return result
+
+
+def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: Sequence[str] | None = None,
+                 parallel: int = 1, emit: Emit = _ignore, sources: Sources = Sources(),
+                 lock_timeout: float = 30.0, consent: Consent = _refuse) -> ActionResult:
+    """Migrate many environments in one process: public first, then the rest, K at a time.
+
+    The revision map is loaded once; a target whose version is already head is skipped
+    after one query; with ``parallel`` > 1 the other schemas run in worker processes,
+    one connection each. A failure names its target; every other target reports its own
+    outcome, and none is left half-applied (one transaction per schema).
+    """
+    from .errors import ConfigError as _ConfigError
+    from .errors import MomentryError
+    from .stores import postgres
+
+    names = list(env_names) if env_names else list(project.registry.names)
+    if parallel < 1:
+        raise _ConfigError("--parallel must be 1 or more")
+    envs = sorted((project.environment(n) for n in dict.fromkeys(names)), key=lambda e: not e.primary)
+    chosen = _stores(stores)
+    declared = _load_declarations(chosen, sources, project)
+    result = ActionResult("migrate", ",".join(e.name for e in envs))
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    outcomes: list[dict[str, Any]] = []
+
+    def outcome(store: str, env: Environment, target: str, applied: list[str], error: str | None) -> None:
+        state = "failed" if error else ("upgraded" if applied else "up to date")
+        outcomes.append({"store": store, "env": env.name, "target": target, "outcome": state,
+                         "applied": applied, "error": error})
+        result.lines.append(f"{store} {env.name} ({target}): {state}"
+                            + (f" ({', '.join(applied)})" if applied else "") + (f": {error}" if error else ""))
+
+    if "postgres" in chosen:
+        scripts = _scripts(project, sources)
+        targets = [postgres.PgTarget(env, emit=emit, lock_wait=lock_timeout) for env in envs]
+        if targets:
+            _postgres_target(envs[0], run)  # the embedded-server notice, once
+        head = tuple(sorted(postgres._script(scripts).get_heads()))
+        versions = postgres.current_versions(targets)
+        pending = [t for t in targets if versions[t.schema] != head]
+        for t in targets:
+            if t not in pending:
+                outcome("postgres", t.env, t.schema, [], None)
+        primary = [t for t in pending if t.primary]
+        others = [t for t in pending if not t.primary]
+        for t in primary:  # public first, after its lint and consent
+            plan = postgres.plan(t, with_sql=True, script_location=scripts, project=project)
+            if plan.pending:
+                _consent_to_risks(t.env, plan, consent)
+        if primary:
+            postgres.upgrade_many(primary, script_location=scripts, project=project)
+            for t in primary:
+                outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+        if others:  # compile each revision path once for the schemas that stand at the same revision
+            starts: dict[tuple[str, ...], list[Any]] = {}
+            for t in others:
+                starts.setdefault(versions[t.schema] or (), []).append(t)
+            compiled = [t for group in starts.values() for t in group]
+            left: list[Any] = []
+            for start, group in starts.items():
+                left += postgres.upgrade_compiled(group, start, script_location=scripts)
+            for t in compiled:
+                if t not in left:
+                    outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+            others = left
+        if others and parallel > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            chunks = [others[i::parallel] for i in range(min(parallel, len(others)))]
+            by_schema = {t.schema: t for t in others}
+            with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = [pool.submit(postgres.upgrade_chunk, [t.env for t in chunk], scripts, lock_timeout)
+                           for chunk in chunks]
+                for future in futures:
+                    for schema, applied, error in future.result():
+                        outcome("postgres", by_schema[schema].env, schema, applied, error)
+        elif others:
+            postgres.upgrade_many(others, script_location=scripts, project=project)
+            for t in others:
+                outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+    for env in envs:
+        if "mongo" in chosen:
+            from .stores import mongo
+
+            mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
+            if mtarget.configured:
+                try:
+                    steps = mongo.apply(mtarget, declared["mongo"], lock_timeout=lock_timeout)
+                    outcome("mongo", env, env.mongo_database, [s.name for s in steps], None)
+                except MomentryError as exc:
+                    outcome("mongo", env, env.mongo_database, [], str(exc))
+                finally:
+                    mtarget.close()
+        if "qdrant" in chosen:
+            from .stores import qdrant
+
+            qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
+            try:
+                steps = qdrant.apply(qtarget, declared["qdrant"])
+                outcome("qdrant", env, env.qdrant_collection, [s.name for s in steps], None)
+            except MomentryError as exc:
+                outcome("qdrant", env, env.qdrant_collection, [], str(exc))
+    if "mongo" in chosen and not any(mongo_configured(e, sources) for e in envs):
+        run.skip("mongo", "MONGODB_URL is not set")
+    failed = [o for o in outcomes if o["outcome"] == "failed"]
+    result.ok = not failed
+    counts = {k: sum(1 for o in outcomes if o["outcome"] == k) for k in ("upgraded", "up to date", "failed")}
+    result.lines.append(f"done: {len(envs)} environment(s), {len(outcomes)} target(s): "
+                        f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, {counts['failed']} failed")
+    result.data = {"targets": outcomes, "parallel": parallel}
+    return result
+
+
+def mongo_configured(env: Environment, sources: Sources) -> bool:
+    return sources.mongo_client is not None or env.mongodb_url is not None

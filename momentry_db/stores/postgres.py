@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub, validate_schema
-from ..errors import ConfigError, StoreError, UnreachableError
+from ..errors import ConfigError, LockTimeoutError, MomentryError, StoreError, UnreachableError
 from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class PgTarget:
     applied: list[str] = field(default_factory=list)
     started_at: tuple[str, ...] = ()
     step_started: float = 0.0
+    error: MomentryError | None = None
     _url: str | None = field(default=None, repr=False)
     embedded: bool = False
 
@@ -195,8 +196,14 @@ def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> None:
         for target in targets:
             _run_offline(context, target)
         return
+    keep_going = context.config.attributes.get("momentry_keep_going", False)
     for target in targets:
-        _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
+        try:
+            _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
+        except (StoreError, LockTimeoutError) as exc:
+            if not keep_going:
+                raise
+            target.error = exc  # the fan-out reports every target's own outcome
 
 
 def _metadata(context: EnvironmentContext) -> MetaData:
@@ -245,6 +252,13 @@ def _on_apply(target: PgTarget) -> Callable[..., None]:
 
 
 def _run_offline(context: EnvironmentContext, target: PgTarget) -> None:
+    if context.config.attributes.get("momentry_template"):
+        # Schema-agnostic SQL for a compiled fan-out: unqualified names, unqualified version table.
+        kwargs = {**_configure_kwargs(target, _metadata(context)), "version_table_schema": None}
+        context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True, **kwargs)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
     context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True,
                       **_configure_kwargs(target, _metadata(context)))
     impl = context.get_context().impl
@@ -681,3 +695,141 @@ def stamp(target: PgTarget, revision: str = "head", *, script_location: Path | N
     from alembic import command
 
     command.stamp(alembic_config([target], project=project, script_location=script_location), revision)
+
+
+
+# --- fan-out over many schemas ----------------------------------------------------------------
+
+
+def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] | None]:
+    """Every target's recorded revisions in two queries per database (None: never migrated)."""
+    import sqlalchemy as sa
+    from psycopg import sql
+
+    by_url: dict[str, list[PgTarget]] = {}
+    for target in targets:
+        by_url.setdefault(target.url(), []).append(target)
+    versions: dict[str, tuple[str, ...] | None] = {}
+    for group in by_url.values():
+        with connect(group[0]) as conn:
+            schemas = [t.schema for t in group]
+            rows = conn.execute(sa.text(
+                "SELECT s FROM unnest(CAST(:schemas AS text[])) AS s "
+                "WHERE to_regclass(quote_ident(s) || '.alembic_version') IS NOT NULL"), {"schemas": schemas})
+            managed = [r[0] for r in rows]
+            versions.update({s: None for s in schemas})
+            if managed:
+                query = sql.SQL(" UNION ALL ").join(
+                    sql.SQL("SELECT {name}, version_num FROM {table}").format(
+                        name=sql.Literal(s), table=sql.Identifier(s, "alembic_version")) for s in managed)
+                found: dict[str, list[str]] = {s: [] for s in managed}
+                for schema, version in conn.exec_driver_sql(query.as_string(None)):
+                    found[schema].append(version)
+                versions.update({s: tuple(sorted(v)) for s, v in found.items()})
+            conn.rollback()
+    return versions
+
+
+def upgrade_many(targets: Sequence[PgTarget], *, script_location: Path | None = None,
+                 project: Project | None = None) -> None:
+    """Upgrade several targets in one Alembic run (one revision map, one env.py); each keeps its
+    own outcome in ``target.applied`` and ``target.error``."""
+    from alembic import command
+
+    cfg = alembic_config(targets, project=project, script_location=script_location)
+    cfg.attributes["momentry_keep_going"] = True
+    command.upgrade(cfg, "head")
+
+
+def upgrade_chunk(envs: list[Environment], script_location: Path | None,
+                  lock_wait: float) -> list[tuple[str, list[str], str | None]]:
+    """A worker process's share of a parallel fan-out: (schema, applied, error) per target."""
+    targets = [PgTarget(env, lock_wait=lock_wait) for env in envs]
+    try:
+        upgrade_many(targets, script_location=script_location)
+    except MomentryError as exc:  # before any target ran: every target reports it
+        return [(t.schema, [], str(exc)) for t in targets]
+    return [(t.schema, list(t.applied), str(t.error) if t.error else None) for t in targets]
+
+
+
+def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
+                     script_location: Path | None = None) -> list[PgTarget]:
+    """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
+
+    The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
+    then sent to each schema as one script in one transaction (search_path set to that
+    schema, history rows included), under the schema's advisory lock. Paths that
+    offline mode cannot express (reads from the live database, autocommit blocks) are
+    not compiled: those targets are returned for a regular Alembic run, as is any
+    target another run moved meanwhile.
+    """
+    from alembic import command
+    from psycopg import sql
+
+    if not targets or any(t.primary for t in targets):
+        return list(targets)
+    script = _script(script_location)
+    revisions = list(reversed(list(script.iterate_revisions("heads", start[0] if start else "base"))))
+    out = io.StringIO()
+    cfg = alembic_config([targets[0]], script_location=script_location, output=out)
+    cfg.attributes["momentry_template"] = True
+    try:
+        command.upgrade(cfg, f"{start[0]}:head" if start else "head", sql=True)
+    except Exception:  # noqa: BLE001 - the path needs the live database: no compiled run
+        return list(targets)
+    body = out.getvalue().strip()
+    if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
+        return list(targets)  # an autocommit block: each schema runs through Alembic
+    body = body[6:-7].strip()
+    leftovers: list[PgTarget] = []
+    by_url: dict[str, list[PgTarget]] = {}
+    for target in targets:
+        by_url.setdefault(target.url(), []).append(target)
+    for group in by_url.values():
+        with connect(group[0]) as raw:
+            conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+            for target in group:
+                if not _run_compiled(conn, target, start, body, revisions, sql):
+                    leftovers.append(target)
+    return leftovers
+
+
+def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
+                  revisions: list[Any], sql: Any) -> bool:
+    import sqlalchemy as sa
+
+    schema = sql.Identifier(target.schema)
+    acquire_lock(conn, target)
+    try:
+        if current_heads(conn, target.schema) != tuple(sorted(start)):
+            return False  # moved by another run since the plan: Alembic takes it from here
+        history = sql.SQL("").join(
+            sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, outcome) "
+                    "VALUES ({}, 'postgres', {}, {}, 'upgrade', 'applied');\n").format(
+                schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
+                sql.Literal(r.revision), sql.Literal(r.doc or "")) for r in revisions)
+        script = sql.SQL("{settings};\nBEGIN;\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
+                         "SET search_path TO {schema};\n{history_ddl};\n").format(
+            settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
+            schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
+        text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;"
+        target.step_started = time.monotonic()
+        try:
+            conn.exec_driver_sql(text)
+        except sa.exc.DBAPIError as exc:
+            conn.exec_driver_sql("ROLLBACK")
+            first, last = revisions[0].revision, revisions[-1].revision
+            step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            target.error = StoreError(STORE, _label(target), step, scrub(reason, target.env.secrets()))
+            _record_failure(conn, target, target.error)
+            return True
+        target.applied = [r.revision for r in revisions]
+        if target.emit is not None:
+            for r in revisions:
+                target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
+        return True
+    finally:
+        conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
+        conn.exec_driver_sql("RESET ALL")
