@@ -180,9 +180,13 @@ class Project:
                                catch_exceptions=False)
         return CliResult(result.exit_code, result.stdout, result.stderr)
 
+    def run_env(self) -> dict[str, str]:
+        """The environment a subprocess of this project runs with."""
+        return {**_clean_environ(), **self.environ}
+
     def run(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
         """Run a real subprocess in the project directory (momentry-db or alembic)."""
-        merged = {**_clean_environ(), **self.environ, **(env or {})}
+        merged = {**self.run_env(), **(env or {})}
         proc = subprocess.run(list(argv), cwd=self.root, env=merged, capture_output=True, text=True,
                               timeout=timeout)
         return CliResult(proc.returncode, proc.stdout, proc.stderr)

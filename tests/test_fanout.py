@@ -1,0 +1,120 @@
+"""Many environments in one run, online DDL, and a light start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from momentry_db.tables import BOOKKEEPING_TABLES, isolated_tables
+from test_pipeline import plant
+
+EXTRA = "pr-1,pr-2,pr-3,staging"
+SCHEMAS = ["pr_1", "pr_2", "pr_3", "staging"]
+
+
+@pytest.fixture
+def many(project):
+    project.environ["MOMENTRY_EXTRA_ENVS"] = EXTRA
+    return project
+
+
+def outcomes(result) -> dict[tuple[str, str], str]:
+    return {(t["store"], t["target"]): t["outcome"] for t in json.loads(result.out)["targets"]}
+
+
+def test_all_environments_public_first_then_nothing_pending(many, database) -> None:
+    first = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert first.code == 0, first.err
+    body = json.loads(first.out)
+    assert [t["target"] for t in body["targets"]] == ["public", "dev", *SCHEMAS]
+    assert all(t["outcome"] == "upgraded" and t["applied"] == ["0001"] for t in body["targets"])
+    for schema in ["dev", *SCHEMAS]:
+        assert database.tables(schema) == isolated_tables() | BOOKKEEPING_TABLES
+        assert database.query(f"SELECT step, outcome FROM {schema}.momentry_history") == [("0001", "applied")]
+    again = many.cli("migrate", "--all", "--store", "postgres")
+    assert again.code == 0
+    assert "done: 6 environment(s), 6 target(s): 0 upgraded, 6 up to date, 0 failed" in again.out
+
+
+def test_compiled_schemas_match_public_exactly(many, database) -> None:
+    assert many.cli("migrate", "--all", "--store", "postgres").code == 0
+    for env in ("pr-1", "staging"):
+        result = many.cli("verify", "--env", env, "--store", "postgres")
+        assert result.code == 0, result.out
+    check = many.cli("check", "--env", "pr-2", "--store", "postgres")
+    assert check.code == 0, check.out
+
+
+def test_repeated_env_options_migrate_only_those(many, database) -> None:
+    result = many.cli("migrate", "--env", "pr-2", "--env", "dev", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert set(outcomes(result)) == {("postgres", "dev"), ("postgres", "pr_2")}
+    assert database.tables("pr_1") == set()
+
+
+def test_a_failing_target_is_named_and_the_others_finish(many, database) -> None:
+    database.execute("CREATE SCHEMA pr_2; CREATE TABLE pr_2.videos (id int); INSERT INTO pr_2.videos VALUES (7)")
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 1
+    states = outcomes(result)
+    assert states.pop(("postgres", "pr_2")) == "failed"
+    assert set(states.values()) == {"upgraded"}
+    failure = next(t for t in json.loads(result.out)["targets"] if t["target"] == "pr_2")
+    assert failure["error"].startswith("postgres pr-2 (schema pr_2): revision 0001 (initial schema) failed:")
+    assert 'relation "videos" already exists' in failure["error"]
+    assert database.tables("pr_2") == {"videos"}  # nothing half-applied, not even the bookkeeping
+    assert database.query("SELECT id FROM pr_2.videos") == [(7,)]
+    text = many.cli("migrate", "--all", "--store", "postgres")
+    assert "postgres pr-2 (pr_2): failed: postgres pr-2 (schema pr_2): revision 0001" in text.out
+
+
+def test_parallel_workers_reach_the_same_end(many, database, tmp_path: Path) -> None:
+    assert many.cli("migrate", "--env", "prod", "--store", "postgres").code == 0
+    # An autocommit revision cannot be compiled: every schema goes through Alembic, two at a time.
+    plant(many, tmp_path, """
+with op.get_context().autocommit_block():
+    op.create_index("ix_videos_title", "videos", ["title"], postgresql_concurrently=True)
+""", doc="title index concurrently")
+    result = many.cli("migrate", "--all", "--store", "postgres", "--parallel", "2", "--json")
+    assert result.code == 0, result.err
+    assert set(outcomes(result).values()) == {"upgraded"}
+    for schema in ["public", "dev", *SCHEMAS]:
+        assert database.query("SELECT version_num FROM {}.alembic_version".format(schema)) == [("0002",)]
+
+
+def test_concurrent_index_in_every_schema_on_a_table_with_rows(project, database, tmp_path: Path) -> None:
+    for env in ("prod", "dev"):
+        assert project.cli("migrate", "--env", env, "--store", "postgres").code == 0
+    for schema in ("public", "dev"):
+        database.execute(f"INSERT INTO {schema}.videos (source_path, title) "
+                         f"SELECT 'v' || g || '.mp4', 'title ' || (g % 97) FROM generate_series(1, 20000) g")
+    plant(project, tmp_path, """
+with op.get_context().autocommit_block():
+    op.create_index("ix_videos_title", "videos", ["title"], postgresql_concurrently=True)
+""", doc="title index concurrently")
+    for env in ("prod", "dev"):
+        result = project.cli("migrate", "--env", env, "--store", "postgres")
+        assert result.code == 0, result.err
+    valid = database.query("SELECT n.nspname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                           "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname = 'ix_videos_title'")
+    assert sorted(valid) == [("dev", True), ("public", True)]
+    offline = project.cli("plan", "--env", "dev", "--store", "postgres")  # nothing pending now
+    assert "nothing to do" in offline.out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "--env", "dev", "--store", "postgres"]])
+def test_start_up_imports_no_mongo_or_qdrant_client(project, args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
+                           str(project.root), *args], capture_output=True, text=True,
+                          env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "click" in imported
+    assert not imported & {"pymongo", "qdrant_client", "redis", "bson", "grpc", "httpx"}
+    if args == ["--help"]:
+        assert not imported & {"sqlalchemy", "alembic", "psycopg"}
