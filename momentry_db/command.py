@@ -93,12 +93,18 @@ def _scripts(project: Project, sources: Sources) -> Path | None:
     return sources.alembic_scripts or project.alembic_scripts
 
 
-def _consent_to_risks(env: Environment, plan: TargetPlan, consent: Consent) -> None:
+def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: Path | None) -> None:
     """Lint prod's pending SQL; risky statements need explicit consent."""
     from .errors import RefusedError
     from .lint import lint_sql
+    from .stores import postgres
 
-    findings = lint_sql(plan.sql or "", f"postgres {env.name} (schema {env.schema})")
+    env = target.env
+    if not plan.pending or (not plan.current and not plan.notes):
+        return  # nothing pending, or none of our tables yet: no data to lock, no client to break
+    sql = plan.sql or postgres.offline_sql(target, f"{plan.current[0]}:head" if plan.current else "head",
+                                           script_location=scripts)
+    findings = lint_sql(sql, f"postgres {env.name} (schema {env.schema})")
     if not findings:
         return
     summary = "; ".join(str(f) for f in findings[:5]) + (f"; and {len(findings) - 5} more" if len(findings) > 5 else "")
@@ -208,14 +214,10 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
 
         target = _postgres_target(env, run)
         target.lock_wait = lock_timeout
-        before = run.planned(postgres.plan(target, with_sql=with_sql or (apply and env.primary),
-                                           script_location=_scripts(project, sources), project=project))
-        if apply and before.pending and env.primary:
-            _consent_to_risks(env, before, consent)
-            if not with_sql:  # the SQL was only needed for the lint
-                import dataclasses
-
-                result.targets[-1] = dataclasses.replace(before, sql=None)
+        before = run.planned(postgres.plan(target, with_sql=with_sql, script_location=_scripts(project, sources),
+                                           project=project))
+        if apply and env.primary:
+            _consent_to_risks(target, before, consent, _scripts(project, sources))
         if apply and before.pending:
             if any(n.startswith(postgres.UNMANAGED) for n in before.notes):
                 from .errors import RefusedError
@@ -243,13 +245,20 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         from .stores import qdrant
 
         qtarget = _qdrant_target(env, run, sources, lock_timeout)
+        cached = qdrant.cached_plans(qtarget, declared["qdrant"])
+        if cached is not None:  # local mode, unchanged since the last run: nothing to open
+            for plan in cached:
+                run.planned(plan)
+            return result
         with qtarget.session() as client:
             qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
-            for plan in qdrant.plan(qtarget, declared["qdrant"]):
-                run.planned(plan)
+            plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
             if apply:
                 result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
                                                    emit=emit))
+        qtarget.client = None
+        if apply or not any(p.pending for p in plans):
+            qdrant.write_stamp(qtarget, declared["qdrant"])
     return result
 
 
@@ -678,9 +687,7 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
         primary = [t for t in pending if t.primary]
         others = [t for t in pending if not t.primary]
         for t in primary:  # public first, after its lint and consent
-            plan = postgres.plan(t, with_sql=True, script_location=scripts, project=project)
-            if plan.pending:
-                _consent_to_risks(t.env, plan, consent)
+            _consent_to_risks(t, postgres.plan(t, script_location=scripts, project=project), consent, scripts)
         if primary:
             postgres.upgrade_many(primary, script_location=scripts, project=project)
             for t in primary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -263,3 +264,19 @@ def test_payload_indexes_and_hnsw_on_a_real_server(real_servers, tmp_path: Path)
             for alias in c.get_aliases().aliases:
                 if alias.alias_name == t.env.qdrant_collection:
                     c.delete_collection(alias.collection_name)
+
+
+def test_the_local_no_op_answer_notices_changes_made_behind_its_back(project) -> None:
+    first = project.cli("migrate", "--env", "dev", "--store", "qdrant", "--json")
+    assert [s["name"] for s in json.loads(first.out)["applied"]] == ["create"]
+    noop = project.cli("migrate", "--env", "dev", "--store", "qdrant", "--json")
+    assert json.loads(noop.out)["applied"] == []
+    path = str(Path(project.environ["MOMENTRY_STATE_DIR"]) / "qdrant")
+    client = QdrantClient(path=path)
+    for alias in client.get_aliases().aliases:
+        client.delete_collection(alias.collection_name)
+    client.close()
+    status = project.cli("status", "--env", "dev", "--store", "qdrant")
+    assert "1 pending: create" in status.out
+    again = project.cli("migrate", "--env", "dev", "--store", "qdrant", "--json")
+    assert [s["name"] for s in json.loads(again.out)["applied"]] == ["create"]

@@ -332,6 +332,54 @@ def plan(target: QdrantTarget, specs: list[CollectionSpec] | None = None) -> lis
         return [_target_plan(target, plan_collection(client, target, spec)) for spec in specs]
 
 
+STAMP = "qdrant-applied.json"
+
+
+def _storage_mark(target: QdrantTarget) -> int | None:
+    meta = target.env.state_dir / "qdrant" / "meta.json"
+    return meta.stat().st_mtime_ns if meta.exists() else None
+
+
+def cached_plans(target: QdrantTarget, specs: list[CollectionSpec]) -> list[TargetPlan] | None:
+    """Local mode's no-op answer without opening the storage (or importing qdrant-client).
+
+    Valid only while the local storage's meta.json is exactly as momentry-db last left
+    it and every spec's fingerprint matches what was applied; otherwise None.
+    """
+    if not target.local or target.client is not None:
+        return None
+    stamp_path = target.env.state_dir / STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stamp.get("meta_mtime_ns") != _storage_mark(target):
+        return None
+    applied = stamp.get("fingerprints", {})
+    plans = []
+    for spec in specs:
+        alias = target.env.qdrant_collection_for(spec.name)
+        if applied.get(alias) != spec.fingerprint():
+            return None
+        plans.append(TargetPlan(STORE, target.env.name, alias, (spec.fingerprint(),), (spec.fingerprint(),),
+                                notes=(NOT_CHECKABLE,)))
+    return plans
+
+
+def write_stamp(target: QdrantTarget, specs: list[CollectionSpec]) -> None:
+    """Remember, for local mode, that this environment's collections match these specs."""
+    if not target.local:
+        return
+    path = target.env.state_dir / STAMP
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    fingerprints = {**stamp.get("fingerprints", {}),
+                    **{target.env.qdrant_collection_for(s.name): s.fingerprint() for s in specs}}
+    path.write_text(json.dumps({"meta_mtime_ns": _storage_mark(target), "fingerprints": fingerprints}))
+
+
 def _target_plan(target: QdrantTarget, cp: CollectionPlan) -> TargetPlan:
     steps = tuple(Step(STORE, target.env.name, cp.alias, a.kind, f"{a.collection}: {a.detail}".rstrip(": "))
                   for a in cp.actions)
