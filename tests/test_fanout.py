@@ -34,7 +34,8 @@ def test_all_environments_public_first_then_nothing_pending(many, database) -> N
     assert all(t["outcome"] == "upgraded" and t["applied"] == ["0001"] for t in body["targets"])
     for schema in ["dev", *SCHEMAS]:
         assert database.tables(schema) == isolated_tables() | BOOKKEEPING_TABLES
-        assert database.query(f"SELECT step, outcome FROM {schema}.momentry_history") == [("0001", "applied")]
+        assert database.query(f"SELECT step, outcome, duration_ms IS NOT NULL FROM {schema}.momentry_history") == [
+            ("0001", "applied", True)]
     again = many.cli("migrate", "--all", "--store", "postgres")
     assert again.code == 0
     assert "done: 6 environment(s), 6 target(s): 0 upgraded, 6 up to date, 0 failed" in again.out

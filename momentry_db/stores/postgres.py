@@ -825,6 +825,10 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
             target.error = StoreError(STORE, _label(target), step, scrub(reason, target.env.secrets()))
             _record_failure(conn, target, target.error)
             return True
+        # The script ran as one unit: each of its steps gets an equal share of its duration.
+        share = int((time.monotonic() - target.step_started) * 1000 / len(revisions))
+        conn.exec_driver_sql(sql.SQL("UPDATE {}.{} SET duration_ms = {} WHERE duration_ms IS NULL").format(
+            schema, sql.Identifier(HISTORY_TABLE), sql.Literal(share)).as_string(None))
         target.applied = [r.revision for r in revisions]
         if target.emit is not None:
             for r in revisions:
