@@ -361,16 +361,13 @@ def embedded() -> None:
 
 
 @embedded.command("stop")
+@json_option
 @click.pass_context
-def embedded_stop(ctx: click.Context) -> None:
+def embedded_stop(ctx: click.Context, as_json: bool) -> None:
     """Stop the embedded PostgreSQL server."""
     from . import command
 
-    def work(project: Any, emit: Any) -> None:
-        stopped = command.stop_embedded(project)
-        click.echo("embedded server stopped" if stopped else "embedded server is not running")
-
-    _run(ctx.find_root(), False, work)
+    _run(ctx.find_root(), as_json, lambda project, emit: command.stop_embedded(project))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,6 +93,17 @@ def _scripts(project: Project, sources: Sources) -> Path | None:
     return sources.alembic_scripts or project.alembic_scripts
 
 
+def _refuse_unmanaged(env: Environment, plan: TargetPlan) -> None:
+    """Never create what a schema built outside momentry-db already holds: that is adopt's job."""
+    from .errors import RefusedError
+    from .stores import postgres
+
+    if plan.pending and any(n.startswith(postgres.UNMANAGED) for n in plan.notes):
+        raise RefusedError(f"postgres {env.name} (schema {env.schema}) already holds "
+                           f"{plan.notes[0].split(': ', 1)[1]} but no alembic_version; run "
+                           f"momentry-db adopt --env {env.name} instead of creating them again")
+
+
 def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: Path | None) -> None:
     """Lint prod's pending SQL; risky statements need explicit consent."""
     from .errors import RefusedError
@@ -219,12 +230,7 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         if apply and env.primary:
             _consent_to_risks(target, before, consent, _scripts(project, sources))
         if apply and before.pending:
-            if any(n.startswith(postgres.UNMANAGED) for n in before.notes):
-                from .errors import RefusedError
-
-                raise RefusedError(f"postgres {env.name} (schema {env.schema}) already holds "
-                                   f"{before.notes[0].split(': ', 1)[1]} but no alembic_version; run "
-                                   f"momentry-db adopt --env {env.name} instead of creating them again")
+            _refuse_unmanaged(env, before)
             postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
             result.applied.extend(s for s in before.pending if s.name in target.applied)
     if "mongo" in chosen:
@@ -262,11 +268,14 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     return result
 
 
-def stop_embedded(project: Project) -> bool:
+def stop_embedded(project: Project) -> ActionResult:
     """Stop the embedded PostgreSQL server of this project, if it runs."""
     from .stores.embedded import stop_embedded as stop
 
-    return stop(project.state_dir)
+    stopped = stop(project.state_dir)
+    return ActionResult("embedded stop", "*", lines=["embedded server stopped" if stopped
+                                                     else "embedded server is not running"],
+                        data={"stopped": stopped})
 
 
 def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
@@ -687,7 +696,9 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
         primary = [t for t in pending if t.primary]
         others = [t for t in pending if not t.primary]
         for t in primary:  # public first, after its lint and consent
-            _consent_to_risks(t, postgres.plan(t, script_location=scripts, project=project), consent, scripts)
+            plan = postgres.plan(t, script_location=scripts, project=project)
+            _refuse_unmanaged(t.env, plan)
+            _consent_to_risks(t, plan, consent, scripts)
         if primary:
             postgres.upgrade_many(primary, script_location=scripts, project=project)
             for t in primary:
