@@ -254,7 +254,7 @@ def clone(ctx: click.Context, source: str, dest: str, stores: tuple[str, ...], t
     """Copy data from one environment into another: tables, collections and points."""
     from . import command
 
-    names = [t.strip() for t in tables.split(",") if t.strip()] if tables else None
+    names = [t.strip() for t in tables.split(",") if t.strip()] if tables is not None else None
     _run(ctx, as_json, lambda project, emit: command.clone(
         project, source, dest, stores=stores, tables=names, limit=limit, emit=emit))
 

@@ -398,11 +398,14 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         raise RefusedError("clone never writes into prod; choose another --to")
     if limit is not None and limit < 0:
         raise ConfigError("--limit must be zero or more")
+    if tables is not None and not tables:
+        raise ConfigError("--tables names no table; leave it out to copy every isolated table")
     selected = list(tables) if tables else sorted(isolated_tables())
     unknown = sorted(set(selected) - isolated_tables())
     if unknown:
         raise ConfigError(f"unknown or shared table(s): {', '.join(unknown)}; clone copies isolated tables: "
                           f"{', '.join(sorted(isolated_tables()))}")
+    _refuse_orphaning(selected)
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
     result = ActionResult("clone", dest.name)
@@ -435,6 +438,18 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
             result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
     result.data = {"from": source.name, "to": dest.name, "copied": copied}
     return result
+
+
+def _refuse_orphaning(selected: Sequence[str]) -> None:
+    """clone empties the tables it fills; a table that references one of them must come along."""
+    from .models import metadata
+
+    chosen = set(selected)
+    missing = sorted({t.name for t in metadata.sorted_tables if t.name not in chosen
+                      for fk in t.foreign_key_constraints if fk.referred_table.name in chosen})
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} reference(s) the tables being copied, which clone empties "
+                          f"first; add {', '.join(missing)} to --tables")
 
 
 def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = _ignore,

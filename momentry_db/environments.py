@@ -194,21 +194,34 @@ class Registry:
         return registry
 
     def check_distinct(self) -> None:
-        """Refuse two environments that would share a schema, database, collection or prefix."""
+        """Refuse two environments whose schema, database, collection, prefix or env file overlap."""
         for label, value_of in (
             ("schema", EnvSpec.default_schema),
             ("MongoDB database", EnvSpec.default_database),
             ("Qdrant collection", EnvSpec.default_collection),
             ("Redis prefix", EnvSpec.default_prefix),
+            ("env file", EnvSpec.default_env_file),
         ):
-            seen: dict[str, str] = {}
-            for spec in self.specs:
-                value = value_of(spec)
-                if value in seen:
-                    raise ConfigError(
-                        f"environments {seen[value]} and {spec.name} would share the {label} {value!r}"
-                    )
-                seen[value] = spec.name
+            for i, spec in enumerate(self.specs):
+                for other in self.specs[:i]:
+                    if names_clash(label, value_of(spec), value_of(other)):
+                        raise ConfigError(f"environments {other.name} and {spec.name} would share the "
+                                          f"{label} {value_of(other)!r} / {value_of(spec)!r}")
+
+
+def names_clash(label: str, mine: str, theirs: str) -> bool:
+    """Whether two environments' names for one store would reach the same data.
+
+    Qdrant collections clash when one is the other's physical ``<alias>__...``
+    collection; Redis prefixes clash when one is a prefix of the other.
+    """
+    if label == "Qdrant collection":
+        return mine == theirs or mine.startswith(theirs + "__") or theirs.startswith(mine + "__")
+    if label == "Redis prefix":
+        return mine.startswith(theirs) or theirs.startswith(mine)
+    if label == "env file":
+        return Path(mine) == Path(theirs)
+    return mine == theirs
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .environments import (
     Registry,
     Secret,
     SecretURL,
+    names_clash,
     validate_collection,
     validate_env_name,
     validate_mongo_database,
@@ -211,7 +212,7 @@ def _url(value: str | None) -> SecretURL | None:
 
 def _refuse_foreign_names(registry: Registry, spec: EnvSpec, schema: str, database: str,
                           collection: str, prefix: str) -> None:
-    """Refuse a name that another environment owns, so dev can never be pointed at prod."""
+    """Refuse a name that reaches another environment's data, so dev can never be pointed at prod."""
     for other in registry.specs:
         if other.name == spec.name:
             continue
@@ -221,9 +222,9 @@ def _refuse_foreign_names(registry: Registry, spec: EnvSpec, schema: str, databa
             ("Qdrant collection", collection, other.default_collection()),
             ("Redis prefix", prefix, other.default_prefix()),
         ):
-            if mine == theirs:
+            if names_clash(label, mine, theirs):
                 raise ConfigError(
-                    f"{spec.name}'s {label} {mine!r} belongs to environment {other.name}; "
+                    f"{spec.name}'s {label} {mine!r} reaches environment {other.name}'s {theirs!r}; "
                     f"check DATABASE_SCHEMA / MONGODB_DATABASE / QDRANT_COLLECTION / "
                     f"MOMENTRY_REDIS_PREFIX for {spec.name}"
                 )

@@ -77,6 +77,21 @@ def test_dev_can_never_be_pointed_at_prod_names(tmp_path: Path, var: str, value:
         project(tmp_path, {var: value}).environment("dev")
 
 
+@pytest.mark.parametrize("var,value", [("QDRANT_COLLECTION", "momentry_rule1__bfa460f7"),
+                                       ("MOMENTRY_REDIS_PREFIX", "momentry:cache:")])
+def test_names_that_reach_into_prod_are_refused(tmp_path: Path, var: str, value: str) -> None:
+    with pytest.raises(ConfigError, match="reaches environment prod's"):
+        project(tmp_path, {var: value}).environment("dev")
+
+
+@pytest.mark.parametrize("toml", ['[environments]\nfoo = { prefix = "momentry:cache:" }\n',
+                                  '[environments]\nfoo = { env_file = ".env" }\n',
+                                  '[environments]\nfoo = { collection = "momentry_dev_rule1__x" }\n'])
+def test_declared_names_that_overlap_another_environment_are_refused(tmp_path: Path, toml: str) -> None:
+    with pytest.raises(ConfigError, match="would share the"):
+        project(tmp_path, toml=toml)
+
+
 def test_declared_env_may_not_take_another_envs_schema(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="would share the schema 'dev'"):
         project(tmp_path, toml='[environments]\nstaging = { schema = "dev" }\n')

@@ -135,14 +135,22 @@ def test_reset_dev_deletes_only_dev_redis_keys(project, redis_url: str) -> None:
         client.close()
 
 
-def test_reset_refuses_when_something_outside_dev_depends_on_it(project, database) -> None:
+@pytest.mark.parametrize("sql,dependent", [
+    ("CREATE VIEW public.v_peek AS SELECT id FROM dev.videos", "v_peek"),
+    ("CREATE TYPE dev.mood AS ENUM ('ok'); CREATE TABLE public.moods (m dev.mood)", "moods"),
+    ("CREATE TABLE public.counter (id bigint DEFAULT nextval('dev.videos_id_seq'))", "counter"),
+    ("CREATE TABLE public.refs (v bigint REFERENCES dev.videos (id))", "refs"),
+])
+def test_reset_refuses_when_something_outside_dev_depends_on_it(project, database, sql: str,
+                                                                dependent: str) -> None:
     assert project.cli("migrate", "--env", "dev").code == 0
-    database.execute("CREATE VIEW public.v_peek AS SELECT id FROM dev.videos")
+    database.execute(sql)
+    before = database.dump_schema("public")
     result = project.cli("reset", "--env", "dev", "--yes")
     assert result.code == 2
-    assert "public.v_peek (view)" in result.err
+    assert "depend on it" in result.err and dependent in result.err
     assert "videos" in database.tables("dev")
-    assert "v_peek" in database.tables("public", "VIEW")
+    assert database.dump_schema("public") == before
 
 
 # --- clone -----------------------------------------------------------------------------------
@@ -175,11 +183,20 @@ def test_clone_through_the_cli_reports_counts(project, database) -> None:
     for env in ("prod", "dev"):
         assert project.cli("migrate", "--env", env).code == 0
     database.execute(SAMPLE.format(s="public"))
-    result = project.cli("clone", "--from", "prod", "--to", "dev", "--tables", "videos,chunks", "--json")
+    database.execute(SAMPLE.format(s="dev"))
+    refused = project.cli("clone", "--from", "prod", "--to", "dev", "--tables", "videos,chunks")
+    assert refused.code == 2
+    assert "add" in refused.err and "frames" in refused.err  # frames would be emptied silently otherwise
+    assert counts(database, "dev")["frames"] == 4
+    result = project.cli("clone", "--from", "prod", "--to", "dev", "--tables", "file_registry,file_lifecycle",
+                         "--json")
     assert result.code == 0, result.err
-    body = json.loads(result.out)
-    assert body["copied"]["postgres"] == {"videos": 3, "chunks": 9}
-    assert counts(database, "dev", ("videos", "chunks")) == {"videos": 3, "chunks": 9}
+    assert json.loads(result.out)["copied"]["postgres"] == {"file_registry": 0, "file_lifecycle": 0}
+    everything = project.cli("clone", "--from", "prod", "--to", "dev", "--json")
+    assert everything.code == 0, everything.err
+    assert {k: v for k, v in json.loads(everything.out)["copied"]["postgres"].items()
+            if k in ("videos", "chunks", "frames")} == {"videos": 3, "chunks": 9, "frames": 4}
+    assert counts(database, "dev") == {"videos": 3, "chunks": 9, "frames": 4}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -188,6 +205,8 @@ def test_clone_through_the_cli_reports_counts(project, database) -> None:
     (["--from", "prod", "--to", "dev", "--tables", "videos,nope"], "unknown or shared table(s): nope"),
     (["--from", "prod", "--to", "dev", "--tables", "api_keys"], "unknown or shared table(s): api_keys"),
     (["--from", "prod", "--to", "nowhere"], "unknown environment 'nowhere'"),
+    (["--from", "prod", "--to", "dev", "--tables", ","], "--tables names no table"),
+    (["--from", "prod", "--to", "dev", "--tables", "videos"], "add chunks"),
 ])
 def test_clone_bad_input_exits_2_and_writes_nothing(project, database, args, message) -> None:
     for env in ("prod", "dev"):

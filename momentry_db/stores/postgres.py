@@ -526,19 +526,35 @@ def _label(target: PgTarget) -> str:
 # --- environment management: reset, clone, adopt ---------------------------------------------
 
 _EXTERNAL_DEPENDENTS = """
-SELECT DISTINCT dep_ns.nspname || '.' || dep.relname || ' (view)'
-FROM pg_depend d
-JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
-JOIN pg_class dep ON dep.oid = r.ev_class JOIN pg_namespace dep_ns ON dep_ns.oid = dep.relnamespace
-JOIN pg_class ref ON d.refclassid = 'pg_class'::regclass AND ref.oid = d.refobjid
-JOIN pg_namespace ref_ns ON ref_ns.oid = ref.relnamespace
-WHERE ref_ns.nspname = :s AND dep_ns.nspname <> :s
-UNION
-SELECT DISTINCT src_ns.nspname || '.' || src.relname || ' (foreign key ' || c.conname || ')'
-FROM pg_constraint c
-JOIN pg_class src ON src.oid = c.conrelid JOIN pg_namespace src_ns ON src_ns.oid = src.relnamespace
-JOIN pg_class dst ON dst.oid = c.confrelid JOIN pg_namespace dst_ns ON dst_ns.oid = dst.relnamespace
-WHERE c.contype = 'f' AND dst_ns.nspname = :s AND src_ns.nspname <> :s
+WITH inside AS (
+    SELECT 'pg_class'::regclass AS cls, c.oid FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :s
+    UNION ALL
+    SELECT 'pg_type'::regclass, t.oid FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = :s
+    UNION ALL
+    SELECT 'pg_proc'::regclass, p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s
+), dependents AS (
+    SELECT d.classid, d.objid, d.objsubid,
+           CASE d.classid
+             WHEN 'pg_class'::regclass THEN (SELECT relnamespace FROM pg_class WHERE oid = d.objid)
+             WHEN 'pg_attrdef'::regclass THEN (SELECT c.relnamespace FROM pg_attrdef a
+                                               JOIN pg_class c ON c.oid = a.adrelid WHERE a.oid = d.objid)
+             WHEN 'pg_rewrite'::regclass THEN (SELECT c.relnamespace FROM pg_rewrite r
+                                               JOIN pg_class c ON c.oid = r.ev_class WHERE r.oid = d.objid)
+             WHEN 'pg_constraint'::regclass THEN (SELECT coalesce(c.relnamespace, k.connamespace)
+                                                  FROM pg_constraint k LEFT JOIN pg_class c ON c.oid = k.conrelid
+                                                  WHERE k.oid = d.objid)
+             WHEN 'pg_trigger'::regclass THEN (SELECT c.relnamespace FROM pg_trigger t
+                                               JOIN pg_class c ON c.oid = t.tgrelid WHERE t.oid = d.objid)
+             WHEN 'pg_type'::regclass THEN (SELECT typnamespace FROM pg_type WHERE oid = d.objid)
+             WHEN 'pg_proc'::regclass THEN (SELECT pronamespace FROM pg_proc WHERE oid = d.objid)
+           END AS nsp
+    FROM pg_depend d JOIN inside i ON d.refclassid = i.cls AND d.refobjid = i.oid
+    WHERE d.deptype IN ('n', 'a')
+)
+SELECT DISTINCT pg_describe_object(classid, objid, objsubid) FROM dependents
+WHERE nsp IS DISTINCT FROM (SELECT oid FROM pg_namespace WHERE nspname = :s)
+ORDER BY 1
 """
 
 
@@ -564,20 +580,32 @@ def drop_schema(target: PgTarget) -> bool:
     if target.primary:
         raise RefusedError("postgres: the public schema is never dropped")
     with connect(target) as conn:
-        conn.execute(sa.text(lock_sql(target.schema, xact=True)))
-        exists = conn.execute(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"),
-                              {"s": target.schema}).first()
-        if not exists:
-            conn.rollback()
-            return False
-        outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
-        if outside:
-            conn.rollback()
-            raise RefusedError(f"postgres: objects outside schema {target.schema} depend on it "
-                               f"({', '.join(outside)}); dropping it would cascade into them")
-        conn.execute(sa.text(f"DROP SCHEMA {quote_ident(target.schema)} CASCADE"))
-        conn.commit()
+        acquire_lock(conn, target)
+        try:
+            exists = conn.execute(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"),
+                                  {"s": target.schema}).first()
+            if not exists:
+                conn.rollback()
+                return False
+            outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
+            if outside:
+                conn.rollback()
+                raise RefusedError(f"postgres: objects outside schema {target.schema} depend on it "
+                                   f"({', '.join(outside[:5])}); dropping it would cascade into them")
+            conn.execute(sa.text(f"DROP SCHEMA {quote_ident(target.schema)} CASCADE"))
+            conn.commit()
+        finally:
+            _unlock(conn, target)
     return True
+
+
+def _unlock(conn: Connection, target: PgTarget) -> None:
+    import sqlalchemy as sa
+
+    if conn.in_transaction():
+        conn.rollback()
+    conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
+    conn.commit()
 
 
 def clone_tables(source: PgTarget, dest: PgTarget, tables: Sequence[str], limit: int | None,
@@ -600,38 +628,49 @@ def clone_tables(source: PgTarget, dest: PgTarget, tables: Sequence[str], limit:
     counts: dict[str, int] = {}
     src, dst = source.schema, dest.schema
     with connect(dest) as conn:
-        conn.execute(sa.text(lock_sql(dst, xact=True)))
-        names = sql.SQL(", ").join(sql.Identifier(dst, t.name) for t in ordered)
-        conn.exec_driver_sql(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names).as_string(None))
-        for table in ordered:
-            cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
-            conditions = []
-            for fk in table.foreign_key_constraints:
-                local = [sql.Identifier(c.name) for c in fk.columns]
-                remote = [sql.Identifier(e.column.name) for e in fk.elements]
-                parent = sql.Identifier(dst, fk.referred_table.name)
-                conditions.append(sql.SQL("({nulls} OR ({local}) IN (SELECT {remote} FROM {parent}))").format(
-                    nulls=sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(c) for c in local),
-                    local=sql.SQL(", ").join(local), remote=sql.SQL(", ").join(remote), parent=parent))
-            where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
-            pk = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.primary_key.columns)
-            query = sql.SQL("INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE "
-                            "SELECT {cols} FROM {src}{where} ORDER BY {pk}{limit}").format(
-                dst=sql.Identifier(dst, table.name), src=sql.Identifier(src, table.name), cols=cols,
-                where=where, pk=pk,
-                limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL(""))
-            counts[table.name] = conn.exec_driver_sql(query.as_string(None)).rowcount
-            for column in table.primary_key.columns:
-                if column.identity is not None:
-                    conn.exec_driver_sql(sql.SQL(
-                        "SELECT setval(pg_get_serial_sequence({t}, {c}), coalesce(max({ci}), 0) + 1, false) "
-                        "FROM {tbl}").format(t=sql.Literal(f"{quote_ident(dst)}.{quote_ident(table.name)}"),
-                                             c=sql.Literal(column.name), ci=sql.Identifier(column.name),
-                                             tbl=sql.Identifier(dst, table.name)).as_string(None))
-            if emit is not None:
-                emit("copied", {"store": STORE, "target": f"{dst}.{table.name}", "count": counts[table.name]})
-        conn.commit()
+        acquire_lock(conn, dest)
+        try:
+            _copy_tables(conn, ordered, src, dst, limit, counts, emit)
+        finally:
+            _unlock(conn, dest)
     return counts
+
+
+def _copy_tables(conn: Connection, ordered: list[Any], src: str, dst: str, limit: int | None,
+                 counts: dict[str, int], emit: Callable[[str, Any], None] | None) -> None:
+    from psycopg import sql
+
+    # One transaction: every table is copied, or none.
+    names = sql.SQL(", ").join(sql.Identifier(dst, t.name) for t in ordered)
+    conn.exec_driver_sql(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(names).as_string(None))
+    for table in ordered:
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+        conditions = []
+        for fk in table.foreign_key_constraints:
+            local = [sql.Identifier(c.name) for c in fk.columns]
+            remote = [sql.Identifier(e.column.name) for e in fk.elements]
+            parent = sql.Identifier(dst, fk.referred_table.name)
+            conditions.append(sql.SQL("({nulls} OR ({local}) IN (SELECT {remote} FROM {parent}))").format(
+                nulls=sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(c) for c in local),
+                local=sql.SQL(", ").join(local), remote=sql.SQL(", ").join(remote), parent=parent))
+        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+        pk = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.primary_key.columns)
+        query = sql.SQL("INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE "
+                        "SELECT {cols} FROM {src}{where} ORDER BY {pk}{limit}").format(
+            dst=sql.Identifier(dst, table.name), src=sql.Identifier(src, table.name), cols=cols,
+            where=where, pk=pk,
+            limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL(""))
+        counts[table.name] = conn.exec_driver_sql(query.as_string(None)).rowcount
+        for column in table.primary_key.columns:
+            if column.identity is not None:
+                conn.exec_driver_sql(sql.SQL(
+                    "SELECT setval(pg_get_serial_sequence({t}, {c}), coalesce(max({ci}), 0) + 1, false) "
+                    "FROM {tbl}").format(t=sql.Literal(f"{quote_ident(dst)}.{quote_ident(table.name)}"),
+                                         c=sql.Literal(column.name), ci=sql.Identifier(column.name),
+                                         tbl=sql.Identifier(dst, table.name)).as_string(None))
+        if emit is not None:
+            emit("copied", {"store": STORE, "target": f"{dst}.{table.name}", "count": counts[table.name]})
+    conn.commit()
 
 
 def compare_live(target: PgTarget, meta: MetaData | None = None) -> list[str]:

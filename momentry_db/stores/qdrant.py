@@ -370,14 +370,10 @@ def write_stamp(target: QdrantTarget, specs: list[CollectionSpec]) -> None:
     """Remember, for local mode, that this environment's collections match these specs."""
     if not target.local:
         return
-    path = target.env.state_dir / STAMP
-    try:
-        stamp = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stamp = {}
-    fingerprints = {**stamp.get("fingerprints", {}),
-                    **{target.env.qdrant_collection_for(s.name): s.fingerprint() for s in specs}}
-    path.write_text(json.dumps({"meta_mtime_ns": _storage_mark(target), "fingerprints": fingerprints}))
+    # Only what this run saw: another environment's collections are checked afresh next time.
+    fingerprints = {target.env.qdrant_collection_for(s.name): s.fingerprint() for s in specs}
+    (target.env.state_dir / STAMP).write_text(
+        json.dumps({"meta_mtime_ns": _storage_mark(target), "fingerprints": fingerprints}))
 
 
 def _target_plan(target: QdrantTarget, cp: CollectionPlan) -> TargetPlan:
