@@ -287,7 +287,11 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
 
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     others = [project.environment(name) for name in project.registry.names if name != env.name]
-    chosen = [s for s in (*STORES, "redis", "dirs") if not stores or s in stores]
+    checkable = (*STORES, "redis", "dirs")
+    unknown = [s for s in stores or () if s not in checkable]
+    if unknown:
+        raise ConfigError(f"unknown store {unknown[0]!r}; verify knows: {', '.join(checkable)}")
+    chosen = [s for s in checkable if not stores or s in stores]
     declared = _load_declarations(chosen, sources, project)
     result = checks.VerifyResult("verify", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
@@ -408,6 +412,12 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
     _refuse_orphaning(selected)
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
+    for store, given, variable in (("mongo", sources.mongo_client, "mongodb_url"),
+                                   ("qdrant", sources.qdrant_client, "qdrant_url")):
+        if store in chosen and given is None and (
+                _url_of(getattr(source, variable)) != _url_of(getattr(dest, variable))):
+            raise ConfigError(f"clone copies {store} data within one server; {source.name} and {dest.name} "
+                              f"have different {variable.upper()} settings")
     result = ActionResult("clone", dest.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     copied: dict[str, dict[str, int]] = {}
@@ -609,6 +619,7 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     from .stores import postgres
 
     env = project.environment(env_name)
+    _known_revision(revision, _scripts(project, sources))
     if env.primary and not consent(f"downgrade prod (schema {env.schema}) to {revision}"):
         raise RefusedError("downgrade of prod needs explicit consent: confirm on a terminal, or pass --yes")
     result = ActionResult("downgrade", env.name)
@@ -620,6 +631,24 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
     result.data = {"undone": undone, "to": revision}
     return result
+
+
+def _known_revision(revision: str, scripts: Path | None) -> None:
+    """A downgrade target must be base or a revision of this checkout."""
+    from alembic.util import CommandError
+
+    from .stores import postgres
+
+    if revision == "base":
+        return
+    if revision in ("head", "heads"):
+        raise ConfigError("downgrade --to head goes nowhere; name a revision below the current one, or base")
+    try:
+        found = postgres._script(scripts).get_revision(revision)
+    except CommandError:
+        found = None
+    if found is None:
+        raise ConfigError(f"unknown revision {revision!r}; use base or one of the revisions in migrations/versions")
 
 
 def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequence[str] | None = None,
@@ -777,6 +806,10 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
                         f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, {counts['failed']} failed")
     result.data = {"targets": outcomes, "parallel": parallel}
     return result
+
+
+def _url_of(secret: Any) -> str | None:
+    return secret.reveal() if secret is not None else None
 
 
 def mongo_configured(env: Environment, sources: Sources) -> bool:

@@ -255,12 +255,19 @@ class SecretURL(Secret):
     @property
     def password(self) -> str | None:
         match = _USERINFO.match(self.value)
-        return match.group("pw") if match and match.group("pw") else None
+        if match and match.group("pw"):
+            return match.group("pw")
+        query = _QUERY_SECRET.search(self.value)
+        return query.group(2) if query else None
+
+
+_QUERY_SECRET = re.compile(r"([?&](?:password|passwd|api[-_]?key|apikey|token)=)([^&#\s]*)", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL with ``***``."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    """Replace the password in a URL (user info or a password= parameter) with ``***``."""
+    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + "***", url)
 
 
 @dataclass(frozen=True)
@@ -310,4 +317,5 @@ def scrub(text: str, secrets: list[str]) -> str:
     for secret in sorted(set(secrets), key=len, reverse=True):
         if secret:
             text = text.replace(secret, "***")
-    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*):[^@/\s]*@", r"\1:***@", text)
+    text = re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*):[^@/\s]*@", r"\1:***@", text)
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + "***", text)

@@ -31,9 +31,10 @@ class Reporter:
             target: TargetPlan = payload
             if target.pending and self.announce_plans:
                 print(f"{_where(target)}: {len(target.pending)} pending", file=self.out)
-        elif event in ("upgraded", "downgraded"):
+        elif event in ("upgraded", "downgraded", "stamped"):
             step: Step = payload
-            verb = "upgraded to" if step.store == "postgres" else "applied"
+            verb = {"downgraded": "downgraded", "stamped": "stamped at"}.get(
+                event, "upgraded to" if step.store == "postgres" else "applied")
             print(f"{_where(step)}: {verb} {step.name} {step.description}".rstrip(), file=self.out)
         elif event == "progress":
             self._progress(payload)

@@ -155,3 +155,11 @@ def test_secrets_are_masked_in_repr_and_scrubbed_from_messages(tmp_path: Path) -
     assert dev.database_url.masked == "postgresql+psycopg://u:***@h/db"
     assert scrub("failed for hunter2 with k-123456", dev.secrets()) == "failed for *** with ***"
     assert mask_url("mongodb://a:b@h1,h2/x") == "mongodb://a:***@h1,h2/x"
+
+
+def test_a_password_given_as_a_url_parameter_is_masked(tmp_path: Path) -> None:
+    dev = project(tmp_path, {"DATABASE_URL": "postgresql://app@db:5432/m?sslmode=require&password=s3cretQ"}
+                  ).environment("dev")
+    assert "s3cretQ" not in dev.database_url.masked and "password=***" in dev.database_url.masked
+    assert dev.secrets() == ["s3cretQ"]
+    assert "s3cretQ" not in scrub("connect to postgresql://app@db/m?password=s3cretQ failed", [])

@@ -327,3 +327,20 @@ def test_declared_environments_work_with_migrate_and_verify(project, database) -
     assert result.code == 0, result.out
     with pytest.raises(RefusedError):
         command.resettable(load_project(project.root, project.environ), "prod")
+
+
+def test_clone_refuses_stores_on_different_servers(project, database) -> None:
+    for env in ("prod", "dev"):
+        assert project.cli("migrate", "--env", env, "--store", "postgres").code == 0
+    database.execute(SAMPLE.format(s="public"))
+    (project.root / ".env.development").write_text("QDRANT_URL=http://127.0.0.1:1\n")
+    result = project.cli("clone", "--from", "prod", "--to", "dev")
+    assert result.code == 2
+    assert "different QDRANT_URL settings" in result.err
+    assert counts(database, "dev")["videos"] == 0  # refused before any store was written
+
+
+def test_verify_refuses_an_unknown_store(project) -> None:
+    result = project.cli("verify", "--env", "dev", "--store", "postgress")
+    assert result.code == 2
+    assert "unknown store 'postgress'" in result.err

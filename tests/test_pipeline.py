@@ -296,3 +296,19 @@ def test_a_failure_in_one_store_stops_the_run_and_keeps_what_earlier_stores_appl
     rerun = project.cli("migrate", "--env", "dev", "--json")
     assert rerun.code == 0
     assert [(s["store"], s["name"]) for s in json.loads(rerun.out)["applied"]] == [("qdrant", "create")]
+
+
+@pytest.mark.parametrize("revision", ["nonsense", "head"])
+def test_downgrade_to_an_unknown_revision_is_bad_input(project, database, revision: str) -> None:
+    assert project.cli("migrate", "--env", "dev", "--store", "postgres").code == 0
+    result = project.cli("downgrade", "--env", "dev", "--to", revision)
+    assert result.code == 2
+    assert database.query("SELECT count(*) FROM dev.momentry_history") == [(1,)]  # nothing recorded
+
+
+def test_downgrade_and_stamp_say_what_they_did(project, database) -> None:
+    assert project.cli("migrate", "--env", "dev", "--store", "postgres").code == 0
+    down = project.cli("downgrade", "--env", "dev", "--to", "base")
+    assert "postgres dev (schema dev): downgraded 0001" in down.out and "upgraded" not in down.out
+    rows = database.query("SELECT direction, outcome FROM dev.momentry_history ORDER BY id")
+    assert rows == [("upgrade", "applied"), ("downgrade", "applied")]

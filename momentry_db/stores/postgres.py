@@ -237,15 +237,16 @@ def _on_apply(target: PgTarget) -> Callable[..., None]:
 
         now = time.monotonic()
         doc = getattr(step.up_revision, "doc", "") or ""
+        direction = "stamp" if step.is_stamp else "upgrade" if step.is_upgrade else "downgrade"
         # Recorded in the migration's own transaction: the row exists exactly when the step does.
         ctx.connection.execute(sa.text(_HISTORY_INSERT.format(schema=quote_ident(target.schema))), {
-            "env": target.env.name, "step": step.up_revision_id, "description": doc,
-            "direction": "upgrade" if step.is_upgrade else "downgrade",
-            "ms": int((now - target.step_started) * 1000), "outcome": "applied", "error": None})
+            "env": target.env.name, "step": step.up_revision_id, "description": doc, "direction": direction,
+            "ms": int((now - target.step_started) * 1000),
+            "outcome": "stamped" if step.is_stamp else "applied", "error": None})
         target.step_started = now
         target.applied.append(step.up_revision_id)
         if target.emit is not None:
-            verb = "upgraded" if step.is_upgrade else "downgraded"
+            verb = "stamped" if step.is_stamp else "upgraded" if step.is_upgrade else "downgraded"
             target.emit(verb, Step(STORE, target.env.name, target.schema, step.up_revision_id, doc))
 
     return on_apply
