@@ -51,7 +51,7 @@ def _known_secrets(project: Any) -> list[str]:
     found: list[str] = []
     for name in project.registry.names:
         try:
-            found.extend(project.environment(name).secrets())
+            found.extend(project.environment(name, one_of_many=True).secrets())
         except MomentryError:
             continue
     return found
@@ -292,7 +292,7 @@ def envs(ctx: click.Context, as_json: bool) -> None:
     """List every environment with its schema, database, collection, prefix and directories."""
     from . import command
 
-    _run(ctx, as_json, lambda project, emit: command.envs(project))
+    _run(ctx, as_json, lambda project, emit: command.envs(project, emit=emit))
 
 
 @main.command()

@@ -286,7 +286,7 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
     from .errors import MomentryError
 
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    others = [project.environment(name) for name in project.registry.names if name != env.name]
+    others = [project.environment(name, one_of_many=True) for name in project.registry.names if name != env.name]
     checkable = (*STORES, "redis", "dirs")
     unknown = [s for s in stores or () if s not in checkable]
     if unknown:
@@ -535,7 +535,7 @@ def env_file(project: Project, env_name: str, *, check: bool = False, path: Path
     return result
 
 
-def envs(project: Project) -> ActionResult:
+def envs(project: Project, emit: Emit = _ignore) -> ActionResult:
     """List every environment and its targets, secrets masked."""
     rows = []
     for env in project.environments():
@@ -553,6 +553,7 @@ def envs(project: Project) -> ActionResult:
             "redis_url": env.redis_url.masked if env.redis_url else None,
         })
     result = ActionResult("envs", "*", data={"environments": rows})
+    _note_ignored_isolation_vars(project, _Run(result, emit))  # type: ignore[arg-type]
     for row in rows:
         result.lines.append(
             f"{row['name']:<10} schema {row['schema']:<12} mongo {row['mongodb_database']:<18} "
@@ -712,11 +713,13 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
     names = list(env_names) if env_names else list(project.registry.names)
     if parallel < 1:
         raise _ConfigError("--parallel must be 1 or more")
-    envs = sorted((project.environment(n) for n in dict.fromkeys(names)), key=lambda e: not e.primary)
+    envs = sorted((project.environment(n, one_of_many=True) for n in dict.fromkeys(names)),
+                  key=lambda e: not e.primary)
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
     result = ActionResult("migrate", ",".join(e.name for e in envs))
     run = _Run(result, emit)  # type: ignore[arg-type]
+    _note_ignored_isolation_vars(project, run)
     outcomes: list[dict[str, Any]] = []
 
     def outcome(store: str, env: Environment, target: str, applied: list[str], error: str | None) -> None:
@@ -806,6 +809,13 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
                         f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, {counts['failed']} failed")
     result.data = {"targets": outcomes, "parallel": parallel}
     return result
+
+
+def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:
+    names = project.process_isolation_vars()
+    if names:
+        run.notice(f"{', '.join(names)} in the process environment name(s) one environment's targets; "
+                   "ignored when listing or migrating several (set them in each env file instead)")
 
 
 def _url_of(secret: Any) -> str | None:

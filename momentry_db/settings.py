@@ -49,19 +49,31 @@ class Project:
         *,
         env_file: Path | None = None,
         overrides: Mapping[str, str | None] | None = None,
+        one_of_many: bool = False,
     ) -> Environment:
-        """Resolve one environment by name into a frozen, validated Environment."""
-        return _resolve(self, self.registry.get(name), env_file, overrides or {})
+        """Resolve one environment by name into a frozen, validated Environment.
+
+        With ``one_of_many`` (verify's other environments, --all, envs), names set in the
+        process environment (DATABASE_SCHEMA and the like) are not applied: they describe
+        the one environment a shell was set up for, not every environment at once.
+        """
+        return _resolve(self, self.registry.get(name), env_file, overrides or {}, one_of_many)
 
     def environments(self) -> list[Environment]:
         """Resolve every configured environment, prod first."""
-        return [self.environment(name) for name in self.registry.names]
+        return [self.environment(name, one_of_many=True) for name in self.registry.names]
+
+    def process_isolation_vars(self) -> list[str]:
+        """Isolation names set in the process environment, which multi-environment commands ignore."""
+        return [k for k in ISOLATION_VARS if self.environ.get(k)]
 
 
 def load_project(root: Path | None = None, environ: Mapping[str, str] | None = None) -> Project:
     """Read momentry-db.toml and MOMENTRY_EXTRA_ENVS into the project's registry."""
     environ = os.environ if environ is None else environ
     root = Path(root or environ.get("MOMENTRY_PROJECT_DIR") or Path.cwd()).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"project directory {str(root)!r} does not exist")
     declared = _declared_in_file(root / CONFIG_FILE)
     known = {"prod", "dev", *(s.name for s in declared)}
     for raw in environ.get("MOMENTRY_EXTRA_ENVS", "").split(","):
@@ -135,11 +147,18 @@ def _declared_in_file(path: Path) -> list[EnvSpec]:
 def _read_env_file(path: Path) -> dict[str, str]:
     from dotenv import dotenv_values
 
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"env file {str(path)!r} cannot be read: {exc}") from None
+
+
+ISOLATION_VARS = ("DATABASE_SCHEMA", "MONGODB_DATABASE", "QDRANT_COLLECTION", "MOMENTRY_REDIS_PREFIX",
+                  "MOMENTRY_OUTPUT_DIR", "MOMENTRY_BACKUP_DIR", "MOMENTRY_SERVER_PORT", "MOMENTRY_WORKER_ENABLED")
 
 
 def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
-             overrides: Mapping[str, str | None]) -> Environment:
+             overrides: Mapping[str, str | None], one_of_many: bool = False) -> Environment:
     if env_file is not None:
         env_file = Path(env_file)
         if not env_file.is_file():
@@ -152,7 +171,8 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
             env_file = None
 
     def lookup(key: str) -> str | None:
-        for source in (overrides, project.environ, file_values):
+        process = {} if one_of_many and key in ISOLATION_VARS else project.environ
+        for source in (overrides, process, file_values):
             value = source.get(key)
             if value is not None and value != "":
                 return value
@@ -174,6 +194,8 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         port = int(port_text) if port_text else spec.default_port()
     except ValueError:
         raise ConfigError(f"MOMENTRY_SERVER_PORT must be a number, not {port_text!r}") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"{spec.name}'s server port {port} is not between 1 and 65535")
     worker = lookup("MOMENTRY_WORKER_ENABLED")
     worker_enabled = primary if worker is None else worker.strip().lower() in {"1", "true", "yes", "on"}
 

@@ -344,3 +344,22 @@ def test_verify_refuses_an_unknown_store(project) -> None:
     result = project.cli("verify", "--env", "dev", "--store", "postgress")
     assert result.code == 2
     assert "unknown store 'postgress'" in result.err
+
+
+def test_a_shell_set_up_for_dev_can_still_verify_and_list(project, database) -> None:
+    assert project.cli("migrate", "--env", "dev", "--store", "postgres").code == 0
+    verify = project.cli("verify", "--env", "dev", "--store", "postgres", env={"DATABASE_SCHEMA": "dev"})
+    assert verify.code == 0, verify.out + verify.err
+    listing = project.cli("envs", "--json", env={"DATABASE_SCHEMA": "dev"})
+    assert listing.code == 0
+    assert [r["schema"] for r in json.loads(listing.out)["environments"]] == ["public", "dev"]
+    assert "ignored when listing or migrating several" in listing.err
+    assert project.cli("status", "--env", "prod", env={"DATABASE_SCHEMA": "dev"}).code == 2  # still refused
+
+
+def test_unreadable_env_file_and_missing_project_dir_are_bad_input(project, tmp_path) -> None:
+    (project.root / ".env.development").write_bytes(b"DATABASE_SCHEMA=\xff\xfe\n")
+    result = project.cli("status", "--env", "dev")
+    assert result.code == 2 and ".env.development" in result.err
+    missing = project.cli("--project-dir", str(tmp_path / "nope"), "status", "--env", "dev")
+    assert missing.code == 2 and "does not exist" in missing.err
