@@ -6,7 +6,8 @@ Progress is reported through ``emit(event, payload)``; nothing here prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,22 @@ def _postgres_target(env: Environment, run: _Run) -> Any:
     return target
 
 
+@contextmanager
+def _mongo(env: Environment, run: _Run, sources: Sources) -> Iterator[Any]:
+    """The environment's MongoDB target, closed afterwards; None (with a notice) when not configured."""
+    from .stores import mongo
+
+    target = mongo.MongoTarget(env, client=sources.mongo_client)
+    if not target.configured:
+        run.skip("mongo", "MONGODB_URL is not set")
+        yield None
+        return
+    try:
+        yield target
+    finally:
+        target.close()
+
+
 def _qdrant_target(env: Environment, run: _Run, sources: Sources, lock_timeout: float) -> Any:
     from .stores import qdrant
 
@@ -236,17 +253,12 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     if "mongo" in chosen:
         from .stores import mongo
 
-        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-        if not mtarget.configured:
-            run.skip("mongo", "MONGODB_URL is not set")
-        else:
-            try:
+        with _mongo(env, run, sources) as mtarget:
+            if mtarget is not None:
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
                     result.applied.extend(mongo.apply(mtarget, declared["mongo"], emit=emit,
                                                       lock_timeout=lock_timeout))
-            finally:
-                mtarget.close()
     if "qdrant" in chosen:
         from .stores import qdrant
 
@@ -668,15 +680,9 @@ def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequenc
     if "mongo" in chosen:
         from .stores import mongo
 
-        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-        if not mtarget.configured:
-            run.skip("mongo", "MONGODB_URL is not set")
-        else:
-            try:
-                for doc in mongo.history(mtarget, limit):
-                    entries.append(doc)
-            finally:
-                mtarget.close()
+        with _mongo(env, run, sources) as mtarget:
+            if mtarget is not None:
+                entries.extend(mongo.history(mtarget, limit))
     if "qdrant" in chosen:
         from .stores import qdrant
 
