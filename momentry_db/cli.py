@@ -98,6 +98,13 @@ def pg_timeout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "MOMENTRY_PG_LOCK_TIMEOUT).")(fn)
 
 
+def one_env_read_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--env, --store, --json, --env-file and --database-url, as plan, status and check take them."""
+    for option in reversed((env_option, store_option, json_option, env_file_option, url_option)):
+        fn = option(fn)
+    return fn
+
+
 store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
                             help="Limit the run to this store (repeatable): postgres, mongo, qdrant.")
 
@@ -165,11 +172,7 @@ def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, para
 
 
 @main.command()
-@env_option
-@store_option
-@json_option
-@env_file_option
-@url_option
+@one_env_read_options
 @click.pass_context
 def plan(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
          env_file: Path | None, database_url: str | None) -> None:
@@ -182,11 +185,7 @@ def plan(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bo
 
 
 @main.command()
-@env_option
-@store_option
-@json_option
-@env_file_option
-@url_option
+@one_env_read_options
 @click.pass_context
 def status(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
            env_file: Path | None, database_url: str | None) -> None:
@@ -296,11 +295,7 @@ def envs(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
-@env_option
-@store_option
-@json_option
-@env_file_option
-@url_option
+@one_env_read_options
 @click.pass_context
 def check(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool, env_file: Path | None,
           database_url: str | None) -> None:

@@ -274,3 +274,12 @@ def silent_server() -> Iterator[tuple[int, list[socket.socket]]]:
 def redis_url() -> str:
     assert REDIS_TEST_URL is not None  # tests marked redis are skipped otherwise
     return REDIS_TEST_URL
+
+
+@pytest.fixture
+def migrated(project, database) -> Project:
+    """A project whose prod, then dev, were migrated through the CLI (every store)."""
+    for env in ("prod", "dev"):
+        result = project.cli("migrate", "--env", env)
+        assert result.code == 0, result.err
+    return project

@@ -27,30 +27,21 @@ def test_registry_matches_the_design() -> None:
     assert {"api_keys", "api_key_audit_log", "api_key_anomalies", "gitea_tokens", "n8n_api_keys"} <= shared_tables()
 
 
-@pytest.fixture
-def migrated(project, database):
-    """prod, then dev, migrated through the CLI."""
-    for env in ("prod", "dev"):
-        result = project.cli("migrate", "--env", env)
-        assert result.code == 0, result.err
-    return database
+def test_dev_holds_exactly_the_isolated_tables_and_public_holds_everything(migrated, database) -> None:
+    assert database.tables("dev") == ISOLATED | BOOKKEEPING
+    assert database.tables("public") == ISOLATED | shared_tables() | BOOKKEEPING
+    assert database.tables("public", "VIEW") == VIEWS
 
 
-def test_dev_holds_exactly_the_isolated_tables_and_public_holds_everything(migrated) -> None:
-    assert migrated.tables("dev") == ISOLATED | BOOKKEEPING
-    assert migrated.tables("public") == ISOLATED | shared_tables() | BOOKKEEPING
-    assert migrated.tables("public", "VIEW") == VIEWS
-
-
-def test_no_view_exists_outside_public(migrated) -> None:
-    rows = migrated.query("SELECT schemaname, viewname FROM pg_views "
+def test_no_view_exists_outside_public(migrated, database) -> None:
+    rows = database.query("SELECT schemaname, viewname FROM pg_views "
                           "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')")
     assert {r[0] for r in rows} == {"public"}
     assert {r[1] for r in rows} == VIEWS
 
 
-def test_dev_foreign_keys_stay_in_dev(migrated) -> None:
-    rows = migrated.query("""
+def test_dev_foreign_keys_stay_in_dev(migrated, database) -> None:
+    rows = database.query("""
         SELECT c.conname, src.nspname, dst.nspname
         FROM pg_constraint c
         JOIN pg_class s ON s.oid = c.conrelid JOIN pg_namespace src ON src.oid = s.relnamespace
@@ -75,10 +66,10 @@ STRUCTURE = {
 
 
 @pytest.mark.parametrize("aspect", sorted(STRUCTURE))
-def test_dev_tables_have_the_same_structure_as_public(migrated, aspect: str) -> None:
+def test_dev_tables_have_the_same_structure_as_public(migrated, database, aspect: str) -> None:
     def of(schema: str) -> set[tuple]:
         # Qualified names in definitions differ by schema only; compare them unqualified.
-        rows = migrated.query(STRUCTURE[aspect], (schema,))
+        rows = database.query(STRUCTURE[aspect], (schema,))
         return {tuple(str(v).replace(f"{schema}.", "") if v is not None else None for v in r)
                 for r in rows if r[0] in ISOLATED}
 

@@ -7,14 +7,6 @@ import json
 import pytest
 
 
-@pytest.fixture
-def migrated(project, database):
-    for env in ("prod", "dev"):
-        result = project.cli("migrate", "--env", env)
-        assert result.code == 0, result.err
-    return project
-
-
 def test_a_clean_environment_passes(migrated) -> None:
     result = migrated.cli("verify", "--env", "dev")
     assert result.code == 0, result.out
