@@ -76,14 +76,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if REDIS_TEST_URL is None:
         skip = pytest.mark.skip(reason=f"no Redis answers; set {REDIS_URL_VAR}")
         for item in items:
-            if "redis" in item.keywords:
+            if item.get_closest_marker("redis"):
                 item.add_marker(skip)
     for marker, var in REAL_SERVERS.items():
         if os.environ.get(var):
             continue
         skip = pytest.mark.skip(reason=f"needs a real server: set {var}")
         for item in items:
-            if marker in item.keywords:
+            if item.get_closest_marker(marker):
                 item.add_marker(skip)
 
 
