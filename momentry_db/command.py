@@ -194,7 +194,22 @@ def _load_declarations(chosen: list[str], sources: Sources, project: Project | N
         from .stores import qdrant
 
         loaded["qdrant"] = qdrant.load_specs(pick(sources.qdrant_specs, "qdrant_specs", qdrant.SPECS_DIR))
+        if project is not None:
+            qdrant.check_spec_names(loaded["qdrant"], _resolvable(project))
     return loaded
+
+
+def _resolvable(project: Project) -> list[Environment]:
+    """Every environment whose settings resolve; one that does not fails when it is used itself."""
+    from .errors import MomentryError
+
+    found = []
+    for name in project.registry.names:
+        try:
+            found.append(project.environment(name, one_of_many=True))
+        except MomentryError:
+            continue
+    return found
 
 
 Consent = Callable[[str], bool]
@@ -396,6 +411,53 @@ def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     migrated = migrate(project, env.name, stores=stores, emit=emit, sources=sources)
     result.data = {"dropped": dropped, "migrated": migrated.to_json()}
     result.lines.append(f"migrated {env.name}: {len(migrated.applied)} step(s) applied")
+    return result
+
+
+def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consent = _refuse,
+          emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
+    """List the Qdrant collections an environment's aliases no longer point at; with yes, delete them.
+
+    Each is listed with its point count. Deleting prod's also needs ``confirm`` (the CLI
+    asks for the environment's name to be typed, or takes --confirm prod).
+    """
+    from .errors import RefusedError
+    from .stores import qdrant
+
+    env = project.environment(env_name)
+    specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
+    result = ActionResult("prune", env.name)
+    target = _qdrant_target(env, _Run(result, emit), sources, 30.0)  # type: ignore[arg-type]
+    deleted: list[str] = []
+    changed: list[str] = []
+    with target.session() as client:
+        target.client = client
+        live, old = qdrant.old_collections(client, env, specs)
+        points = sum(o.points for o in old)
+        if old and yes:
+            if env.primary and not confirm(f"prune deletes {len(old)} old Qdrant collection(s) of prod holding "
+                                           f"{points} point(s): {', '.join(o.name for o in old)}"):
+                raise RefusedError("prune of prod needs a typed confirmation: type 'prod' when asked on a "
+                                   "terminal, or pass --confirm prod; nothing was deleted")
+            deleted, changed = qdrant.prune(client, target, old)
+        target.client = None
+    for alias, physical in live.items():
+        result.lines.append(f"qdrant {env.name}: {alias} -> {physical or '(missing)'}: live, kept")
+    for o in old:
+        state = ("deleted" if o.name in deleted else "left: it changed since it was listed" if o.name in changed
+                 else "old")
+        result.lines.append(f"qdrant {env.name}: {o.name}: {o.vectors}, {o.points} points"
+                            + (", an interrupted copy" if o.interrupted else "") + f": {state}")
+    if not old:
+        result.lines.append(f"prune {env.name}: no old collections; nothing to delete")
+    elif not yes:
+        result.lines.append(f"prune {env.name}: {len(old)} old collection(s) holding {points} point(s); nothing "
+                            f"deleted (rerun with --yes to delete them)")
+    else:
+        result.lines.append(f"prune {env.name}: {len(deleted)} old collection(s) deleted"
+                            + (f", {len(changed)} left because they changed; run prune again" if changed else ""))
+    result.data = {"live": live, "collections": [o.to_json() for o in old], "deleted": deleted,
+                   "changed": changed}
     return result
 
 

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,66 @@ def test_the_local_no_op_answer_notices_changes_made_behind_its_back(project) ->
     assert "1 pending: create" in status.out
     again = project.cli("migrate", "--env", "dev", "--store", "qdrant", "--json")
     assert [s["name"] for s in json.loads(again.out)["applied"]] == ["create"]
+
+
+# --- nothing lost: rollback, leftovers, prune ---------------------------------------------------
+
+
+def write_specs(project, text: str) -> None:
+    """The project's own qdrant_specs/, which the CLI reads instead of the packaged ones."""
+    spec_file(project.root / "qdrant_specs", text)
+
+
+@contextmanager
+def local_client(project) -> Iterator[QdrantClient]:
+    """The project's local-mode storage, opened between CLI runs (one client at a time)."""
+    c = QdrantClient(path=str(Path(project.environ["MOMENTRY_STATE_DIR"]) / "qdrant"))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def layout(project) -> tuple[dict[str, str], dict[str, int]]:
+    """Every alias with its collection, and every collection with its point count."""
+    with local_client(project) as c:
+        aliases = {a.alias_name: a.collection_name for a in c.get_aliases().aliases}
+        counts = {col.name: c.count(col.name, exact=True).count for col in c.get_collections().collections}
+    return aliases, counts
+
+
+def migrate_qdrant(project, env: str, *extra: str):
+    return project.cli("migrate", "--env", env, "--store", "qdrant", *extra)
+
+
+def test_going_back_to_a_kept_spec_repoints_the_alias_with_its_points(project) -> None:
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "prod").code == 0
+    with local_client(project) as c:
+        add_points(c, "momentry_rule1", 300)
+    (first,) = layout(project)[0].values()
+
+    write_specs(project, BASE.replace("size = 1024", "size = 768"))
+    bigger = migrate_qdrant(project, "prod", "--recreate-qdrant")
+    assert bigger.code == 0, bigger.err
+    aliases, counts = layout(project)
+    second = aliases["momentry_rule1"]
+    assert counts == {first: 300, second: 0}
+    assert f"the old collection {first} (300 points) is kept" in bigger.err
+
+    write_specs(project, BASE)
+    plan = project.cli("plan", "--env", "prod", "--store", "qdrant")
+    assert plan.code == 0
+    assert (f"alias momentry_rule1 -> {first} (kept from earlier, 300 points; "
+            f"vectors of {second} are 768 wide, so its 0 points are not copied); "
+            f"{second} (0 points) is kept") in plan.out
+    assert layout(project) == (aliases, counts)  # plan wrote nothing
+
+    back = migrate_qdrant(project, "prod", "--recreate-qdrant")
+    assert back.code == 0, back.err
+    assert layout(project) == ({"momentry_rule1": first}, {first: 300, second: 0})
+    with local_client(project) as c:
+        assert c.get_collection("momentry_rule1").config.params.vectors.size == 1024
+        assert c.retrieve("momentry_rule1", [0, 299], with_payload=True)[1].payload == {"video_id": 299}
+    assert migrate_qdrant(project, "prod").code == 0  # and it is now at its spec
+    assert layout(project) == ({"momentry_rule1": first}, {first: 300, second: 0})

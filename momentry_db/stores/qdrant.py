@@ -15,13 +15,13 @@ import json
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..environments import Environment, scrub, validate_collection
+from ..environments import QDRANT_LOGICAL_COLLECTION, Environment, names_clash, scrub, validate_collection
 from ..errors import ConfigError, LockTimeoutError, RefusedError, StoreError, StoreUnreachableError
 from ..plan import Step, TargetPlan
 
@@ -33,6 +33,7 @@ SPECS_DIR = Path(__file__).resolve().parents[2] / "qdrant_specs"
 TIMEOUT_S = 5
 COPY_BATCH = 256
 METADATA_KEY = "momentry"
+FILL_KEY = "momentry_fill"  # on a collection built by a recreate: {"from": source, "complete": bool}
 NOT_CHECKABLE = "hnsw, optimizers and payload indexes: not checkable here (local mode ignores them)"
 
 DISTANCES = ("Cosine", "Dot", "Euclid", "Manhattan")
@@ -43,6 +44,13 @@ OPTIMIZER_FIELDS = {"deleted_threshold": float, "vacuum_min_vector_number": int,
                     "default_segment_number": int, "max_segment_size": int, "memmap_threshold": int,
                     "indexing_threshold": int, "flush_interval_sec": int,
                     "max_optimization_threads": int}
+# The ranges Qdrant itself validates (its HnswConfigDiff and OptimizersConfigDiff); every
+# other number is a count or a size that cannot be negative. TOML integers stop at 2**63 - 1.
+RANGES: dict[str, tuple[float, float | None]] = {
+    "hnsw.ef_construct": (4, None), "hnsw.full_scan_threshold": (10, None),
+    "optimizers.deleted_threshold": (0.0, 1.0), "optimizers.vacuum_min_vector_number": (100, None),
+    "optimizers.max_segment_size": (1, None),
+}
 
 
 # --- specs -----------------------------------------------------------------------------------
@@ -77,6 +85,26 @@ def load_specs(directory: Path = SPECS_DIR) -> list[CollectionSpec]:
     return specs
 
 
+def check_spec_names(specs: list[CollectionSpec], envs: Sequence[Environment]) -> None:
+    """Refuse specs that would give one environment a collection that is (or shadows) another's.
+
+    A spec named ``dev_rule1`` gives prod ``momentry_dev_rule1``, which is dev's: prod's
+    migrate would then change dev's collection. Each environment's own QDRANT_COLLECTION
+    counts even when no spec declares ``rule1``.
+    """
+    owned: list[tuple[Environment, str, str]] = []
+    for env in envs:
+        names = {QDRANT_LOGICAL_COLLECTION: "its QDRANT_COLLECTION"}
+        names.update({spec.name: spec.source or spec.name for spec in specs})
+        owned += [(env, source, env.qdrant_collection_for(logical)) for logical, source in names.items()]
+    for i, (env, source, name) in enumerate(owned):
+        for other_env, other_source, other in owned[:i]:
+            if names_clash("Qdrant collection", name, other):
+                raise ConfigError(f"qdrant specs: {source} gives {env.name} the collection {name!r}, which "
+                                  f"clashes with {other_env.name}'s {other!r} ({other_source}); rename the "
+                                  "spec so that every environment keeps its own collections")
+
+
 def parse_spec(path: Path) -> CollectionSpec:
     where = f"{path.parent.name}/{path.name}"
     try:
@@ -106,6 +134,11 @@ def parse_spec(path: Path) -> CollectionSpec:
                 else isinstance(value, int) and not isinstance(value, bool))
             if not ok:
                 raise fail(f"{section}.{key}", f"must be {expected.__name__}, not {type(value).__name__}")
+            if expected is not bool:
+                low, high = RANGES.get(f"{section}.{key}", (0, None))
+                if value < low or (high is not None and value > high):
+                    shown = f"from {low} to {high}" if high is not None else f"{low} or more"
+                    raise fail(f"{section}.{key}", f"must be {shown}, not {value}")
             out.append((key, float(value) if expected is float else value))
         return tuple(sorted(out))
 
@@ -119,6 +152,8 @@ def parse_spec(path: Path) -> CollectionSpec:
         validate_collection(name)
     except ConfigError as exc:
         raise fail("name", str(exc)) from None
+    if "__" in name:
+        raise fail("name", "may not contain '__', which marks an alias's physical collections")
     vectors = table("vectors", required=True)
     extra = set(vectors) - {"size", "distance"}
     if extra:
@@ -291,9 +326,8 @@ def plan_collection(client: QdrantClient, target: QdrantTarget, spec: Collection
     notes: list[str] = []
     live_size, live_distance = getattr(vectors, "size", None), getattr(getattr(vectors, "distance", None), "value", None)
     if (live_size, live_distance) != (spec.size, spec.distance):
-        actions.append(Action("recreate", physical_name(alias, spec),
-                              f"vectors {live_size} {live_distance} -> {spec.size} {spec.distance}"))
-        return CollectionPlan(spec, alias, physical, live_fp, tuple(actions))
+        recreate = _recreate_action(client, alias, physical, spec, live_size, live_distance)
+        return CollectionPlan(spec, alias, physical, live_fp, (recreate,))
     if target.local:
         notes.append(NOT_CHECKABLE)
     else:
@@ -301,6 +335,54 @@ def plan_collection(client: QdrantClient, target: QdrantTarget, spec: Collection
     if live_fp != spec.fingerprint():
         actions.append(Action("record", physical, f"fingerprint {live_fp or 'none'} -> {spec.fingerprint()}"))
     return CollectionPlan(spec, alias, physical, live_fp, tuple(actions), tuple(notes))
+
+
+def _points(client: QdrantClient, name: str) -> int:
+    return int(client.count(name, exact=True).count)
+
+
+def _vectors(info: Any) -> tuple[Any, Any]:
+    vectors = info.config.params.vectors
+    return getattr(vectors, "size", None), getattr(getattr(vectors, "distance", None), "value", None)
+
+
+def _fill_state(info: Any) -> dict[str, Any]:
+    """How a collection built by a recreate was filled: its source and whether the copy finished."""
+    fill = (info.config.metadata or {}).get(FILL_KEY)
+    return fill if isinstance(fill, dict) else {}
+
+
+def _recreate_action(client: QdrantClient, alias: str, physical: str, spec: CollectionSpec,
+                     live_size: Any, live_distance: Any) -> Action:
+    """The immutable change: which collection the alias will point at, and what becomes of the old one.
+
+    The new collection is named after the spec, so going back to an earlier spec finds the
+    collection that spec had, points and all: it is reused, never deleted and rebuilt.
+    """
+    new = physical_name(alias, spec)
+    source_points = _points(client, physical)
+    copy = live_size == spec.size  # vectors of another size cannot be carried over
+    params: dict[str, Any] = {"copy": copy}
+    if physical == alias:
+        params["conflict"] = (f"qdrant: {alias} is a plain collection, not an alias, so it cannot be swapped "
+                              "atomically; migrate its points to an aliased collection first")
+    if client.collection_exists(new):
+        info = client.get_collection(new)
+        if _vectors(info) != (spec.size, spec.distance):
+            size, distance = _vectors(info)
+            params["conflict"] = (f"qdrant: {new} already exists with vectors {size} {distance}, not the spec's "
+                                  f"{spec.size} {spec.distance}; rename or remove it (momentry-db prune lists it)")
+        state = "an interrupted copy" if _fill_state(info).get("complete") is False else "kept from earlier"
+        where = f"alias {alias} -> {new} ({state}, {_points(client, new)} points"
+    else:
+        where = f"alias {alias} -> {new} (new"
+    if copy:
+        what = f"; the {source_points} points of {physical} are copied into it)"
+    else:
+        what = f"; vectors of {physical} are {live_size} wide, so its {source_points} points are not copied)"
+    detail = (f"vectors {live_size} {live_distance} -> {spec.size} {spec.distance}; {where}{what}; "
+              f"{physical} ({source_points} points) is kept")
+    return Action("recreate", new, detail, tuple(sorted(params.items())))
 
 
 def _mutable_actions(info: Any, physical: str, spec: CollectionSpec) -> list[Action]:
@@ -471,6 +553,10 @@ def apply(target: QdrantTarget, specs: list[CollectionSpec] | None = None, *, re
             raise RefusedError(f"qdrant {target.env.name}: {cp.alias} needs an immutable change "
                                f"({cp.immutable.detail}); run with --recreate-qdrant to build a new "
                                "collection and swap the alias")
+        conflicts = [dict(cp.immutable.params)["conflict"] for cp in plans
+                     if cp.immutable and "conflict" in dict(cp.immutable.params)]
+        if conflicts:
+            raise RefusedError(conflicts[0])
         for cp in plans:
             if not cp.actions:
                 continue
@@ -552,24 +638,35 @@ def _apply_action(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan
     elif action.kind == "record":
         client.update_collection(action.collection, metadata=_metadata(cp.spec))
     elif action.kind == "recreate":
-        _recreate(client, cp, action.collection, emit)
+        _recreate(client, target, cp, action, emit)
     else:  # pragma: no cover - plan_collection makes only the kinds above
         raise AssertionError(action.kind)
 
 
-def _recreate(client: QdrantClient, cp: CollectionPlan, new: str, emit: Emit | None) -> None:
-    """Build the new collection, copy points where meaningful, swap the alias atomically."""
+def _recreate(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, action: Action,
+              emit: Emit | None) -> None:
+    """Fill the spec's collection (new, or kept from earlier), then swap the alias atomically.
+
+    Nothing is deleted: a collection already there (an earlier spec's, or an interrupted
+    copy) keeps its points and is topped up from the current one where the vector size
+    allows; the collection the alias leaves is kept for ``momentry-db prune``.
+    """
     m = _models()
+    params = dict(action.params)
+    if "conflict" in params:  # the plan was made again under the lock
+        raise RefusedError(params["conflict"])
     assert cp.physical is not None
-    if cp.physical == cp.alias:
-        raise RefusedError(f"qdrant: {cp.alias} is a plain collection, not an alias, so it cannot be "
-                           "swapped atomically; migrate its points to an aliased collection first")
+    new = action.collection
     if client.collection_exists(new):
-        client.delete_collection(new)  # a leftover from an interrupted recreate
-    _create(client, new, cp.spec)
-    old_size = client.get_collection(cp.physical).config.params.vectors.size
+        live = set(client.get_collection(new).payload_schema or {})
+        for field_name, schema in cp.spec.payload_indexes:  # an interrupted create may lack some
+            if field_name not in live:
+                client.create_payload_index(new, field_name, field_schema=m.PayloadSchemaType(schema))
+    else:
+        _create(client, new, cp.spec)
+    client.update_collection(new, metadata={FILL_KEY: {"from": cp.physical, "complete": False}})
     copied = 0
-    if old_size == cp.spec.size:  # vectors of another size cannot be carried over
+    if params.get("copy"):
         offset = None
         while True:
             records, offset = client.scroll(cp.physical, limit=COPY_BATCH, offset=offset,
@@ -584,13 +681,75 @@ def _recreate(client: QdrantClient, cp: CollectionPlan, new: str, emit: Emit | N
                 break
     elif emit is not None:
         emit("notice", f"qdrant: {cp.alias}: vector size changed; points were not copied (re-embed them)")
+    client.update_collection(new, metadata={FILL_KEY: {"from": cp.physical, "complete": True, "copied": copied}})
     client.update_collection_aliases(change_aliases_operations=[
         m.DeleteAliasOperation(delete_alias=m.DeleteAlias(alias_name=cp.alias)),
         m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name=new, alias_name=cp.alias)),
     ])
     if emit is not None:
-        emit("notice", f"qdrant: {cp.alias} now points at {new} ({copied} points copied); "
-                       f"the old collection {cp.physical} is kept until you delete it")
+        emit("notice", f"qdrant: {cp.alias} now points at {new} ({copied} points copied, {_points(client, new)} "
+                       f"in all); the old collection {cp.physical} ({_points(client, cp.physical)} points) is "
+                       f"kept: momentry-db prune --env {target.env.name} lists old collections and removes them")
+
+
+# --- old physical collections: list, prune ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OldCollection:
+    """A physical collection of an environment's alias that the alias no longer points at."""
+
+    alias: str
+    name: str
+    points: int
+    vectors: str
+    interrupted: bool  # a recreate's copy into it never finished
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def old_collections(client: QdrantClient, env: Environment,
+                    specs: list[CollectionSpec]) -> tuple[dict[str, str | None], list[OldCollection]]:
+    """Where each alias points now, and the environment's physical collections it does not point at."""
+    import re
+
+    names = sorted(c.name for c in client.get_collections().collections)
+    live: dict[str, str | None] = {}
+    old: list[OldCollection] = []
+    for spec in specs:
+        alias = env.qdrant_collection_for(spec.name)
+        live[alias] = _resolve(client, alias)
+        owned = re.compile(re.escape(alias) + r"__[0-9a-f]{8}")  # physical_name's shape, never a lock
+        for name in names:
+            if owned.fullmatch(name) and name != live[alias]:
+                info = client.get_collection(name)
+                size, distance = _vectors(info)
+                old.append(OldCollection(alias, name, _points(client, name), f"{size} {distance}",
+                                         _fill_state(info).get("complete") is False))
+    return live, old
+
+
+def prune(client: QdrantClient, target: QdrantTarget, listed: list[OldCollection]) -> tuple[list[str], list[str]]:
+    """Delete the listed collections that, under each alias's lock, are still old and unchanged.
+
+    Returns what was deleted and what was left because it changed since it was listed
+    (the alias points at it again, or its point count moved).
+    """
+    deleted: list[str] = []
+    changed: list[str] = []
+    for alias in dict.fromkeys(o.alias for o in listed):
+        with apply_lock(client, target, alias):
+            live = _resolve(client, alias)
+            for old in (o for o in listed if o.alias == alias):
+                if not client.collection_exists(old.name):
+                    continue
+                if old.name == live or _points(client, old.name) != old.points:
+                    changed.append(old.name)
+                    continue
+                client.delete_collection(old.name)
+                deleted.append(old.name)
+    return deleted, changed
 
 
 # --- environment management: reset, clone ----------------------------------------------------
