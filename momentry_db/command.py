@@ -442,7 +442,9 @@ def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consen
             deleted, changed = qdrant.prune(client, target, old)
         target.client = None
     for alias, physical in live.items():
-        result.lines.append(f"qdrant {env.name}: {alias} -> {physical or '(missing)'}: live, kept")
+        result.lines.append(f"qdrant {env.name}: {alias} -> {physical}: live, kept" if physical else
+                            f"qdrant {env.name}: {alias} is missing: its collections are left alone; run "
+                            f"momentry-db migrate --env {env.name} first")
     for o in old:
         state = ("deleted" if o.name in deleted else "left: it changed since it was listed" if o.name in changed
                  else "old")

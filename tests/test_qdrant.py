@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -344,3 +345,247 @@ def test_going_back_to_a_kept_spec_repoints_the_alias_with_its_points(project) -
         assert c.retrieve("momentry_rule1", [0, 299], with_payload=True)[1].payload == {"video_id": 299}
     assert migrate_qdrant(project, "prod").code == 0  # and it is now at its spec
     assert layout(project) == ({"momentry_rule1": first}, {first: 300, second: 0})
+
+
+def test_an_interrupted_copy_is_resumed_and_keeps_points_the_source_lacks(project) -> None:
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "dev").code == 0
+    with local_client(project) as c:
+        add_points(c, "momentry_dev_rule1", 600)
+    (source,) = layout(project)[0].values()
+    dot = BASE.replace('distance = "Cosine"', 'distance = "Dot"')
+    write_specs(project, dot)
+    (spec,) = qdrant.load_specs(project.root / "qdrant_specs")
+    leftover = qdrant.physical_name("momentry_dev_rule1", spec)
+    with local_client(project) as c:  # a recreate that stopped after 100 points, plus one of its own
+        qdrant._create(c, leftover, spec)
+        c.update_collection(leftover, metadata={qdrant.FILL_KEY: {"from": source, "complete": False}})
+        records, _ = c.scroll(source, limit=100, with_vectors=True, with_payload=True)
+        c.upsert(leftover, points=[models.PointStruct(id=r.id, vector=r.vector, payload=r.payload) for r in records])
+        c.upsert(leftover, points=[models.PointStruct(id=10_000, vector=[1.0] * 1024, payload={"video_id": -1})])
+
+    plan = project.cli("plan", "--env", "dev", "--store", "qdrant")
+    assert (f"alias momentry_dev_rule1 -> {leftover} (an interrupted copy, 101 points; "
+            f"the 600 points of {source} are copied into it); {source} (600 points) is kept") in plan.out
+    listed = project.cli("prune", "--env", "dev")
+    assert f"qdrant dev: {leftover}: 1024 Dot, 101 points, an interrupted copy: old" in listed.out
+
+    result = migrate_qdrant(project, "dev", "--recreate-qdrant")
+    assert result.code == 0, result.err
+    assert layout(project) == ({"momentry_dev_rule1": leftover}, {source: 600, leftover: 601})
+    with local_client(project) as c:
+        assert c.retrieve(leftover, [10_000], with_payload=True)[0].payload == {"video_id": -1}
+        assert c.get_collection(leftover).config.metadata[qdrant.FILL_KEY] == {
+            "from": source, "complete": True, "copied": 600}
+
+
+def test_a_foreign_collection_in_the_new_collections_place_is_refused_before_any_write(project) -> None:
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "dev").code == 0
+    dot = BASE.replace('distance = "Cosine"', 'distance = "Dot"')
+    write_specs(project, dot)
+    (spec,) = qdrant.load_specs(project.root / "qdrant_specs")
+    squatter = qdrant.physical_name("momentry_dev_rule1", spec)
+    with local_client(project) as c:
+        c.create_collection(squatter, vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
+        c.upsert(squatter, points=[models.PointStruct(id=1, vector=[1.0, 0, 0, 0])])
+    before = layout(project)
+    result = migrate_qdrant(project, "dev", "--recreate-qdrant")
+    assert result.code == 2
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: qdrant: {squatter} already exists with vectors 4 Dot, not the spec's 1024 Dot; "
+        "rename or remove it (momentry-db prune lists it)")
+    assert layout(project) == before
+
+
+def test_a_same_size_roundtrip_reuses_the_kept_collection_and_carries_the_newer_points_back(project) -> None:
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "dev").code == 0
+    with local_client(project) as c:
+        add_points(c, "momentry_dev_rule1", 10)
+    (cosine,) = layout(project)[0].values()
+    write_specs(project, BASE.replace('distance = "Cosine"', 'distance = "Dot"'))
+    assert migrate_qdrant(project, "dev", "--recreate-qdrant").code == 0
+    with local_client(project) as c:  # written while Dot was live
+        c.upsert("momentry_dev_rule1", points=[models.PointStruct(id=50, vector=[2.0] * 1024, payload={"video_id": 50})])
+    (dot,) = layout(project)[0].values()
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "dev", "--recreate-qdrant").code == 0
+    assert layout(project) == ({"momentry_dev_rule1": cosine}, {cosine: 11, dot: 11})
+    with local_client(project) as c:  # the same collection, not one rebuilt under its name
+        steps = [e["step"] for e in c.get_collection(cosine).config.metadata[qdrant.HISTORY_KEY]]
+    assert steps == ["create", "recreate"]
+
+
+def old_and_live(project, env: str) -> tuple[str, str]:
+    """Give env a kept collection: 5 points, then a size change that leaves them behind."""
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, env).code == 0
+    alias = "momentry_rule1" if env == "prod" else f"momentry_{env}_rule1"
+    with local_client(project) as c:
+        add_points(c, alias, 5)
+    (old,) = (v for k, v in layout(project)[0].items() if k == alias)
+    write_specs(project, BASE.replace("size = 1024", "size = 8"))
+    assert migrate_qdrant(project, env, "--recreate-qdrant").code == 0
+    return old, layout(project)[0][alias]
+
+
+def test_prune_lists_old_collections_with_their_points_and_deletes_only_with_yes(project) -> None:
+    prod_old, prod_live = old_and_live(project, "prod")
+    dev_old, dev_live = old_and_live(project, "dev")
+    before = layout(project)
+
+    listed = project.cli("prune", "--env", "dev")
+    assert listed.code == 0
+    assert listed.out.splitlines() == [
+        f"qdrant dev: momentry_dev_rule1 -> {dev_live}: live, kept",
+        f"qdrant dev: {dev_old}: 1024 Cosine, 5 points: old",
+        "prune dev: 1 old collection(s) holding 5 point(s); nothing deleted (rerun with --yes to delete them)",
+    ]
+    assert layout(project) == before
+
+    pruned = project.cli("prune", "--env", "dev", "--yes", "--json")
+    assert pruned.code == 0
+    data = json.loads(pruned.out)
+    assert (data["deleted"], data["live"]) == ([dev_old], {"momentry_dev_rule1": dev_live})
+    aliases, counts = layout(project)
+    assert aliases == before[0]
+    assert counts == {k: v for k, v in before[1].items() if k != dev_old}  # prod's old one stays
+    again = project.cli("prune", "--env", "dev", "--yes")
+    assert again.out.splitlines()[-1] == "prune dev: no old collections; nothing to delete"
+
+
+def test_prod_prune_needs_its_name_typed(project) -> None:
+    old, live = old_and_live(project, "prod")
+    before = layout(project)
+
+    no_terminal = project.cli("prune", "--env", "prod", "--yes")
+    assert no_terminal.code == 2
+    assert no_terminal.err.strip().splitlines()[-1] == (
+        "error: prune of prod needs a typed confirmation: type 'prod' when asked on a terminal, "
+        "or pass --confirm prod; nothing was deleted")
+    wrong = project.cli("prune", "--env", "prod", "--yes", "--confirm", "dev")
+    assert wrong.code == 2
+    assert wrong.err.strip().splitlines()[-1] == ("error: --confirm 'dev' does not match --env 'prod'; "
+                                                  "nothing was deleted")
+    assert layout(project) == before
+
+    confirmed = project.cli("prune", "--env", "prod", "--yes", "--confirm", "prod")
+    assert confirmed.code == 0, confirmed.err
+    assert f"qdrant prod: {old}: 1024 Cosine, 5 points: deleted" in confirmed.out
+    assert layout(project) == ({"momentry_rule1": live}, {live: 0})
+
+
+def on_a_terminal(project, typed: str, *args: str) -> tuple[int, str]:
+    """Run momentry-db as a subprocess whose stdin is a terminal, typing one line."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    main, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "momentry_db.cli", "--project-dir", str(project.root), *args],
+                            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=project.run_env(), cwd=project.root, text=True)
+    os.close(follower)
+    os.write(main, (typed + "\n").encode())
+    out, err = proc.communicate(timeout=120)
+    os.close(main)
+    return proc.returncode, out + err
+
+
+@pytest.mark.parametrize("typed,code", [("prod", 0), ("yes", 2)])
+def test_prod_prune_on_a_terminal_deletes_only_when_prod_is_typed(project, typed: str, code: int) -> None:
+    old, live = old_and_live(project, "prod")
+    before = layout(project)
+    returncode, output = on_a_terminal(project, typed, "prune", "--env", "prod", "--yes")
+    assert returncode == code, output
+    assert f"prune deletes 1 old Qdrant collection(s) of prod holding 5 point(s): {old}" in output
+    assert layout(project) == (({"momentry_rule1": live}, {live: 0}) if code == 0 else before)
+
+
+def test_a_spec_that_reaches_another_environments_collection_is_refused(project) -> None:
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "dev").code == 0
+    with local_client(project) as c:
+        add_points(c, "momentry_dev_rule1", 3)
+    (project.root / "qdrant_specs" / "dev_rule1.toml").write_text(BASE.replace('name = "rule1"', 'name = "dev_rule1"'))
+    before = layout(project)
+    for command_line in (("migrate", "--env", "prod", "--store", "qdrant", "--recreate-qdrant"),
+                         ("plan", "--env", "prod", "--store", "qdrant"),
+                         ("migrate", "--env", "dev", "--store", "qdrant")):
+        result = project.cli(*command_line)
+        assert result.code == 2, command_line
+        assert result.err.strip().splitlines()[-1] == (
+            "error: qdrant specs: qdrant_specs/dev_rule1.toml gives prod the collection 'momentry_dev_rule1', "
+            "which clashes with dev's 'momentry_dev_rule1' (qdrant_specs/rule1.toml); rename the spec so that "
+            "every environment keeps its own collections")
+    assert layout(project) == before
+
+
+def test_a_spec_name_against_a_collection_no_spec_declares_is_refused(tmp_path: Path) -> None:
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    (spec,) = specs_with(tmp_path, 'name = "rule1"', 'name = "dev_rule1"')
+    with pytest.raises(ConfigError, match="gives prod the collection 'momentry_dev_rule1', which clashes with "
+                                          "dev's 'momentry_dev_rule1' \\(its QDRANT_COLLECTION\\)"):
+        qdrant.check_spec_names([spec], proj.environments())
+    qdrant.check_spec_names(qdrant.load_specs(), proj.environments())  # the shipped spec is fine
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("m = 16", "m = -16", "hnsw.m: must be 0 or more, not -16"),
+    ("ef_construct = 128", "ef_construct = 3", "hnsw.ef_construct: must be 4 or more, not 3"),
+    ("full_scan_threshold = 10000", "full_scan_threshold = 9", "hnsw.full_scan_threshold: must be 10 or more, not 9"),
+    ("m = 16", "payload_m = -1", "hnsw.payload_m: must be 0 or more, not -1"),
+    ("m = 16", "max_indexing_threads = -2", "hnsw.max_indexing_threads: must be 0 or more, not -2"),
+    ("m = 16", "on_disk = 1", "hnsw.on_disk: must be bool, not int"),
+    ("indexing_threshold = 20000", "deleted_threshold = 1.5", "optimizers.deleted_threshold: must be from 0.0 to 1.0, not 1.5"),
+    ("indexing_threshold = 20000", "deleted_threshold = -0.1", "optimizers.deleted_threshold: must be from 0.0 to 1.0, not -0.1"),
+    ("indexing_threshold = 20000", "vacuum_min_vector_number = 99",
+     "optimizers.vacuum_min_vector_number: must be 100 or more, not 99"),
+    ("indexing_threshold = 20000", "max_segment_size = 0", "optimizers.max_segment_size: must be 1 or more, not 0"),
+    ("indexing_threshold = 20000", "indexing_threshold = -1", "optimizers.indexing_threshold: must be 0 or more, not -1"),
+    ("indexing_threshold = 20000", "flush_interval_sec = -5", "optimizers.flush_interval_sec: must be 0 or more, not -5"),
+    ("default_segment_number = 2", "default_segment_number = -2",
+     "optimizers.default_segment_number: must be 0 or more, not -2"),
+    ("size = 1024", "size = 0", "vectors.size: must be an integer from 1 to 65536"),
+    ("size = 1024", "size = 65537", "vectors.size: must be an integer from 1 to 65536"),
+    ('name = "rule1"', 'name = "rule1__a1b2c3d4"', "name: may not contain '__'"),
+])
+def test_numbers_out_of_qdrants_ranges_are_refused(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"rule1.toml: {re.escape(message)}"):
+        specs_with(tmp_path, old, new)
+
+
+def test_the_edges_of_qdrants_ranges_are_accepted(tmp_path: Path) -> None:
+    edges = BASE.replace("m = 16", "m = 0\npayload_m = 0\nmax_indexing_threads = 0\non_disk = true").replace(
+        "ef_construct = 128", "ef_construct = 4").replace("full_scan_threshold = 10000", "full_scan_threshold = 10")
+    edges = edges.replace("indexing_threshold = 20000", "indexing_threshold = 0\ndeleted_threshold = 1\n"
+                          "vacuum_min_vector_number = 100\nmax_segment_size = 1\nflush_interval_sec = 0")
+    (spec,) = qdrant.load_specs(spec_file(tmp_path / "specs", edges))
+    assert dict(spec.hnsw) == {"m": 0, "payload_m": 0, "max_indexing_threads": 0, "on_disk": True,
+                               "ef_construct": 4, "full_scan_threshold": 10}
+    assert dict(spec.optimizers)["deleted_threshold"] == 1.0
+
+
+def test_a_bad_number_is_bad_input_for_the_cli(project) -> None:
+    write_specs(project, BASE.replace("m = 16", "m = -16"))
+    result = project.cli("plan", "--env", "prod", "--store", "qdrant")
+    assert result.code == 2
+    assert result.err.strip().splitlines() == ["error: qdrant_specs/rule1.toml: hnsw.m: must be 0 or more, not -16"]
+    assert not (Path(project.environ["MOMENTRY_STATE_DIR"]) / "qdrant").exists()
+
+
+def test_prune_leaves_every_collection_of_a_missing_alias_alone(project) -> None:
+    old, live = old_and_live(project, "dev")
+    with local_client(project) as c:
+        c.update_collection_aliases(change_aliases_operations=[
+            models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name="momentry_dev_rule1"))])
+    before = layout(project)
+    result = project.cli("prune", "--env", "dev", "--yes")
+    assert result.code == 0
+    assert result.out.splitlines() == [
+        "qdrant dev: momentry_dev_rule1 is missing: its collections are left alone; run "
+        "momentry-db migrate --env dev first",
+        "prune dev: no old collections; nothing to delete"]
+    assert layout(project) == before == ({}, {old: 5, live: 0})

@@ -90,19 +90,26 @@ def check_spec_names(specs: list[CollectionSpec], envs: Sequence[Environment]) -
 
     A spec named ``dev_rule1`` gives prod ``momentry_dev_rule1``, which is dev's: prod's
     migrate would then change dev's collection. Each environment's own QDRANT_COLLECTION
-    counts even when no spec declares ``rule1``.
+    counts even when no spec declares ``rule1``; an overlap of two of those settings alone
+    is not a spec's doing, and verify reports it.
     """
-    owned: list[tuple[Environment, str, str]] = []
+    owned: list[tuple[Environment, str, str, str]] = []  # env, logical name, where declared, collection
     for env in envs:
         names = {QDRANT_LOGICAL_COLLECTION: "its QDRANT_COLLECTION"}
         names.update({spec.name: spec.source or spec.name for spec in specs})
-        owned += [(env, source, env.qdrant_collection_for(logical)) for logical, source in names.items()]
-    for i, (env, source, name) in enumerate(owned):
-        for other_env, other_source, other in owned[:i]:
-            if names_clash("Qdrant collection", name, other):
-                raise ConfigError(f"qdrant specs: {source} gives {env.name} the collection {name!r}, which "
-                                  f"clashes with {other_env.name}'s {other!r} ({other_source}); rename the "
-                                  "spec so that every environment keeps its own collections")
+        owned += [(env, logical, source, env.qdrant_collection_for(logical)) for logical, source in names.items()]
+    for i, mine in enumerate(owned):
+        for theirs in owned[:i]:
+            if mine[1] == theirs[1] == QDRANT_LOGICAL_COLLECTION:
+                continue  # two environments' own QDRANT_COLLECTION settings: verify reports that overlap
+            if not names_clash("Qdrant collection", mine[3], theirs[3]):
+                continue
+            if mine[1] == QDRANT_LOGICAL_COLLECTION:  # name the other spec: the environment's own name is fixed
+                mine, theirs = theirs, mine
+            (env, _, source, name), (other_env, _, other_source, other) = mine, theirs
+            raise ConfigError(f"qdrant specs: {source} gives {env.name} the collection {name!r}, which "
+                              f"clashes with {other_env.name}'s {other!r} ({other_source}); rename the "
+                              "spec so that every environment keeps its own collections")
 
 
 def parse_spec(path: Path) -> CollectionSpec:
@@ -711,7 +718,10 @@ class OldCollection:
 
 def old_collections(client: QdrantClient, env: Environment,
                     specs: list[CollectionSpec]) -> tuple[dict[str, str | None], list[OldCollection]]:
-    """Where each alias points now, and the environment's physical collections it does not point at."""
+    """Where each alias points now, and the environment's physical collections it does not point at.
+
+    A missing alias lists nothing: which of its collections is current is then unknown.
+    """
     import re
 
     names = sorted(c.name for c in client.get_collections().collections)
@@ -720,6 +730,8 @@ def old_collections(client: QdrantClient, env: Environment,
     for spec in specs:
         alias = env.qdrant_collection_for(spec.name)
         live[alias] = _resolve(client, alias)
+        if live[alias] is None:  # nothing says which collection is current: leave them all to migrate
+            continue
         owned = re.compile(re.escape(alias) + r"__[0-9a-f]{8}")  # physical_name's shape, never a lock
         for name in names:
             if owned.fullmatch(name) and name != live[alias]:
@@ -744,7 +756,7 @@ def prune(client: QdrantClient, target: QdrantTarget, listed: list[OldCollection
             for old in (o for o in listed if o.alias == alias):
                 if not client.collection_exists(old.name):
                     continue
-                if old.name == live or _points(client, old.name) != old.points:
+                if live is None or old.name == live or _points(client, old.name) != old.points:
                     changed.append(old.name)
                     continue
                 client.delete_collection(old.name)
