@@ -328,6 +328,7 @@ def test_going_back_to_a_kept_spec_repoints_the_alias_with_its_points(project) -
     second = aliases["momentry_rule1"]
     assert counts == {first: 300, second: 0}
     assert f"the old collection {first} (300 points) is kept" in bigger.err
+    assert "points were not copied (re-embed them)" in bigger.err
 
     write_specs(project, BASE)
     plan = project.cli("plan", "--env", "prod", "--store", "qdrant")
@@ -339,6 +340,7 @@ def test_going_back_to_a_kept_spec_repoints_the_alias_with_its_points(project) -
 
     back = migrate_qdrant(project, "prod", "--recreate-qdrant")
     assert back.code == 0, back.err
+    assert f"points were not copied ({first} keeps its own 300 points)" in back.err
     assert layout(project) == ({"momentry_rule1": first}, {first: 300, second: 0})
     with local_client(project) as c:
         assert c.get_collection("momentry_rule1").config.params.vectors.size == 1024
@@ -407,7 +409,8 @@ def test_a_same_size_roundtrip_reuses_the_kept_collection_and_carries_the_newer_
     write_specs(project, BASE.replace('distance = "Cosine"', 'distance = "Dot"'))
     assert migrate_qdrant(project, "dev", "--recreate-qdrant").code == 0
     with local_client(project) as c:  # written while Dot was live
-        c.upsert("momentry_dev_rule1", points=[models.PointStruct(id=50, vector=[2.0] * 1024, payload={"video_id": 50})])
+        c.upsert("momentry_dev_rule1",
+                 points=[models.PointStruct(id=50, vector=[2.0] * 1024, payload={"video_id": 50})])
     (dot,) = layout(project)[0].values()
     write_specs(project, BASE)
     assert migrate_qdrant(project, "dev", "--recreate-qdrant").code == 0
@@ -539,13 +542,18 @@ def test_a_spec_name_against_a_collection_no_spec_declares_is_refused(tmp_path: 
     ("m = 16", "payload_m = -1", "hnsw.payload_m: must be 0 or more, not -1"),
     ("m = 16", "max_indexing_threads = -2", "hnsw.max_indexing_threads: must be 0 or more, not -2"),
     ("m = 16", "on_disk = 1", "hnsw.on_disk: must be bool, not int"),
-    ("indexing_threshold = 20000", "deleted_threshold = 1.5", "optimizers.deleted_threshold: must be from 0.0 to 1.0, not 1.5"),
-    ("indexing_threshold = 20000", "deleted_threshold = -0.1", "optimizers.deleted_threshold: must be from 0.0 to 1.0, not -0.1"),
+    ("indexing_threshold = 20000", "deleted_threshold = 1.5",
+     "optimizers.deleted_threshold: must be from 0.0 to 1.0, not 1.5"),
+    ("indexing_threshold = 20000", "deleted_threshold = -0.1",
+     "optimizers.deleted_threshold: must be from 0.0 to 1.0, not -0.1"),
     ("indexing_threshold = 20000", "vacuum_min_vector_number = 99",
      "optimizers.vacuum_min_vector_number: must be 100 or more, not 99"),
-    ("indexing_threshold = 20000", "max_segment_size = 0", "optimizers.max_segment_size: must be 1 or more, not 0"),
-    ("indexing_threshold = 20000", "indexing_threshold = -1", "optimizers.indexing_threshold: must be 0 or more, not -1"),
-    ("indexing_threshold = 20000", "flush_interval_sec = -5", "optimizers.flush_interval_sec: must be 0 or more, not -5"),
+    ("indexing_threshold = 20000", "max_segment_size = 0",
+     "optimizers.max_segment_size: must be 1 or more, not 0"),
+    ("indexing_threshold = 20000", "indexing_threshold = -1",
+     "optimizers.indexing_threshold: must be 0 or more, not -1"),
+    ("indexing_threshold = 20000", "flush_interval_sec = -5",
+     "optimizers.flush_interval_sec: must be 0 or more, not -5"),
     ("default_segment_number = 2", "default_segment_number = -2",
      "optimizers.default_segment_number: must be 0 or more, not -2"),
     ("size = 1024", "size = 0", "vectors.size: must be an integer from 1 to 65536"),

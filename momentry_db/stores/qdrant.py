@@ -328,10 +328,9 @@ def plan_collection(client: QdrantClient, target: QdrantTarget, spec: Collection
     info = client.get_collection(physical)
     meta = (info.config.metadata or {}).get(METADATA_KEY) or {}
     live_fp = meta.get("fingerprint") if isinstance(meta, dict) else None
-    vectors = info.config.params.vectors
     actions: list[Action] = []
     notes: list[str] = []
-    live_size, live_distance = getattr(vectors, "size", None), getattr(getattr(vectors, "distance", None), "value", None)
+    live_size, live_distance = _vectors(info)
     if (live_size, live_distance) != (spec.size, spec.distance):
         recreate = _recreate_action(client, alias, physical, spec, live_size, live_distance)
         return CollectionPlan(spec, alias, physical, live_fp, (recreate,))
@@ -664,7 +663,8 @@ def _recreate(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, ac
         raise RefusedError(params["conflict"])
     assert cp.physical is not None
     new = action.collection
-    if client.collection_exists(new):
+    reused = client.collection_exists(new)
+    if reused:
         live = set(client.get_collection(new).payload_schema or {})
         for field_name, schema in cp.spec.payload_indexes:  # an interrupted create may lack some
             if field_name not in live:
@@ -687,7 +687,8 @@ def _recreate(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, ac
             if offset is None:
                 break
     elif emit is not None:
-        emit("notice", f"qdrant: {cp.alias}: vector size changed; points were not copied (re-embed them)")
+        kept = f"{new} keeps its own {_points(client, new)} points" if reused else "re-embed them"
+        emit("notice", f"qdrant: {cp.alias}: vector size changed; points were not copied ({kept})")
     client.update_collection(new, metadata={FILL_KEY: {"from": cp.physical, "complete": True, "copied": copied}})
     client.update_collection_aliases(change_aliases_operations=[
         m.DeleteAliasOperation(delete_alias=m.DeleteAlias(alias_name=cp.alias)),
