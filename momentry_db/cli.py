@@ -241,6 +241,35 @@ def reset(ctx: click.Context, env_name: str, yes: bool, as_json: bool) -> None:
 
 
 @main.command()
+@env_option
+@click.option("--yes", is_flag=True, help="Delete the listed collections; without it prune only lists them.")
+@click.option("--confirm", "confirm_name", metavar="NAME",
+              help="The environment's name, typed in advance: prod's prune needs it when there is no terminal.")
+@json_option
+@click.pass_context
+def prune(ctx: click.Context, env_name: str, yes: bool, confirm_name: str | None, as_json: bool) -> None:
+    """List old Qdrant collections (no alias points at them) with point counts; --yes deletes them."""
+    from . import command
+
+    def typed(question: str) -> bool:
+        if confirm_name is not None:
+            return True  # checked against --env below, before anything is read
+        if not sys.stdin.isatty():
+            return False
+        answer = click.prompt(f"{question}\nType {env_name!r} to confirm", default="", show_default=False, err=True)
+        return bool(answer == env_name)
+
+    def work(project: Any, emit: Any) -> Any:
+        from .errors import ConfigError
+
+        if confirm_name is not None and confirm_name != env_name:
+            raise ConfigError(f"--confirm {confirm_name!r} does not match --env {env_name!r}; nothing was deleted")
+        return command.prune(project, env_name, yes=yes, confirm=typed, emit=emit)
+
+    _run(ctx, as_json, work)
+
+
+@main.command()
 @click.option("--from", "source", required=True, metavar="NAME", help="Environment to copy from.")
 @click.option("--to", "dest", required=True, metavar="NAME", help="Environment to copy into (never prod).")
 @store_option
@@ -348,35 +377,6 @@ def history(ctx: click.Context, env_name: str, stores: tuple[str, ...], limit: i
 
     _run(ctx, as_json, lambda project, emit: command.history(project, env_name, limit=limit, stores=stores,
                                                              emit=emit))
-
-
-@main.command()
-@env_option
-@click.option("--yes", is_flag=True, help="Delete the listed collections; without it prune only lists them.")
-@click.option("--confirm", "confirm_name", metavar="NAME",
-              help="The environment's name, typed in advance: prod's prune needs it when there is no terminal.")
-@json_option
-@click.pass_context
-def prune(ctx: click.Context, env_name: str, yes: bool, confirm_name: str | None, as_json: bool) -> None:
-    """List old Qdrant collections (no alias points at them) with point counts; --yes deletes them."""
-    from . import command
-
-    def typed(question: str) -> bool:
-        if confirm_name is not None:
-            return True  # checked against --env below, before anything is read
-        if not sys.stdin.isatty():
-            return False
-        answer = click.prompt(f"{question}\nType {env_name!r} to confirm", default="", show_default=False, err=True)
-        return bool(answer == env_name)
-
-    def work(project: Any, emit: Any) -> Any:
-        from .errors import ConfigError
-
-        if confirm_name is not None and confirm_name != env_name:
-            raise ConfigError(f"--confirm {confirm_name!r} does not match --env {env_name!r}; nothing was deleted")
-        return command.prune(project, env_name, yes=yes, confirm=typed, emit=emit)
-
-    _run(ctx, as_json, work)
 
 
 @main.group()
