@@ -116,13 +116,20 @@ def acquire_lock(conn: Connection, target: PgTarget) -> None:
         if got:
             return
         if time.monotonic() >= deadline:
-            row = conn.execute(sa.text(_LOCK_HOLDER), {"c": str(LOCK_CLASS), "s": target.schema}).first()
-            conn.commit()
-            holder = (f"{row[0] or 'a session'} (pid {row[1]}, from {row[2]}, since "
-                      f"{row[3]:%Y-%m-%d %H:%M:%S})") if row else "another session"
             raise LockTimeoutError(f"postgres {target.env.name} (schema {target.schema}): migration lock "
-                                   f"held by {holder} for over {target.lock_wait:g}s; retry when it finishes")
+                                   f"held by {lock_holder(conn, target)} for over {target.lock_wait:g}s; "
+                                   "retry when it finishes")
         time.sleep(0.1)
+
+
+def lock_holder(conn: Connection, target: PgTarget) -> str:
+    """Who holds the schema's advisory lock, as a person would recognise the session."""
+    import sqlalchemy as sa
+
+    row = conn.execute(sa.text(_LOCK_HOLDER), {"c": str(LOCK_CLASS), "s": target.schema}).first()
+    conn.commit()
+    return (f"{row[0] or 'a session'} (pid {row[1]}, from {row[2]}, since "
+            f"{row[3]:%Y-%m-%d %H:%M:%S})") if row else "another session"
 
 
 def session_settings_sql(env: Environment) -> list[str]:
@@ -572,8 +579,89 @@ def unmanaged_tables(conn: Connection, schema: str, meta: MetaData | None = None
     return sorted(r[0] for r in rows)
 
 
+_CROSS_INHERITANCE = """
+SELECT format('%I.%I is a %s of %I.%I', cn.nspname, c.relname,
+              CASE WHEN c.relispartition THEN 'partition' ELSE 'child (INHERITS)' END, pn.nspname, p.relname)
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+WHERE c.relkind IN ('r', 'p', 'f') AND (cn.nspname = :s) <> (pn.nspname = :s)
+ORDER BY 1
+"""
+
+_SCHEMA_FACTS = """
+SELECT pg_has_role(current_user, n.nspowner, 'MEMBER'),
+       to_regclass(format('%I.alembic_version', n.nspname)) IS NOT NULL,
+       ARRAY(SELECT relname::text FROM pg_class WHERE relnamespace = n.oid AND relkind IN ('r', 'p', 'v', 'm', 'f')
+             ORDER BY relname LIMIT 5),
+       EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = n.oid)
+         OR EXISTS (SELECT 1 FROM pg_type WHERE typnamespace = n.oid)
+         OR EXISTS (SELECT 1 FROM pg_proc WHERE pronamespace = n.oid)
+FROM pg_namespace n WHERE n.nspname = :s
+"""
+
+
+def _check_droppable(conn: Connection, target: PgTarget) -> bool:
+    """Refuse a drop that would reach past the environment; return whether the schema exists.
+
+    The schema must be ours (an alembic_version, or nothing in it at all), droppable
+    by this login, and tied to nothing outside it: no dependents, and no partition or
+    inheritance link in either direction (a dropped child takes its parent's rows).
+    """
+    import sqlalchemy as sa
+
+    from ..errors import RefusedError
+
+    where = f"postgres {_label(target)}"
+    facts = conn.execute(sa.text(_SCHEMA_FACTS), {"s": target.schema}).first()
+    if not conn.execute(sa.text("SELECT has_database_privilege(current_database(), 'CREATE')")).scalar():
+        raise RefusedError(f"{where}: this login may not create schemas in the database, so the schema could "
+                           "not be created again; grant it CREATE on the database or use its owner's login")
+    if facts is None:
+        return False
+    may_drop, managed, relations, non_empty = facts
+    if non_empty and not managed:
+        held = ", ".join(relations) if relations else "objects"
+        raise RefusedError(f"{where}: the schema holds {held} but no alembic_version, so momentry-db does not "
+                           "manage it and never drops it; check DATABASE_SCHEMA, or move its contents away")
+    if not may_drop:
+        raise RefusedError(f"{where}: this login does not own the schema and may not drop it; run reset with "
+                           "the schema owner's login")
+    linked = [r[0] for r in conn.execute(sa.text(_CROSS_INHERITANCE), {"s": target.schema})]
+    if linked:
+        raise RefusedError(f"{where}: partitions or inherited tables cross the schema's boundary "
+                           f"({', '.join(linked[:5])}); dropping it would delete rows of tables outside it; "
+                           "DETACH PARTITION or NO INHERIT them first")
+    outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
+    if outside:
+        raise RefusedError(f"{where}: objects outside schema {target.schema} depend on it "
+                           f"({', '.join(outside[:5])}); dropping it would cascade into them")
+    return True
+
+
+def preflight_drop(target: PgTarget) -> bool:
+    """Check that drop_schema would succeed now, without waiting or writing; return whether the schema exists."""
+    import sqlalchemy as sa
+
+    from ..errors import RefusedError
+
+    if target.primary:
+        raise RefusedError("postgres: the public schema is never dropped")
+    with connect(target) as conn:
+        got = conn.execute(sa.text(f"SELECT pg_try_advisory_lock({LOCK_CLASS}, hashtext(:s))"),
+                           {"s": target.schema}).scalar()
+        conn.commit()
+        if not got:
+            raise RefusedError(f"postgres {_label(target)}: migration lock held by "
+                               f"{lock_holder(conn, target)}; retry when it finishes")
+        try:
+            return _check_droppable(conn, target)
+        finally:
+            _unlock(conn, target)
+
+
 def drop_schema(target: PgTarget) -> bool:
-    """Drop a non-primary environment's schema; refuse when anything outside it depends on it."""
+    """Drop a non-primary environment's schema; refuse when it is not ours or reaches outside itself."""
     import sqlalchemy as sa
 
     from ..errors import RefusedError
@@ -583,16 +671,9 @@ def drop_schema(target: PgTarget) -> bool:
     with connect(target) as conn:
         acquire_lock(conn, target)
         try:
-            exists = conn.execute(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"),
-                                  {"s": target.schema}).first()
-            if not exists:
+            if not _check_droppable(conn, target):
                 conn.rollback()
                 return False
-            outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
-            if outside:
-                conn.rollback()
-                raise RefusedError(f"postgres: objects outside schema {target.schema} depend on it "
-                                   f"({', '.join(outside[:5])}); dropping it would cascade into them")
             conn.execute(sa.text(f"DROP SCHEMA {quote_ident(target.schema)} CASCADE"))
             conn.commit()
         finally:
