@@ -358,38 +358,118 @@ def resettable(project: Project, env_name: str) -> Environment:
     return env
 
 
-def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = None, emit: Emit = _ignore,
-          sources: Sources = Sources()) -> ActionResult:
-    """Drop and recreate one environment's schema, database, collection and Redis keys, then migrate."""
-    env = resettable(project, env_name)
-    chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
-    result = ActionResult("reset", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    dropped: dict[str, Any] = {}
+@dataclass(frozen=True)
+class _Drop:
+    """One store's part of a reset: what it removes, how to check it can, and how to remove it."""
+
+    store: str
+    label: str  # "dev (schema dev)", as the store's errors name its target
+    what: str  # "schema dev", for the already-dropped / not-dropped lists
+    check: Callable[[], Any]
+    drop: Callable[[], Any]
+
+
+def _reset_drops(env: Environment, chosen: list[str], every_store: bool, run: _Run, sources: Sources,
+                 declared: dict[str, Any], closing: Any) -> list[_Drop]:
+    """What a reset of ``env`` removes, store by store, in the order it removes them."""
+    drops: list[_Drop] = []
     if "postgres" in chosen:
         from .stores import postgres
 
         target = _postgres_target(env, run)
-        dropped["postgres"] = env.schema if postgres.drop_schema(target) else None
+        drops.append(_Drop("postgres", f"{env.name} (schema {env.schema})", f"schema {env.schema}",
+                           lambda: postgres.preflight_drop(target),
+                           lambda: env.schema if postgres.drop_schema(target) else None))
     if "mongo" in chosen:
         from .stores import mongo
 
         mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
         if mtarget.configured:
-            try:
-                dropped["mongo"] = env.mongo_database if mongo.drop_database(mtarget) else None
-            finally:
-                mtarget.close()
+            closing.callback(mtarget.close)
+            drops.append(_Drop("mongo", mtarget.label, f"database {env.mongo_database}",
+                               lambda: mongo.preflight_drop(mtarget),
+                               lambda: env.mongo_database if mongo.drop_database(mtarget) else None))
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        with _qdrant_target(env, run, sources, 30.0).session() as client:
-            dropped["qdrant"] = qdrant.drop(client, env, declared["qdrant"])
-    if env.redis_url is not None and not stores:
+        qtarget = _qdrant_target(env, run, sources, 30.0)
+        names = ", ".join(env.qdrant_collection_for(spec.name) for spec in declared["qdrant"])
+
+        def drop_collections() -> list[str]:
+            with qtarget.session() as client:
+                return qdrant.drop(client, env, declared["qdrant"])
+
+        drops.append(_Drop("qdrant", f"{env.name} (collection {names})", f"collection {names}",
+                           lambda: qdrant.preflight_drop(qtarget, declared["qdrant"]), drop_collections))
+    if env.redis_url is not None and every_store:
         from .stores import redis as redis_store
 
-        dropped["redis"] = redis_store.delete_keys(env.redis_url.reveal(), env.redis_prefix)
+        url = env.redis_url
+        drops.append(_Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
+                           lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
+                           lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
+    return drops
+
+
+def _preflight(env: Environment, drops: list[_Drop]) -> None:
+    """Check every store a reset will touch before touching any; refuse with every problem found."""
+    from .environments import scrub
+    from .errors import MomentryError, RefusedError
+
+    problems = []
+    for d in drops:
+        try:
+            d.check()
+        except MomentryError as exc:
+            problems.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a driver error is a problem of that store
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            problems.append(scrub(f"{d.store} {d.label}: {type(exc).__name__}: {reason}", env.secrets()))
+    if problems:
+        raise RefusedError(f"reset {env.name} refused: {'; '.join(problems)}; nothing was dropped, "
+                           f"fix {'this' if len(problems) == 1 else 'these'} and run reset again")
+
+
+def _drop_all(env: Environment, drops: list[_Drop]) -> dict[str, Any]:
+    """Drop store by store; a failure names what was already dropped and what was not."""
+    from .environments import scrub
+    from .errors import MomentryError, StoreError
+
+    dropped: dict[str, Any] = {}
+    for i, d in enumerate(drops):
+        try:
+            dropped[d.store] = d.drop()
+        except Exception as exc:
+            if isinstance(exc, MomentryError):
+                reason = str(exc)
+            else:
+                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            done = ", ".join(f"{x.store} {x.what}" for x in drops[:i]) or "nothing"
+            left = ", ".join(f"{x.store} {x.what}" for x in drops[i:])
+            raise StoreError(d.store, d.label, "drop", scrub(
+                f"{reason}; already dropped: {done}; not dropped: {left}; fix the cause and run reset "
+                f"--env {env.name} again", env.secrets())) from None
+    return dropped
+
+
+def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = None, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """Drop and recreate one environment's schema, database, collection and Redis keys, then migrate.
+
+    Every store is checked first (reachable, permitted, its lock free, nothing outside
+    the environment reached); any problem refuses the reset before anything is dropped.
+    """
+    from contextlib import ExitStack
+
+    env = resettable(project, env_name)
+    chosen = _stores(stores)
+    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
+    result = ActionResult("reset", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    with ExitStack() as closing:
+        drops = _reset_drops(env, chosen, not stores, run, sources, declared, closing)
+        _preflight(env, drops)
+        dropped = _drop_all(env, drops)
     for store, what in dropped.items():
         result.lines.append(f"{store} {env.name}: dropped {what if what not in (None, []) else 'nothing (absent)'}"
                             if store != "redis" else f"redis {env.name}: deleted {what} keys under {env.redis_prefix}")

@@ -162,7 +162,8 @@ class MongoTarget:
             self.client.admin.command("ping")
         except PyMongoError as exc:
             where = self.env.mongodb_url.masked if self.env.mongodb_url else "the server"
-            reason = scrub(str(exc).split(",")[0].split("\n")[0], self.env.secrets())
+            reason = str(exc).split(",")[0].split("\n")[0].split(" (configured timeouts")[0]
+            reason = scrub(reason, self.env.secrets())
             raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
         return self.client[self.database]
 
@@ -283,6 +284,33 @@ def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *
 
 
 BOOKKEEPING = (STATE_COLLECTION, LOCK_COLLECTION, HISTORY_COLLECTION)
+
+
+def preflight_drop(target: MongoTarget) -> bool:
+    """Check that drop_database would succeed now, without writing; return whether the database exists.
+
+    The server must answer within the timeout, let this login list databases and
+    read the lock, and no live run may hold the database's migration lock.
+    """
+    from pymongo.errors import PyMongoError
+
+    from ..errors import RefusedError
+
+    db = target.connect()
+    assert target.client is not None
+    try:
+        existed = db.name in target.client.list_database_names()
+        now = dt.datetime.now(dt.timezone.utc)
+        held = _utc(db, LOCK_COLLECTION).find_one({"_id": LOCK_ID, "expires_at": {"$gte": now}})
+    except PyMongoError as exc:
+        reason = scrub(str(exc).split("\n")[0], target.env.secrets())
+        raise RefusedError(f"mongo {target.label}: the server refused a read ({reason}); "
+                           "check the login's roles on this database") from None
+    if held:
+        raise RefusedError(f"mongo {target.label}: migration lock held by {held.get('owner', '?')} since "
+                           f"{_iso(held.get('acquired_at'))} (expires {_iso(held.get('expires_at'))}); "
+                           "retry when it finishes")
+    return existed
 
 
 def drop_database(target: MongoTarget) -> bool:

@@ -197,8 +197,9 @@ class QdrantTarget:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another run "
-                                               f"for over {self.lock_timeout:g}s; retry when it finishes") from None
+                        waited = f" for over {self.lock_timeout:g}s" if self.lock_timeout else ""
+                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another run"
+                                               f"{waited}; retry when it finishes") from None
                     time.sleep(0.05)
             try:
                 yield
@@ -594,6 +595,28 @@ def _recreate(client: QdrantClient, cp: CollectionPlan, new: str, emit: Emit | N
 
 
 # --- environment management: reset, clone ----------------------------------------------------
+
+
+def preflight_drop(target: QdrantTarget, specs: list[CollectionSpec]) -> None:
+    """Check that drop would succeed now, without waiting or writing.
+
+    The storage must open at once (local mode: no other run or client holds it; a
+    server: it answers and accepts the key), and no live run may hold a collection's lock.
+    """
+    from dataclasses import replace
+
+    with replace(target, lock_timeout=0.0).session() as client:
+        names = {c.name for c in client.get_collections().collections}
+        if target.local:
+            return
+        for spec in specs:
+            lock = f"{target.env.qdrant_collection_for(spec.name)}__lock"
+            if lock not in names:
+                continue
+            held = (client.get_collection(lock).config.metadata or {}).get("momentry_lock") or {}
+            if float(held.get("expires_at", 0)) >= time.time():
+                raise RefusedError(f"qdrant {target.env.name}: {lock[:-6]} is being migrated by "
+                                   f"{held.get('owner', 'another run')}; retry when it finishes")
 
 
 def drop(client: QdrantClient, env: Environment, specs: list[CollectionSpec]) -> list[str]:
