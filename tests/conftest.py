@@ -347,3 +347,11 @@ def mongo_project(tmp_path: Path, mongo_url: str, mongo_db_name: str) -> Project
     root.mkdir()
     return Project(root, {"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name,
                           "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+
+
+@pytest.fixture
+def bare_project(tmp_path: Path) -> Project:
+    """A project with its own state dir and no server configured (embedded and local defaults)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
