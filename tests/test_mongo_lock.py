@@ -265,3 +265,24 @@ def test_unlock_rejects_an_unknown_store_and_env(mongo_project) -> None:
     assert bad_store.code == 2 and "'redis' is not one of" in bad_store.err
     bad_env = mongo_project.cli("unlock", "--env", "staging", "--store", "mongo", "--yes")
     assert bad_env.code == 2 and bad_env.err.startswith("error: unknown environment 'staging'")
+
+
+def test_a_crashed_run_on_another_host_is_taken_over_when_its_lease_runs_out(target, db) -> None:
+    plant_lock(db, owner="otherhost:1:x", host="another-host.invalid", pid=1, minutes=1.5 / 60)
+    started = time.monotonic()
+    assert len(mongo.apply(target, lock_timeout=10)) == 2
+    assert 1.0 < time.monotonic() - started < 5
+    assert lock_doc(db) is None
+
+
+def test_a_renewal_that_keeps_failing_loses_the_lease_once_it_has_run_out(db) -> None:
+    with mongo.migration_lock(db, timeout=0, lease=dt.timedelta(minutes=1)) as held:
+        renewals = held.locks
+        held.locks = None  # every renewal now fails, as on a lost connection
+        assert held.renew() is True  # still inside the lease: keep trying
+        held.expires_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        assert held.renew() is False
+        with pytest.raises(mongo.LockLost, match="the lease ran out while it could not be renewed"):
+            held.check()
+        held.locks = renewals
+    assert lock_doc(db) is None  # released: the document was still ours

@@ -255,7 +255,6 @@ class Lease:
     def renew(self) -> bool:
         """Push the lease forward; return False (and mark it lost) when the lock is no longer ours."""
         from pymongo import ReturnDocument
-        from pymongo.errors import PyMongoError
 
         if self.lost is not None:
             return False
@@ -264,12 +263,12 @@ class Lease:
             doc = self.locks.find_one_and_update({"_id": LOCK_ID, "owner": self.owner},
                                                  {"$set": {"expires_at": now + self.lease, "renewed_at": now}},
                                                  return_document=ReturnDocument.AFTER)
-        except PyMongoError:
-            if now >= self.expires_at:  # unreachable past the lease: another run may hold it now
-                self.lost = "the lease ran out while the server could not be reached"
+            holder = None if doc is not None else self.locks.find_one({"_id": LOCK_ID})
+        except Exception:  # noqa: BLE001 - a failed renewal is retried until the lease runs out
+            if now >= self.expires_at:  # another run may hold it by now
+                self.lost = "the lease ran out while it could not be renewed"
             return self.lost is None
         if doc is None:
-            holder = self.locks.find_one({"_id": LOCK_ID})
             self.lost = (f"it is now held by {describe_holder(holder)}" if holder
                          else "it was released by another process (momentry-db unlock?)")
             return False
@@ -290,7 +289,7 @@ class Lease:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout=TIMEOUT_MS / 1000)  # a renewal stuck on the network must not hold the exit
 
 
 @contextmanager
