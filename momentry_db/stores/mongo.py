@@ -3,7 +3,7 @@
 pymongo-migrate supplies the module format, the graph and the state collection
 (``pymongo_migrate`` in the environment's database, so its own CLI reads the same
 state). This runner adds what it lacks: validation of the graph, an atomic lock
-with a TTL, a plan read from the state collection, and a recorded failure.
+with a short lease that the live run renews, a plan read from the state collection, and a recorded failure.
 """
 
 from __future__ import annotations
