@@ -350,6 +350,20 @@ def history(ctx: click.Context, env_name: str, stores: tuple[str, ...], limit: i
                                                              emit=emit))
 
 
+@main.command()
+@env_option
+@click.option("--store", required=True, type=click.Choice(["postgres", "mongo", "qdrant"]),
+              help="The store whose migration lock to show and release.")
+@click.option("--yes", is_flag=True, help="Release the lock shown (otherwise only show it, and exit 2).")
+@json_option
+@click.pass_context
+def unlock(ctx: click.Context, env_name: str, store: str, yes: bool, as_json: bool) -> None:
+    """Show who holds an environment's migration lock in one store; release it with --yes."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.unlock(project, env_name, store, yes=yes, emit=emit))
+
+
 @main.group()
 def embedded() -> None:
     """Manage the embedded PostgreSQL server used when DATABASE_URL is not set."""

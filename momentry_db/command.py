@@ -910,3 +910,64 @@ def _url_of(secret: Any) -> str | None:
 
 def mongo_configured(env: Environment, sources: Sources) -> bool:
     return sources.mongo_client is not None or env.mongodb_url is not None
+
+
+def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, emit: Emit = _ignore,
+           sources: Sources = Sources()) -> ActionResult:
+    """Show who holds one store's migration lock for an environment; with ``yes``, release it.
+
+    Without ``yes`` the holder is named in the refusal and nothing changes. A lock that
+    momentry-db may not release (a foreign PostgreSQL session, a local file lock) is
+    refused either way, with what to do instead.
+    """
+    from .errors import RefusedError
+
+    env = project.environment(env_name)
+    if store not in STORES:
+        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(STORES)}")
+    result = ActionResult("unlock", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    with _lock_store(env, store, run, sources, project) as (module, target, extra):
+        locks = module.held_locks(target, *extra)
+        if not locks:
+            result.lines.append(f"{store} {env.name}: no migration lock held")
+            result.data = {"store": store, "locks": [], "released": []}
+            return result
+        for lock in locks:
+            if not lock.releasable:
+                raise RefusedError(f"{lock}; {lock.why_not}")
+        if not yes:
+            raise RefusedError("; ".join(str(lock) for lock in locks) + ". Release it only if that run is "
+                               f"gone: momentry-db unlock --env {env.name} --store {store} --yes")
+        released = [lock for lock in locks if module.release_lock(target, lock)]
+        for lock in locks:
+            result.lines.append(f"{lock.store} {lock.target}: " + (
+                f"released the migration lock held by {lock.holder}" if lock in released
+                else "the lock changed hands before it was released; nothing was changed, run unlock again"))
+        result.ok = len(released) == len(locks)
+        result.data = {"store": store, "locks": [lock.to_json() for lock in locks],
+                       "released": [lock.to_json() for lock in released]}
+    return result
+
+
+@contextmanager
+def _lock_store(env: Environment, store: str, run: _Run, sources: Sources,
+                project: Project) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
+    """A store module, its target for ``env`` and what its held_locks needs besides the target."""
+    if store == "postgres":
+        from .stores import postgres
+
+        yield postgres, _postgres_target(env, run), ()
+    elif store == "mongo":
+        from .stores import mongo
+
+        with _mongo(env, run, sources) as target:
+            if target is None:
+                raise ConfigError(f"MONGODB_URL is not set for {env.name}; set it to the server whose lock "
+                                  "should be released")
+            yield mongo, target, ()
+    else:
+        from .stores import qdrant
+
+        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
+        yield qdrant, _qdrant_target(env, run, sources, 30.0), (specs,)

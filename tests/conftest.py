@@ -283,3 +283,75 @@ def migrated(project, database) -> Project:
         result = project.cli("migrate", "--env", env)
         assert result.code == 0, result.err
     return project
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    """A real MongoDB-wire server for this session: SecantusDB in memory, as a separate process."""
+    import time
+
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    binary = Path(sys.executable).parent / "secantusd-py"
+    if not binary.exists():
+        pytest.skip("secantusd-py is not installed (pip install SecantusDB)")
+    port = _free_port()
+    proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    client = MongoClient(url, serverSelectionTimeoutMS=300)
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            try:
+                client.admin.command("ping")
+                break
+            except PyMongoError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"secantusd-py did not answer on port {port}") from None
+                time.sleep(0.1)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def mongo_db_name(mongo_url: str) -> Iterator[str]:
+    """A database name of this test's own on the session's server, dropped afterwards."""
+    from pymongo import MongoClient
+
+    name = f"momentry_t_{uuid.uuid4().hex[:10]}"
+    yield name
+    client = MongoClient(mongo_url)
+    client.drop_database(name)
+    client.close()
+
+
+@pytest.fixture
+def mongo_project(tmp_path: Path, mongo_url: str, mongo_db_name: str) -> Project:
+    """A project whose dev environment's MongoDB is this test's own database on the session's server."""
+    root = tmp_path / "project"
+    root.mkdir()
+    return Project(root, {"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name,
+                          "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+
+
+@pytest.fixture
+def bare_project(tmp_path: Path) -> Project:
+    """A project with its own state dir and no server configured (embedded and local defaults)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})

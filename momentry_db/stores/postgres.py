@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub, validate_schema
 from ..errors import ConfigError, LockTimeoutError, MomentryError, StoreError, UnreachableError
+from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
@@ -958,3 +959,61 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
     finally:
         conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
         conn.exec_driver_sql("RESET ALL")
+
+
+# --- unlock ----------------------------------------------------------------------------------
+
+_LOCK_SESSIONS = """
+SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), a.backend_start, a.state
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:c AS oid)
+  AND l.objid = (hashtext(:s)::bigint & 4294967295)::text::oid AND l.objsubid = 2
+ORDER BY a.pid
+"""
+APP_NAME = "momentry-db"
+
+
+def held_locks(target: PgTarget) -> list[HeldLock]:
+    """The backends holding the schema's migration lock (a session lock dies with its session)."""
+    import sqlalchemy as sa
+
+    label = f"{target.env.name} (schema {target.schema})"
+    conn = connect(target)
+    try:
+        rows = conn.execute(sa.text(_LOCK_SESSIONS), {"c": str(LOCK_CLASS), "s": target.schema}).all()
+    finally:
+        conn.close()
+    found = []
+    for pid, app, client, since, state in rows:
+        ours = (app or "").startswith(APP_NAME)
+        found.append(HeldLock(
+            "postgres", label,
+            f"backend pid {pid} ({app or 'no application_name'}, from {client}, since "
+            f"{since:%Y-%m-%d %H:%M:%S}, {state or 'unknown state'})",
+            releasable=ours, token=pid,
+            why_not="" if ours else (f"backend pid {pid} is not a momentry-db session; end it yourself "
+                                     f"(SELECT pg_terminate_backend({pid})) if it must go")))
+    return found
+
+
+def release_lock(target: PgTarget, lock: HeldLock) -> bool:
+    """End the momentry-db backend shown in ``lock``, only while it still holds the schema's lock."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import DBAPIError
+
+    conn = connect(target)
+    try:
+        ended = conn.execute(sa.text(
+            "SELECT pg_terminate_backend(s.pid) FROM (" + _LOCK_SESSIONS + ") AS s(pid, app, client, since, state) "
+            "WHERE s.pid = :pid AND s.app LIKE :app"),
+            {"c": str(LOCK_CLASS), "s": target.schema, "pid": lock.token, "app": APP_NAME + "%"}).scalar()
+        conn.commit()
+    except DBAPIError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc), target.env.secrets())
+        raise StoreError("postgres", lock.target, f"ending backend pid {lock.token}", reason) from None
+    finally:
+        conn.close()
+    if ended is False:
+        raise StoreError("postgres", lock.target, f"ending backend pid {lock.token}",
+                         "the server refused; connect as a superuser or a member of pg_signal_backend")
+    return bool(ended)

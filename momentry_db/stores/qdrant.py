@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub, validate_collection
 from ..errors import ConfigError, LockTimeoutError, RefusedError, StoreError, StoreUnreachableError
+from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
@@ -659,3 +660,59 @@ def clone_points(client: QdrantClient, source: Environment, dest: Environment, s
                 break
         counts[dst] = copied
     return counts
+
+
+# --- unlock ----------------------------------------------------------------------------------
+
+
+def held_locks(target: QdrantTarget, specs: list[CollectionSpec]) -> list[HeldLock]:
+    """Who holds the environment's apply locks: the local storage's file lock, or a server's lock collections."""
+    import datetime as dt
+
+    if target.local and target.client is None:
+        return _local_lock_holder(target)
+    found = []
+    with target.session() as client:
+        for spec in specs:
+            alias = target.env.qdrant_collection_for(spec.name)
+            name = f"{alias}__lock"
+            if not client.collection_exists(name):
+                continue
+            held = (client.get_collection(name).config.metadata or {}).get("momentry_lock") or {}
+            expires = float(held.get("expires_at", 0))
+            when = dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat(timespec="seconds")
+            state = "its lease ran out" if expires < time.time() else "its lease is live: that run may still be migrating"
+            found.append(HeldLock(STORE, f"{target.env.name} (collection {alias})",
+                                  f"{held.get('owner', 'an unknown run')} (lease until {when}); {state}",
+                                  token=(name, held.get("owner"))))
+    return found
+
+
+def _local_lock_holder(target: QdrantTarget) -> list[HeldLock]:
+    """Local mode's lock is a file lock, which ends with the process holding it."""
+    import fcntl
+
+    path = target.env.state_dir / "qdrant.lock"
+    if not path.exists():
+        return []
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return [HeldLock(STORE, f"{target.env.name} (local mode)", f"a live process using {path.parent / 'qdrant'}",
+                             releasable=False,
+                             why_not="a file lock ends with its process; wait for that run or stop it")]
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return []
+
+
+def release_lock(target: QdrantTarget, lock: HeldLock) -> bool:
+    """Delete the lock collection shown in ``lock`` (it holds no points), only if that holder still has it."""
+    name, owner = lock.token
+    with target.session() as client:
+        if not client.collection_exists(name):
+            return False
+        held = (client.get_collection(name).config.metadata or {}).get("momentry_lock") or {}
+        if held.get("owner") != owner:
+            return False
+        return bool(client.delete_collection(name))
