@@ -523,11 +523,15 @@ def isolation_values(env: Environment) -> dict[str, str]:
 
 def env_file(project: Project, env_name: str, *, check: bool = False, path: Path | None = None) -> ActionResult:
     """Write (or with check, compare) an environment's isolation variables in its env file."""
-    from dotenv import dotenv_values, set_key
+    from dotenv import set_key
 
+    from .settings import read_env_file, refuse_foreign_env_file
+
+    if path is not None:
+        refuse_foreign_env_file(project, project.registry.get(env_name), path, "--path")
     env = project.environment(env_name, env_file=path if path and path.is_file() else None)
     target = path or project.root / project.registry.get(env.name).default_env_file()
-    current = {k: v for k, v in dotenv_values(target).items()} if target.is_file() else {}
+    current = read_env_file(target) if target.is_file() else {}
     wanted = isolation_values(env)
     changes = [(k, current.get(k), v) for k, v in wanted.items() if current.get(k) != v]
     result = ActionResult("env-file", env.name, data={
