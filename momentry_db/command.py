@@ -185,6 +185,11 @@ def _load_declarations(chosen: list[str], sources: Sources, project: Project | N
         return default
 
     loaded: dict[str, Any] = {}
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        # loading checks the revision files: one that fails to import, or a branched history, stops here
+        postgres._script(sources.alembic_scripts or (project.alembic_scripts if project is not None else None))
     if "mongo" in chosen:
         from .stores import mongo
 

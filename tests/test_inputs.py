@@ -127,6 +127,58 @@ def test_an_environments_own_env_file_is_still_accepted(project) -> None:
     assert "MOMENTRY_SERVER_PORT" not in result.out  # read from the file itself: in sync
 
 
+# --- 9. broken revision histories ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,extra,down,named", [
+    ("NameError", "x = undefined_name", "0001", "0002_broken.py, line"),
+    ("SyntaxError", "def (:", "0001", "0002_broken.py, line"),
+    ("unknown down_revision", "", "9999", "0002_broken.py: down_revision '9999' is not a known revision"),
+])
+def test_a_revision_that_fails_to_load_exits_2_naming_the_file(project, database, tmp_path, kind, extra, down,
+                                                                named) -> None:
+    scripts = _scripts(project, tmp_path)
+    _plant(scripts, "0002_broken.py", rev="0002", down=down, extra=extra)
+    before = _catalog(database)
+    result = project.cli("migrate", "--env", "dev")
+    assert result.code == 2, result.err
+    line = _one_error_line(result.err)
+    assert named in line
+    if kind != "unknown down_revision":
+        assert kind in line
+    assert _catalog(database) == before  # no dev schema, no history table
+
+
+def test_a_revision_that_fails_to_load_stops_plain_alembic_too(project, database, tmp_path) -> None:
+    scripts = _scripts(project, tmp_path)
+    _plant(scripts, "0002_broken.py", rev="0002", down="0001", extra="x = undefined_name")
+    before = _catalog(database)
+    result = project.alembic("-x", "schema=dev", "upgrade", "head")
+    assert result.code == 2
+    assert "0002_broken.py" in result.err and "NameError" in result.err
+    assert "Traceback" not in result.err
+    assert _catalog(database) == before
+
+
+@pytest.mark.parametrize("shape,second_down,message", [
+    ("two bases", None, "has 2 bases"),
+    ("two heads", "0001", "has 2 heads"),
+])
+def test_a_branched_history_exits_2_before_anything_is_created(project, database, tmp_path, shape, second_down,
+                                                                message) -> None:
+    scripts = _scripts(project, tmp_path)
+    _plant(scripts, "0002_other.py", rev="0002", down=second_down)
+    if shape == "two heads":
+        _plant(scripts, "0003_other.py", rev="0003", down="0001")
+    before = _catalog(database)
+    for args in (["migrate", "--env", "dev"], ["migrate", "--env", "dev", "--env", "prod"], ["status", "--env", "dev"]):
+        result = project.cli(*args)
+        assert result.code == 2, (args, result.err)
+        line = _one_error_line(result.err)
+        assert message in line and "0002_other.py" in line
+    assert _catalog(database) == before
+
+
 # --- 9. connection URLs -----------------------------------------------------------------------
 
 
