@@ -216,6 +216,36 @@ def test_a_known_libpq_parameter_is_accepted(project, database) -> None:
     assert "dev" in _schemas(database)
 
 
+# --- 9. option values -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["migrate", "--env", "dev", "--lock-timeout", "nan"],
+    ["migrate", "--env", "dev", "--lock-timeout", "inf"],
+    ["migrate", "--env", "dev", "--lock-timeout", "-1"],
+    ["migrate", "--env", "dev", "--lock-timeout", "soon"],
+    ["downgrade", "--env", "dev", "--to", "base", "--lock-timeout", "nan"],
+    ["migrate", "--all", "--parallel", "0"],
+    ["clone", "--from", "prod", "--to", "dev", "--limit", "-1"],
+    ["history", "--env", "dev", "--limit", "-1"],
+])
+def test_bad_option_values_exit_2_and_create_nothing(project, database, args) -> None:
+    before = _catalog(database)
+    result = project.cli(*args)
+    assert result.code == 2, result.err
+    assert _catalog(database) == before
+    as_json = project.cli(*args, "--json")
+    assert as_json.code == 2
+    doc = json.loads(as_json.out)
+    assert doc["ok"] is False and doc["error"]["type"] == "UsageError" and doc["error"]["exit_code"] == 2
+    assert _catalog(database) == before
+
+
+def test_a_finite_lock_timeout_is_accepted(project, database) -> None:
+    result = project.cli("migrate", "--env", "dev", "--store", "postgres", "--lock-timeout", "0.5")
+    assert result.code == 0, result.err
+
+
 # --- 9. malformed env files -------------------------------------------------------------------
 
 
@@ -238,3 +268,44 @@ def test_an_unclosed_quote_in_an_explicit_env_file_is_an_error(project, database
     line = _one_error_line(result.err)
     assert "dev.env" in line and "line 2" in line
     assert "hunter2" not in result.err
+
+
+# --- 9. client warnings -----------------------------------------------------------------------
+
+
+def test_client_warnings_become_one_line_notices(project) -> None:
+    """pymongo warns about a DocumentDB host; the warning is a notice, not a raw warnings line."""
+    url = "mongodb://u:hunter2@momentry-test.docdb.amazonaws.com:27017/"
+    result = project.momentry_db("status", "--env", "dev", "--store", "mongo", env={"MONGODB_URL": url})
+    assert "UserWarning" not in result.err and "warnings.warn" not in result.err
+    notices = [line for line in result.err.splitlines() if line.startswith("warning: ")]
+    assert len(notices) == 1, result.err
+    assert "DocumentDB" in notices[0]
+    assert "hunter2" not in result.err + result.out
+
+
+# --- 9. usage errors as JSON ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,message", [
+    (["status", "--json"], "Missing option '--env'."),
+    (["migrate", "--json"], "give --env NAME (repeatable) or --all"),
+    (["migrate", "--env", "dev", "--json", "--parallel", "x"], "Invalid value for '--parallel'"),
+    (["status", "--env", "dev", "--json", "--no-such-flag"], "No such option '--no-such-flag'"),
+])
+def test_usage_errors_with_json_print_a_json_error_document(project, args, message) -> None:
+    result = project.momentry_db(*args)
+    assert result.code == 2
+    doc = json.loads(result.out)
+    assert set(doc) == {"version", "ok", "error"}
+    assert doc["version"] == 1 and doc["ok"] is False
+    assert doc["error"]["type"] == "UsageError" and doc["error"]["exit_code"] == 2
+    assert doc["error"]["message"].startswith(message)
+    assert "\n" not in doc["error"]["message"]
+
+
+def test_usage_errors_without_json_keep_clicks_text(project) -> None:
+    result = project.momentry_db("status")
+    assert result.code == 2
+    assert result.out == ""
+    assert "Missing option '--env'" in result.err
