@@ -411,7 +411,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
     from .errors import RefusedError
     from .tables import isolated_tables
 
-    source = project.environment(source_name)
+    source = project.environment(source_name, one_of_many=True)  # process-wide names describe --to only
     dest = project.environment(dest_name)
     if source.name == dest.name:
         raise ConfigError(f"--from and --to both name {source.name}; clone needs two environments")
@@ -444,6 +444,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
         if postgres.plan(dst_t, script_location=_scripts(project, sources)).pending:
             raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
+        _refuse_source_behind(postgres.plan(src_t, script_location=_scripts(project, sources)))
         copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
     if "mongo" in chosen:
         from .stores import mongo
@@ -465,6 +466,17 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
             result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
     result.data = {"from": source.name, "to": dest.name, "copied": copied}
     return result
+
+
+def _refuse_source_behind(source: TargetPlan) -> None:
+    """The destination is at head; a source behind it has other columns, so nothing is copied."""
+    from .errors import StoreError
+
+    if source.pending:
+        at = ", ".join(source.current) if source.current else "base"
+        raise StoreError(source.store, f"{source.env} (schema {source.target})", "clone",
+                         f"{source.env} is at revision {at}, behind {', '.join(source.head)}; run "
+                         f"momentry-db migrate --env {source.env} first, then clone again")
 
 
 def _refuse_orphaning(selected: Sequence[str]) -> None:

@@ -309,3 +309,31 @@ def test_usage_errors_without_json_keep_clicks_text(project) -> None:
     assert result.code == 2
     assert result.out == ""
     assert "Missing option '--env'" in result.err
+
+
+# --- 11. clone --------------------------------------------------------------------------------
+
+
+def test_process_wide_names_apply_to_the_clone_destination_only(migrated, database) -> None:
+    database.execute(SAMPLE.format(s="public"))
+    result = migrated.cli("clone", "--from", "prod", "--to", "dev", "--store", "postgres", "--json",
+                          env={"DATABASE_SCHEMA": "dev"})
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["copied"]["postgres"]["videos"] == 2
+    assert database.query("SELECT source_path FROM dev.videos ORDER BY 1") == [("a.mp4",), ("b.mp4",)]
+
+
+def test_clone_from_a_source_behind_the_destination_names_what_to_migrate(project, database, tmp_path) -> None:
+    assert project.cli("migrate", "--env", "prod", "--store", "postgres").code == 0
+    scripts = _scripts(project, tmp_path)
+    _plant(scripts, "0002_more.py", rev="0002", down="0001",
+           body="op.execute('CREATE TABLE extra (id int PRIMARY KEY)')")
+    assert project.cli("migrate", "--env", "dev", "--store", "postgres").code == 0
+    database.execute(SAMPLE.format(s="public"))
+    database.execute("INSERT INTO dev.videos (source_path) VALUES ('kept.mp4')")
+    result = project.cli("clone", "--from", "prod", "--to", "dev", "--store", "postgres")
+    assert result.code == 1
+    line = _one_error_line(result.err)
+    assert line == ("error: postgres prod (schema public): clone failed: prod is at revision 0001, behind 0002; "
+                    "run momentry-db migrate --env prod first, then clone again")
+    assert database.query("SELECT source_path FROM dev.videos") == [("kept.mp4",)]
