@@ -26,6 +26,7 @@ if targets is None:  # a plain `alembic` call
         root = Path(config.config_file_name).resolve().parent if config.config_file_name else None
         project = load_project(root)
         config.attributes["momentry_project"] = project
+        postgres.check_revisions(context.script)  # a broken or branched history stops before any connection
         targets = postgres.targets_from_x_args(project, context.get_x_argument(as_dictionary=True))
         postgres.run_env(context, targets)
     except MomentryError as exc:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,8 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
     try:
         project = load_project(ctx.obj.get("project_dir"))
         secrets = _known_secrets(project)
-        result = work(project, reporter)
+        with _warnings_as_notices(reporter, secrets):
+            result = work(project, reporter)
         if result is not None:
             reporter.result(result)
     except MomentryError as exc:
@@ -44,6 +48,22 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
         ctx.exit(EXIT_FAILURE)
     if result is not None and getattr(result, "ok", True) is False:  # a failed check
         ctx.exit(EXIT_FAILURE)
+
+
+@contextmanager
+def _warnings_as_notices(reporter: Any, secrets: list[str]) -> Iterator[None]:
+    """Warnings from the clients (pymongo, qdrant-client, ...) become one-line notices, secrets masked."""
+    import warnings
+
+    from .environments import scrub
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        reporter("notice", scrub("warning: " + " ".join(str(message).split()), secrets))
+
+    with warnings.catch_warnings():  # the filters stay as they are; only how a warning is shown changes
+        warnings.showwarning = show
+        yield
 
 
 def _known_secrets(project: Any) -> list[str]:
@@ -84,8 +104,25 @@ env_file_option = click.option(
     help="Read settings from this file instead of the environment's default (.env, .env.development).")
 url_option = click.option("--database-url", metavar="URL",
                           help="PostgreSQL URL; overrides DATABASE_URL from the environment and env file.")
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds, zero or more (nan, inf and negative values are refused)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a finite number of seconds, zero or more", param, ctx)
+        return seconds
+
+
 lock_timeout_option = click.option(
-    "--lock-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    "--lock-timeout", type=Seconds(), default=30.0, show_default=True,
     help="Seconds to wait for another run's migration lock (every store) before failing.")
 
 
@@ -109,7 +146,33 @@ store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
                             help="Limit the run to this store (repeatable): postgres, mongo, qdrant.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class MainGroup(click.Group):
+    """The command group; with --json, click's own usage errors are a JSON error document too."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        options = args[:args.index("--")] if "--" in args else args
+        if not standalone_mode or "--json" not in options:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            from .report import JSON_VERSION
+
+            message = " ".join(exc.format_message().split())
+            kind = "UsageError" if isinstance(exc, click.UsageError) else type(exc).__name__
+            click.echo(f"error: {message}", err=True)
+            click.echo(json.dumps({"version": JSON_VERSION, "ok": False, "error": {
+                "type": kind, "message": message, "exit_code": exc.exit_code}}, indent=2))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where momentry-db.toml and the env files live (default: the current directory).")
 @click.version_option(package_name="momentry-db")

@@ -185,6 +185,11 @@ def _load_declarations(chosen: list[str], sources: Sources, project: Project | N
         return default
 
     loaded: dict[str, Any] = {}
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        # loading checks the revision files: one that fails to import, or a branched history, stops here
+        postgres._script(sources.alembic_scripts or (project.alembic_scripts if project is not None else None))
     if "mongo" in chosen:
         from .stores import mongo
 
@@ -486,7 +491,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
     from .errors import RefusedError
     from .tables import isolated_tables
 
-    source = project.environment(source_name)
+    source = project.environment(source_name, one_of_many=True)  # process-wide names describe --to only
     dest = project.environment(dest_name)
     if source.name == dest.name:
         raise ConfigError(f"--from and --to both name {source.name}; clone needs two environments")
@@ -519,6 +524,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
         if postgres.plan(dst_t, script_location=_scripts(project, sources)).pending:
             raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
+        _refuse_source_behind(postgres.plan(src_t, script_location=_scripts(project, sources)))
         copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
     if "mongo" in chosen:
         from .stores import mongo
@@ -540,6 +546,17 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
             result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
     result.data = {"from": source.name, "to": dest.name, "copied": copied}
     return result
+
+
+def _refuse_source_behind(source: TargetPlan) -> None:
+    """The destination is at head; a source behind it has other columns, so nothing is copied."""
+    from .errors import StoreError
+
+    if source.pending:
+        at = ", ".join(source.current) if source.current else "base"
+        raise StoreError(source.store, f"{source.env} (schema {source.target})", "clone",
+                         f"{source.env} is at revision {at}, behind {', '.join(source.head)}; run "
+                         f"momentry-db migrate --env {source.env} first, then clone again")
 
 
 def _refuse_orphaning(selected: Sequence[str]) -> None:
@@ -603,11 +620,15 @@ def isolation_values(env: Environment) -> dict[str, str]:
 
 def env_file(project: Project, env_name: str, *, check: bool = False, path: Path | None = None) -> ActionResult:
     """Write (or with check, compare) an environment's isolation variables in its env file."""
-    from dotenv import dotenv_values, set_key
+    from dotenv import set_key
 
+    from .settings import read_env_file, refuse_foreign_env_file
+
+    if path is not None:
+        refuse_foreign_env_file(project, project.registry.get(env_name), path, "--path")
     env = project.environment(env_name, env_file=path if path and path.is_file() else None)
     target = path or project.root / project.registry.get(env.name).default_env_file()
-    current = {k: v for k, v in dotenv_values(target).items()} if target.is_file() else {}
+    current = read_env_file(target) if target.is_file() else {}
     wanted = isolation_values(env)
     changes = [(k, current.get(k), v) for k, v in wanted.items() if current.get(k) != v]
     result = ActionResult("env-file", env.name, data={

@@ -88,7 +88,9 @@ def load_project(root: Path | None = None, environ: Mapping[str, str] | None = N
     state_dir = Path(environ.get("MOMENTRY_STATE_DIR") or root / ".momentry")
     if not state_dir.is_absolute():
         state_dir = root / state_dir
-    return Project(root=root, state_dir=state_dir, registry=Registry().with_declared(declared),
+    registry = Registry().with_declared(declared)
+    _refuse_shared_env_files(root, registry)
+    return Project(root=root, state_dir=state_dir, registry=registry,
                    environ=environ, alembic_scripts=_script_location(root / "alembic.ini"))
 
 
@@ -145,16 +147,50 @@ def _declared_in_file(path: Path) -> list[EnvSpec]:
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
+    return read_env_file(path)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read an env file; a line python-dotenv cannot parse is an error naming the file and line."""
+    import io
+
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     try:
-        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+        text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"env file {str(path)!r} cannot be read: {exc}") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(f"env file {str(path)!r}, line {binding.original.line}: cannot be parsed; "
+                              "write KEY=value, quoting values with spaces or '#' and closing every quote")
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 ISOLATION_VARS = ("DATABASE_SCHEMA", "MONGODB_DATABASE", "QDRANT_COLLECTION", "MOMENTRY_REDIS_PREFIX",
                   "MOMENTRY_OUTPUT_DIR", "MOMENTRY_BACKUP_DIR", "MOMENTRY_SERVER_PORT", "MOMENTRY_WORKER_ENABLED")
+
+
+def refuse_foreign_env_file(project: Project, spec: EnvSpec, path: Path, what: str) -> None:
+    """Refuse a file that is another environment's env file, compared as resolved paths (symlinks too)."""
+    mine = Path(path).resolve()
+    for other in project.registry.specs:
+        if other.name != spec.name and (project.root / other.default_env_file()).resolve() == mine:
+            raise ConfigError(f"{what} {str(path)!r} is environment {other.name}'s env file; "
+                              f"give {spec.name} its own file (such as {spec.default_env_file()})")
+
+
+def _refuse_shared_env_files(root: Path, registry: Registry) -> None:
+    """Two environments whose env files resolve to one file would read and write each other's names."""
+    seen: dict[Path, EnvSpec] = {}
+    for spec in registry.specs:
+        resolved = (root / spec.default_env_file()).resolve()
+        other = seen.setdefault(resolved, spec)
+        if other is not spec:
+            raise ConfigError(f"environments {other.name} and {spec.name} would share the env file "
+                              f"{other.default_env_file()!r} / {spec.default_env_file()!r} (both are "
+                              f"{str(resolved)!r}); set env_file in {CONFIG_FILE} to a file of its own")
 
 
 def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
@@ -163,6 +199,7 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         env_file = Path(env_file)
         if not env_file.is_file():
             raise ConfigError(f"env file {str(env_file)!r} does not exist")
+        refuse_foreign_env_file(project, spec, env_file, "--env-file")
         file_values = _read_env_file(env_file)
     else:
         env_file = project.root / spec.default_env_file()
@@ -220,11 +257,12 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         state_dir=project.state_dir,
         pg_lock_timeout=pg_lock_timeout,
         pg_statement_timeout=pg_statement_timeout,
-        database_url=SecretURL(normalize_database_url(database_url)) if database_url else None,
-        mongodb_url=_url(lookup("MONGODB_URL")),
-        qdrant_url=_url(lookup("QDRANT_URL")),
+        database_url=SecretURL(normalize_database_url(check_url("DATABASE_URL", database_url)))
+        if database_url else None,
+        mongodb_url=_url(check_url("MONGODB_URL", lookup("MONGODB_URL"))),
+        qdrant_url=_url(check_url("QDRANT_URL", lookup("QDRANT_URL"))),
         qdrant_api_key=Secret(api_key) if api_key else None,
-        redis_url=_url(lookup("REDIS_URL")),
+        redis_url=_url(check_url("REDIS_URL", lookup("REDIS_URL"))),
     )
 
 
@@ -263,3 +301,64 @@ def normalize_database_url(url: str) -> str:
         f"DATABASE_URL {mask_url(url)!r} is not a PostgreSQL URL; "
         "use postgres://, postgresql:// or postgresql+psycopg://"
     )
+
+
+_REDIS_PARAMS = {"client_name", "decode_responses", "encoding", "encoding_errors", "ssl_ca_certs", "ssl_ca_path",
+                 "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_ciphers", "username",
+                 "password"}
+
+
+def check_url(variable: str, url: str | None) -> str | None:
+    """Check a connection URL's port, host list and parameters before anything connects."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from .environments import mask_url
+
+    if not url:
+        return url
+    shown = f"{variable} {mask_url(url)!r}"
+    parts = urlsplit(url)
+    host_part = parts.netloc.rpartition("@")[2]
+    several = "," in host_part
+    if several and not (variable == "MONGODB_URL" and parts.scheme == "mongodb"):
+        raise ConfigError(f"{shown} names several hosts; give one host and port")
+    for host in host_part.split(","):
+        try:
+            urlsplit(f"//{host}").port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            port = host.rpartition(":")[2]
+            raise ConfigError(f"{shown}: port {port!r} is not a number between 0 and 65535") from None
+    try:
+        params = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))]
+    except ValueError:
+        raise ConfigError(f"{shown}: the query string cannot be parsed; write ?name=value&name=value") from None
+    unknown = [k for k in params if k not in _known_params(variable, params)]
+    if unknown and variable == "QDRANT_URL":
+        raise ConfigError(f"{shown}: unknown parameter {unknown[0]!r}; a Qdrant URL takes none "
+                          "(put the API key in QDRANT_API_KEY)")
+    if unknown:
+        raise ConfigError(f"{shown}: unknown parameter {unknown[0]!r}; remove it or use one "
+                          f"{_PARAM_SOURCE[variable]} knows")
+    return url
+
+
+def _known_params(variable: str, params: list[str]) -> set[str]:
+    if not params:
+        return set()
+    if variable == "DATABASE_URL":
+        from psycopg import pq
+
+        return {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
+    if variable == "MONGODB_URL":
+        from pymongo.common import URI_OPTIONS_ALIAS_MAP, URI_OPTIONS_VALIDATOR_MAP
+
+        known = {k.lower() for k in (*URI_OPTIONS_VALIDATOR_MAP, *URI_OPTIONS_ALIAS_MAP)}
+        return {p for p in params if p.lower() in known}
+    if variable == "REDIS_URL":
+        from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+        return set(URL_QUERY_ARGUMENT_PARSERS) | _REDIS_PARAMS
+    return set()  # QDRANT_URL: the client takes no URL parameters
+
+
+_PARAM_SOURCE = {"DATABASE_URL": "libpq", "MONGODB_URL": "pymongo", "REDIS_URL": "redis-py"}

@@ -455,9 +455,76 @@ def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = Non
 
 
 def _script(script_location: Path | None) -> Any:
+    """The revision scripts, checked: each file loads, and they form one line from one base to one head."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+    script = ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+    check_revisions(script)
+    return script
+
+
+def check_revisions(script: Any) -> None:
+    """Refuse revision files that fail to import, and a history that is not one line, before any connection."""
+    import warnings
+
+    from alembic.util import to_tuple
+
+    versions = Path(script.versions).resolve()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alembic's own warnings; the checks below name the file
+            loaded = list(script._load_revisions())  # imports every revision file, as alembic does
+    except Exception as exc:  # noqa: BLE001 - any error a revision file raises at import
+        raise ConfigError(f"revision file {_failed_file(exc, versions)} cannot be loaded: "
+                          f"{type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else _first_line(exc)}; "
+                          "fix or remove it") from None
+    by_id: dict[str, Any] = {}
+    for rev in loaded:
+        if rev.revision in by_id:
+            raise ConfigError(f"revision {rev.revision} is defined twice: {_shown_file(by_id[rev.revision].path)} "
+                              f"and {_shown_file(rev.path)}; give one of them a new revision id")
+        by_id[rev.revision] = rev
+    referenced: set[str] = set()
+    for rev in loaded:
+        for down in to_tuple(rev.down_revision, default=()):
+            if down not in by_id:
+                raise ConfigError(f"revision file {_shown_file(rev.path)}: down_revision {down!r} is not a "
+                                  "known revision; point it at the revision it follows")
+            referenced.add(down)
+    bases = sorted(_shown_file(r.path) for r in loaded if not to_tuple(r.down_revision, default=()))
+    heads = sorted(_shown_file(r.path) for r in loaded if r.revision not in referenced)
+    if len(bases) > 1:
+        raise ConfigError(f"the revision history has {len(bases)} bases ({', '.join(bases)}); "
+                          "each revision but the first needs a down_revision")
+    if len(heads) > 1:
+        raise ConfigError(f"the revision history has {len(heads)} heads ({', '.join(heads)}); "
+                          "merge them (alembic merge heads) or point one at the other")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _failed_file(exc: BaseException, versions: Path) -> str:
+    """The revision file an import error came from: a SyntaxError names it, a traceback passes through it."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return _shown_file(exc.filename) + (f", line {exc.lineno}" if exc.lineno else "")
+    import traceback
+
+    inside = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(versions)]
+    if inside:
+        return f"{_shown_file(inside[-1].filename)}, line {inside[-1].lineno}"
+    return f"in {_shown_file(versions)}"
+
+
+def _shown_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def current_heads(conn: Connection, schema: str) -> tuple[str, ...]:
