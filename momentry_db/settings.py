@@ -7,8 +7,9 @@ environment, the environment's env file, the built-in default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .environments import (
     Secret,
     SecretURL,
     names_clash,
+    secret_parts,
     validate_collection,
     validate_env_name,
     validate_mongo_database,
@@ -62,6 +64,20 @@ class Project:
     def environments(self) -> list[Environment]:
         """Resolve every configured environment, prod first."""
         return [self.environment(name, one_of_many=True) for name in self.registry.names]
+
+    def secrets(self, env_files: Iterable[Path] = ()) -> list[str | Secret]:
+        """Every secret set for any environment (or in ``env_files``), read as given, unvalidated,
+        for scrubbing output: a value that fails validation must not show in its error either."""
+        found: list[str | Secret] = []
+        for path in [*(self.root / spec.default_env_file() for spec in self.registry.specs), *env_files]:
+            try:
+                file_values = _read_env_file(path) if path.is_file() else {}
+            except ConfigError:
+                file_values = {}
+            for key in SECRET_VARS:
+                for value in {self.environ.get(key), file_values.get(key)} - {None, ""}:
+                    found += secret_values(key, value)  # type: ignore[arg-type]
+        return list(dict.fromkeys(found))
 
     def process_isolation_vars(self) -> list[str]:
         """Isolation names set in the process environment, which multi-environment commands ignore."""
@@ -228,6 +244,17 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     )
 
 
+SECRET_VARS = ("DATABASE_URL", "MONGODB_URL", "QDRANT_URL", "REDIS_URL", "QDRANT_API_KEY")
+
+
+def secret_values(key: str, value: str) -> list[str | Secret]:
+    """The secrets a connection setting holds: the key itself, or a URL's passwords and the URL."""
+    if key == "QDRANT_API_KEY":
+        return [value]
+    parts = secret_parts(value)
+    return [*parts, SecretURL(value)] if parts else []
+
+
 def _url(value: str | None) -> SecretURL | None:
     return SecretURL(value) if value else None
 
@@ -258,8 +285,21 @@ def normalize_database_url(url: str) -> str:
 
     for scheme in _PG_SCHEMES:
         if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme):]
+            return "postgresql+psycopg://" + _escape_at_in_userinfo(url[len(scheme):])
     raise ConfigError(
         f"DATABASE_URL {mask_url(url)!r} is not a PostgreSQL URL; "
         "use postgres://, postgresql:// or postgresql+psycopg://"
     )
+
+
+def _escape_at_in_userinfo(rest: str) -> str:
+    """Percent-encode an '@' inside the user info, which ends at the authority's last '@'.
+
+    SQLAlchemy ends the password at the first '@', so ``u:p@ss@host/db`` would otherwise
+    reach host ``ss@host``, and show part of the password in the error.
+    """
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if not at or "@" not in userinfo:
+        return rest
+    return userinfo.replace("@", "%40") + rest[len(userinfo):]
