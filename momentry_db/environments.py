@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import ConfigError
@@ -412,6 +413,7 @@ def scrub(text: str, secrets: Iterable[str | Secret]) -> str:
 _PG_SCHEMES = ("postgresql+psycopg://", "postgresql://", "postgres://")
 
 
+@lru_cache(maxsize=256)
 def _whole(secret: str) -> re.Pattern[str]:
     """The secret where it stands alone: a piece "rant" is hidden in "Q/d:rant@", not in "qdrant"."""
     before = "(?<![A-Za-z0-9])" if secret[0].isalnum() else ""
