@@ -27,11 +27,12 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
 
     reporter = Reporter(as_json=as_json)
     reporter.announce_plans = announce_plans
-    secrets: list[str] = []
+    secrets: list[Any] = []
     result = None
     try:
         project = load_project(ctx.obj.get("project_dir"))
-        secrets = _known_secrets(project)
+        secrets = _known_secrets(ctx, project)
+        reporter.scrub_with(secrets)
         with _warnings_as_notices(reporter, secrets):
             result = work(project, reporter)
         if result is not None:
@@ -66,14 +67,14 @@ def _warnings_as_notices(reporter: Any, secrets: list[str]) -> Iterator[None]:
         yield
 
 
-def _known_secrets(project: Any) -> list[str]:
-    """Secrets from every environment that resolves, for scrubbing error messages."""
-    found: list[str] = []
-    for name in project.registry.names:
-        try:
-            found.extend(project.environment(name, one_of_many=True).secrets())
-        except MomentryError:
-            continue
+def _known_secrets(ctx: click.Context, project: Any) -> list[Any]:
+    """Secrets from every environment's settings and this command's options, for scrubbing output."""
+    from .settings import secret_values
+
+    env_file = ctx.params.get("env_file")
+    found = list(project.secrets([env_file] if env_file else []))
+    if ctx.params.get("database_url"):
+        found += secret_values("DATABASE_URL", ctx.params["database_url"])
     return found
 
 

@@ -22,6 +22,11 @@ class Reporter:
         self.err = err or sys.stderr
         self.announce_plans = False  # set for commands that apply what they plan
 
+    def scrub_with(self, secrets: list[Any]) -> None:
+        """Mask these secrets, and any URL or DSN password, in everything written from now on."""
+        self.out = _Scrubbed(self.out, secrets)
+        self.err = _Scrubbed(self.err, secrets)
+
     def __call__(self, event: str, payload: Any) -> None:
         if event == "notice":
             print(payload, file=self.err)
@@ -92,6 +97,21 @@ class Reporter:
 
     def _json(self, data: dict[str, Any]) -> None:
         print(json.dumps(data, indent=2, sort_keys=False), file=self.out)
+
+
+class _Scrubbed:
+    """A text stream that masks secrets in what is written to it: the last line of defence."""
+
+    def __init__(self, stream: TextIO, secrets: list[Any]) -> None:
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        from .environments import scrub
+
+        return self._stream.write(scrub(text, self._secrets))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 _TARGET_KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}

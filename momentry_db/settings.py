@@ -7,8 +7,9 @@ environment, the environment's env file, the built-in default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .environments import (
     Secret,
     SecretURL,
     names_clash,
+    secret_parts,
     validate_collection,
     validate_env_name,
     validate_mongo_database,
@@ -62,6 +64,20 @@ class Project:
     def environments(self) -> list[Environment]:
         """Resolve every configured environment, prod first."""
         return [self.environment(name, one_of_many=True) for name in self.registry.names]
+
+    def secrets(self, env_files: Iterable[Path] = ()) -> list[str | Secret]:
+        """Every secret set for any environment (or in ``env_files``), read as given, unvalidated,
+        for scrubbing output: a value that fails validation must not show in its error either."""
+        found: list[str | Secret] = []
+        for path in [*(self.root / spec.default_env_file() for spec in self.registry.specs), *env_files]:
+            try:
+                file_values = _read_env_file(path) if path.is_file() else {}
+            except ConfigError:
+                file_values = {}
+            for key in SECRET_VARS:
+                for value in {self.environ.get(key), file_values.get(key)} - {None, ""}:
+                    found += secret_values(key, value)  # type: ignore[arg-type]
+        return list(dict.fromkeys(found))
 
     def process_isolation_vars(self) -> list[str]:
         """Isolation names set in the process environment, which multi-environment commands ignore."""
@@ -266,6 +282,17 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     )
 
 
+SECRET_VARS = ("DATABASE_URL", "MONGODB_URL", "QDRANT_URL", "REDIS_URL", "QDRANT_API_KEY")
+
+
+def secret_values(key: str, value: str) -> list[str | Secret]:
+    """The secrets a connection setting holds: the key itself, or a URL's passwords and the URL."""
+    if key == "QDRANT_API_KEY":
+        return [value]
+    parts = secret_parts(value)
+    return [*parts, SecretURL(value)] if parts else []
+
+
 def _url(value: str | None) -> SecretURL | None:
     return SecretURL(value) if value else None
 
@@ -296,7 +323,7 @@ def normalize_database_url(url: str) -> str:
 
     for scheme in _PG_SCHEMES:
         if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme):]
+            return "postgresql+psycopg://" + _escape_at_in_userinfo(url[len(scheme):])
     raise ConfigError(
         f"DATABASE_URL {mask_url(url)!r} is not a PostgreSQL URL; "
         "use postgres://, postgresql:// or postgresql+psycopg://"
@@ -310,7 +337,7 @@ _REDIS_PARAMS = {"client_name", "decode_responses", "encoding", "encoding_errors
 
 def check_url(variable: str, url: str | None) -> str | None:
     """Check a connection URL's port, host list and parameters before anything connects."""
-    from urllib.parse import parse_qsl, urlsplit
+    from urllib.parse import urlsplit
 
     from .environments import mask_url
 
@@ -318,9 +345,29 @@ def check_url(variable: str, url: str | None) -> str | None:
         return url
     shown = f"{variable} {mask_url(url)!r}"
     parts = urlsplit(url)
-    host_part = parts.netloc.rpartition("@")[2]
-    several = "," in host_part
-    if several and not (variable == "MONGODB_URL" and parts.scheme == "mongodb"):
+    try:
+        _check_authority(variable, shown, parts.scheme, parts.netloc.rpartition("@")[2], parts.query)
+    except ConfigError:
+        # A password may hold an unencoded '/', '?', '#' or '@' (the driver reads up to the last
+        # '@'); read the URL that way before calling it malformed.
+        scheme, _, rest = url.partition("://")
+        if "@" not in rest:
+            raise
+        alt = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
+        try:
+            _check_authority(variable, shown, scheme, alt.netloc, alt.query)
+        except ConfigError:
+            pass
+        else:
+            return url
+        raise
+    return url
+
+
+def _check_authority(variable: str, shown: str, scheme: str, host_part: str, query: str) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "," in host_part and not (variable == "MONGODB_URL" and scheme == "mongodb"):
         raise ConfigError(f"{shown} names several hosts; give one host and port")
     for host in host_part.split(","):
         try:
@@ -329,7 +376,7 @@ def check_url(variable: str, url: str | None) -> str | None:
             port = host.rpartition(":")[2]
             raise ConfigError(f"{shown}: port {port!r} is not a number between 0 and 65535") from None
     try:
-        params = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))]
+        params = [k for k, _ in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))]
     except ValueError:
         raise ConfigError(f"{shown}: the query string cannot be parsed; write ?name=value&name=value") from None
     unknown = [k for k in params if k not in _known_params(variable, params)]
@@ -339,7 +386,6 @@ def check_url(variable: str, url: str | None) -> str | None:
     if unknown:
         raise ConfigError(f"{shown}: unknown parameter {unknown[0]!r}; remove it or use one "
                           f"{_PARAM_SOURCE[variable]} knows")
-    return url
 
 
 def _known_params(variable: str, params: list[str]) -> set[str]:
@@ -362,3 +408,16 @@ def _known_params(variable: str, params: list[str]) -> set[str]:
 
 
 _PARAM_SOURCE = {"DATABASE_URL": "libpq", "MONGODB_URL": "pymongo", "REDIS_URL": "redis-py"}
+
+
+def _escape_at_in_userinfo(rest: str) -> str:
+    """Percent-encode an '@' inside the user info, which ends at the authority's last '@'.
+
+    SQLAlchemy ends the password at the first '@', so ``u:p@ss@host/db`` would otherwise
+    reach host ``ss@host``, and show part of the password in the error.
+    """
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if not at or "@" not in userinfo:
+        return rest
+    return userinfo.replace("@", "%40") + rest[len(userinfo):]
