@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import psycopg
+
+from momentry_db.stores import postgres
 from momentry_db.tables import BOOKKEEPING_TABLES, isolated_tables
 from test_pipeline import plant
 
@@ -119,3 +127,108 @@ def test_start_up_imports_no_mongo_or_qdrant_client(project, args: list[str]) ->
     assert not imported & {"pymongo", "qdrant_client", "redis", "bson", "grpc", "httpx"}
     if args == ["--help"]:
         assert not imported & {"sqlalchemy", "alembic", "psycopg"}
+
+
+# --- one target's failure never stops the others ----------------------------------------------
+
+ALL = ["prod", "dev", "pr-1", "pr-2", "pr-3"]
+PG = {"prod": "public", "dev": "dev", "pr-1": "pr_1", "pr-2": "pr_2", "pr-3": "pr_3"}
+MONGO_STEPS = ["0001_chunks", "0002_cache"]
+QDRANT_STEPS = ["create"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mongo_url() -> Iterator[str]:
+    """A real MongoDB-wire server (SecantusDB, in memory), run as its own process for one test."""
+    exe = shutil.which("secantusd-py", path=str(Path(sys.executable).parent)) or shutil.which("secantusd-py")
+    assert exe, "secantusd-py (PyPI SecantusDB, a test dependency) is not installed"
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "secantusd-py did not start"
+                time.sleep(0.05)
+        yield f"mongodb://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def three(project, mongo_url):
+    """prod, dev and pr-1..3, with MongoDB on a real server and Qdrant in local mode."""
+    project.environ["MOMENTRY_EXTRA_ENVS"] = "pr-1,pr-2,pr-3"
+    project.environ["MONGODB_URL"] = mongo_url
+    return project
+
+
+@contextmanager
+def held_lock(database, schema: str) -> Iterator[None]:
+    """Hold a schema's migration lock from another session, the way a concurrent momentry-db run does."""
+    with psycopg.connect(database.url, autocommit=True, application_name="other-run") as conn:
+        conn.execute(postgres.lock_sql(schema, xact=False))
+        yield
+
+
+def expected(pg: dict[str, tuple[str, list[str]]], stores=("postgres", "mongo", "qdrant"),
+             rest: tuple[str, list[str]] | None = None) -> list[tuple[str, str, str, str, list[str]]]:
+    """Every target's (store, env, target, outcome, applied), in the order the report lists them."""
+    rows = []
+    for store in stores:
+        for env in ALL:
+            name = {"postgres": PG[env], "mongo": f"momentry_{env.replace('-', '_')}" if env != "prod" else "momentry",
+                    "qdrant": f"momentry_{env.replace('-', '_')}_rule1" if env != "prod" else "momentry_rule1"}[store]
+            default = rest or ("upgraded", MONGO_STEPS if store == "mongo" else QDRANT_STEPS)
+            rows.append((store, env, name, *(pg.get(env, ("upgraded", ["0001"])) if store == "postgres" else default)))
+    return rows
+
+
+def rows(result) -> list[tuple[str, str, str, str, list[str]]]:
+    return [(t["store"], t["env"], t["target"], t["outcome"], t["applied"]) for t in json.loads(result.out)["targets"]]
+
+
+def errors(result) -> dict[tuple[str, str], str]:
+    return {(t["store"], t["env"]): t["error"] for t in json.loads(result.out)["targets"] if t["error"]}
+
+
+@pytest.mark.parametrize("locked", ["pr-3", "dev"])
+def test_a_held_lock_fails_only_its_own_target_in_every_store(three, database, locked: str) -> None:
+    schema = PG[locked]
+    with held_lock(database, schema):
+        result = three.cli("migrate", "--all", "--lock-timeout", "2", "--json")
+        assert result.code == 1, result.err
+        body = json.loads(result.out)
+        assert body["ok"] is False
+        assert rows(result) == expected({locked: ("failed", [])})
+        assert list(errors(result)) == [("postgres", locked)]
+        assert errors(result)[("postgres", locked)].startswith(
+            f"postgres {locked} (schema {schema}): migration lock held by other-run (pid ")
+        assert body["summary"] == {"upgraded": 14, "up to date": 0, "failed": 1, "refused": 0}
+        assert database.tables(schema) == set()  # nothing written behind the lock
+        for env in ALL:
+            if env != locked:
+                assert database.query(f"SELECT version_num FROM {PG[env]}.alembic_version") == [("0001",)]
+
+        again = three.cli("migrate", "--all", "--lock-timeout", "2")  # the text report lists every target
+    assert again.code == 1
+    lines = again.out.splitlines()
+    assert len(lines) == 16
+    for line, (store, env, target, _, _) in zip(lines, expected({})):
+        if (store, env) == ("postgres", locked):
+            assert line.startswith(f"postgres {locked} ({schema}): failed: postgres {locked} (schema {schema}): "
+                                   "migration lock held by other-run (pid ")
+        else:
+            assert line == f"{store} {env} ({target}): up to date"
+    assert lines[-1] == "done: 5 environment(s), 15 target(s): 0 upgraded, 14 up to date, 1 failed"
