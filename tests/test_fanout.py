@@ -182,16 +182,20 @@ def held_lock(database, schema: str) -> Iterator[None]:
         yield
 
 
-def expected(pg: dict[str, tuple[str, list[str]]], stores=("postgres", "mongo", "qdrant"),
-             rest: tuple[str, list[str]] | None = None) -> list[tuple[str, str, str, str, list[str]]]:
-    """Every target's (store, env, target, outcome, applied), in the order the report lists them."""
+def expected(postgres_outcomes: dict[str, tuple[str, list[str]]], stores=("postgres", "mongo", "qdrant"),
+             ) -> list[tuple[str, str, str, str, list[str]]]:
+    """Every target's (store, env, target, outcome, applied) in report order: store, then environment.
+
+    PostgreSQL targets not named upgrade to 0001; MongoDB and Qdrant targets apply their first steps.
+    """
     rows = []
     for store in stores:
         for env in ALL:
-            name = {"postgres": PG[env], "mongo": f"momentry_{env.replace('-', '_')}" if env != "prod" else "momentry",
-                    "qdrant": f"momentry_{env.replace('-', '_')}_rule1" if env != "prod" else "momentry_rule1"}[store]
-            default = rest or ("upgraded", MONGO_STEPS if store == "mongo" else QDRANT_STEPS)
-            rows.append((store, env, name, *(pg.get(env, ("upgraded", ["0001"])) if store == "postgres" else default)))
+            suffix = "" if env == "prod" else "_" + env.replace("-", "_")
+            target = {"postgres": PG[env], "mongo": f"momentry{suffix}", "qdrant": f"momentry{suffix}_rule1"}[store]
+            default = {"postgres": ["0001"], "mongo": MONGO_STEPS, "qdrant": QDRANT_STEPS}[store]
+            outcome = postgres_outcomes.get(env, ("upgraded", default)) if store == "postgres" else ("upgraded", default)
+            rows.append((store, env, target, *outcome))
     return rows
 
 
@@ -232,3 +236,90 @@ def test_a_held_lock_fails_only_its_own_target_in_every_store(three, database, l
         else:
             assert line == f"{store} {env} ({target}): up to date"
     assert lines[-1] == "done: 5 environment(s), 15 target(s): 0 upgraded, 14 up to date, 1 failed"
+
+
+_real_upgrade_chunk = postgres.upgrade_chunk
+
+
+def dying_chunk(envs, script_location, lock_wait):
+    """A worker whose share includes pr-2 dies with an unexpected error; the others run as usual."""
+    if any(env.name == "pr-2" for env in envs):
+        raise RuntimeError("worker lost")
+    return _real_upgrade_chunk(envs, script_location, lock_wait)
+
+
+def test_parallel_workers_report_a_held_lock_and_a_dead_worker_as_their_targets_outcomes(
+        three, database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert three.cli("migrate", "--env", "prod", "--store", "postgres").code == 0
+    # An autocommit revision cannot be compiled: every schema goes through the workers, two at a time
+    # ([dev, pr-2] and [pr-1, pr-3]).
+    plant(three, tmp_path, """
+with op.get_context().autocommit_block():
+    op.create_index("ix_videos_title", "videos", ["title"], postgresql_concurrently=True)
+""", doc="title index concurrently")
+    monkeypatch.setattr(postgres, "upgrade_chunk", dying_chunk)
+    with held_lock(database, "pr_1"):
+        result = three.cli("migrate", "--all", "--parallel", "2", "--lock-timeout", "2", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"prod": ("upgraded", ["0002"]), "dev": ("failed", []), "pr-1": ("failed", []),
+                                     "pr-2": ("failed", []), "pr-3": ("upgraded", ["0001", "0002"])})
+    failures = errors(result)
+    assert failures[("postgres", "dev")] == "postgres dev (schema dev): upgrade failed: unexpected RuntimeError: worker lost"
+    assert failures[("postgres", "pr-2")] == "postgres pr-2 (schema pr_2): upgrade failed: unexpected RuntimeError: worker lost"
+    assert failures[("postgres", "pr-1")].startswith("postgres pr-1 (schema pr_1): migration lock held by other-run")
+    assert len(failures) == 3
+    for schema in ("dev", "pr_1", "pr_2"):
+        assert database.tables(schema) == set()
+    assert database.query("SELECT version_num FROM pr_3.alembic_version") == [("0002",)]
+
+
+def test_a_failing_revision_in_one_schema_stops_nothing_else_in_any_store(three, database) -> None:
+    database.execute("CREATE SCHEMA pr_2; CREATE TABLE pr_2.videos (id int); INSERT INTO pr_2.videos VALUES (7)")
+    result = three.cli("migrate", "--all", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"pr-2": ("failed", [])})
+    assert list(errors(result)) == [("postgres", "pr-2")]
+    assert errors(result)[("postgres", "pr-2")].startswith(
+        "postgres pr-2 (schema pr_2): revision 0001 (initial schema) failed: ")
+    assert database.tables("pr_2") == {"videos"}
+    assert database.query("SELECT id FROM pr_2.videos") == [(7,)]
+
+
+def test_a_refusal_on_prod_is_prods_outcome_and_the_other_schemas_still_migrate(
+        three, database, tmp_path: Path) -> None:
+    assert three.cli("migrate", "--env", "prod", "--store", "postgres").code == 0
+    plant(three, tmp_path, 'op.create_index("ix_videos_title", "videos", ["title"])', doc="index title")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")  # no terminal, no --accept-risky
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"prod": ("refused", []), **{env: ("upgraded", ["0001", "0002"])
+                                                                  for env in ALL[1:]}}, stores=("postgres",))
+    refusal = errors(result)[("postgres", "prod")]
+    assert refusal.startswith("prod: lint found 1 risky statement(s)") and "--accept-risky" in refusal
+    assert json.loads(result.out)["summary"] == {"upgraded": 4, "up to date": 0, "failed": 0, "refused": 1}
+    assert database.query("SELECT version_num FROM public.alembic_version") == [("0001",)]
+    text = three.cli("migrate", "--all", "--store", "postgres")
+    assert text.code == 1
+    assert text.out.splitlines()[0].startswith("postgres prod (public): refused: prod: lint found 1 risky")
+    assert text.out.splitlines()[-1] == "done: 5 environment(s), 5 target(s): 0 upgraded, 4 up to date, 0 failed, 1 refused"
+
+
+def test_unmanaged_prod_tables_refuse_prod_only(three, database) -> None:
+    database.execute("CREATE TABLE public.videos (id int); INSERT INTO public.videos VALUES (1)")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"prod": ("refused", [])}, stores=("postgres",))
+    assert "momentry-db adopt --env prod" in errors(result)[("postgres", "prod")]
+    assert database.tables("public") == {"videos"}
+    assert database.query("SELECT id FROM public.videos") == [(1,)]
+
+
+def test_a_rolled_back_target_reports_no_applied_revision(three, database, tmp_path: Path) -> None:
+    plant(three, tmp_path, 'op.execute("SELECT 1/0")', doc="divides by zero")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 1
+    # 0001 ran in each schema's transaction, then 0002 failed and took it back with it.
+    assert rows(result) == expected({env: ("failed", []) for env in ALL}, stores=("postgres",))
+    assert errors(result)[("postgres", "prod")].startswith(
+        "postgres prod (schema public): revision 0002 (divides by zero) failed: division by zero")
+    for schema in PG.values():
+        assert database.tables(schema) == set()
