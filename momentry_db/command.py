@@ -47,15 +47,21 @@ class RunResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     dry_run: bool = False
+    failures: list[dict[str, str]] = field(default_factory=list)  # a store that failed; the next ones still ran
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
 
     def to_json(self) -> dict[str, Any]:
         return {
             "command": self.command,
             "env": self.env,
-            "ok": True,
+            "ok": self.ok,
             "dry_run": self.dry_run,
             "targets": [t.to_json() for t in self.targets],
             "applied": [s.to_json() for s in self.applied],
+            "failures": self.failures,
             "skipped": self.skipped,
             "notices": self.notices,
         }
@@ -79,6 +85,25 @@ class _Run:
         self.result.targets.append(plan)
         self.emit("planned", plan)
         return plan
+
+    @contextmanager
+    def store_failure(self, store: str, target: str, keep_going: bool, secrets: Sequence[str]) -> Iterator[None]:
+        """With ``keep_going``, a failure inside this store becomes its outcome and the next store runs.
+
+        Refusals and bad input (exit 2) still stop the run: they come before the store writes.
+        """
+        from .environments import scrub
+        from .errors import EXIT_FAILURE, MomentryError
+
+        try:
+            yield
+        except MomentryError as exc:
+            if not keep_going or exc.exit_code != EXIT_FAILURE:
+                raise
+            message = scrub(str(exc), list(secrets))
+            self.result.failures.append({"store": store, "env": self.result.env, "target": target,  # type: ignore[attr-defined]
+                                         "type": type(exc).__name__, "error": message})
+            self.emit("failed", message)
 
 
 def _stores(selected: Sequence[str] | None) -> list[str]:
@@ -208,16 +233,18 @@ def migrate(project: Project, env_name: str, *, stores: Sequence[str] | None = N
             dry_run: bool = False, recreate_qdrant: bool = False, env_file: Path | None = None,
             overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
             sources: Sources = Sources(), lock_timeout: float = 30.0,
-            consent: Consent = _refuse) -> RunResult:
+            consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
     """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant.
 
     On prod, pending PostgreSQL revisions are linted first; risky DDL runs only when
-    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky).
+    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky). A failure
+    inside a store raises, unless ``keep_going``: then it is recorded in
+    ``result.failures`` and the next store still runs (the CLI does this).
     """
     result = RunResult("migrate", env_name, dry_run=dry_run)
     return _work(project, env_name, result, stores=stores, apply=not dry_run, with_sql=dry_run,
                  recreate_qdrant=recreate_qdrant, env_file=env_file, overrides=overrides, emit=emit,
-                 sources=sources, lock_timeout=lock_timeout, consent=consent)
+                 sources=sources, lock_timeout=lock_timeout, consent=consent, keep_going=keep_going)
 
 
 def status(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
@@ -231,7 +258,7 @@ def status(project: Project, env_name: str, *, stores: Sequence[str] | None = No
 def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequence[str] | None,
           apply: bool, with_sql: bool, env_file: Path | None, overrides: Mapping[str, str | None] | None,
           emit: Emit, sources: Sources, recreate_qdrant: bool = False,
-          lock_timeout: float = 30.0, consent: Consent = _refuse) -> RunResult:
+          lock_timeout: float = 30.0, consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result.env = env.name
     chosen = _stores(stores)
@@ -248,12 +275,14 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
             _consent_to_risks(target, before, consent, _scripts(project, sources))
         if apply and before.pending:
             _refuse_unmanaged(env, before)
-            postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
-            result.applied.extend(s for s in before.pending if s.name in target.applied)
+            with run.store_failure("postgres", env.schema, keep_going, env.secrets()):
+                postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
+                result.applied.extend(s for s in before.pending if s.name in target.applied)
     if "mongo" in chosen:
         from .stores import mongo
 
-        with _mongo(env, run, sources) as mtarget:
+        with run.store_failure("mongo", env.mongo_database, keep_going, env.secrets()), \
+                _mongo(env, run, sources) as mtarget:
             if mtarget is not None:
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
@@ -262,21 +291,22 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        qtarget = _qdrant_target(env, run, sources, lock_timeout)
-        cached = qdrant.cached_plans(qtarget, declared["qdrant"])
-        if cached is not None:  # local mode, unchanged since the last run: nothing to open
-            for plan in cached:
-                run.planned(plan)
-            return result
-        with qtarget.session() as client:
-            qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
-            plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
-            if apply:
-                result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
-                                                   emit=emit))
-        qtarget.client = None
-        if apply or not any(p.pending for p in plans):
-            qdrant.write_stamp(qtarget, declared["qdrant"])
+        with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
+            qtarget = _qdrant_target(env, run, sources, lock_timeout)
+            cached = qdrant.cached_plans(qtarget, declared["qdrant"])
+            if cached is not None:  # local mode, unchanged since the last run: nothing to open
+                for plan in cached:
+                    run.planned(plan)
+                return result
+            with qtarget.session() as client:
+                qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
+                plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
+                if apply:
+                    result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
+                                                       emit=emit))
+            qtarget.client = None
+            if apply or not any(p.pending for p in plans):
+                qdrant.write_stamp(qtarget, declared["qdrant"])
     return result
 
 

@@ -323,3 +323,28 @@ def test_a_rolled_back_target_reports_no_applied_revision(three, database, tmp_p
         "postgres prod (schema public): revision 0002 (divides by zero) failed: division by zero")
     for schema in PG.values():
         assert database.tables(schema) == set()
+
+
+def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, database) -> None:
+    with held_lock(database, "dev"):
+        result = three.cli("migrate", "--env", "dev", "--lock-timeout", "2", "--json")
+        text = three.cli("migrate", "--env", "dev", "--lock-timeout", "2")
+    assert result.code == 1, result.err
+    body = json.loads(result.out)
+    assert body["ok"] is False
+    (failure,) = body["failures"]
+    assert (failure["store"], failure["env"], failure["target"], failure["type"]) == (
+        "postgres", "dev", "dev", "LockTimeoutError")
+    assert failure["error"].startswith("postgres dev (schema dev): migration lock held by other-run (pid ")
+    assert [(s["store"], s["name"]) for s in body["applied"]] == [("mongo", "0001_chunks"), ("mongo", "0002_cache"),
+                                                                  ("qdrant", "create")]
+    assert database.tables("dev") == set()
+    assert result.err.splitlines()[0].startswith("error: postgres dev (schema dev): migration lock held by other-run")
+
+    assert text.code == 1
+    assert text.err.splitlines()[0].startswith("error: postgres dev (schema dev): migration lock held by other-run")
+    lines = text.out.splitlines()
+    assert lines[:2] == ["postgres dev (schema dev): 1 pending",
+                         "mongo dev (database momentry_dev): nothing to do (at 0002_cache)"]
+    assert lines[2].startswith("qdrant dev (collection momentry_dev_rule1): nothing to do (at ")
+    assert lines[3:] == ["done: nothing applied to dev; postgres failed"]
