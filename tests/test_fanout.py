@@ -348,3 +348,31 @@ def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, data
                          "mongo dev (database momentry_dev): nothing to do (at 0002_cache)"]
     assert lines[2].startswith("qdrant dev (collection momentry_dev_rule1): nothing to do (at ")
     assert lines[3:] == ["done: nothing applied to dev; postgres failed"]
+
+
+class _BrokenMongo:
+    """A MongoDB client that fails in a way no store error describes."""
+
+    def __getattr__(self, name: str):
+        if name == "close":
+            return lambda: None
+        raise RuntimeError("socket closed by peer")
+
+    def __getitem__(self, name: str):
+        raise RuntimeError("socket closed by peer")
+
+
+def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, database) -> None:
+    from momentry_db import command
+    from momentry_db.settings import load_project
+
+    proj = load_project(project.root, project.environ)
+    result = command.migrate_many(proj, ["dev", "prod"], sources=command.Sources(mongo_client=_BrokenMongo()))
+    assert result.ok is False
+    got = [(t["store"], t["env"], t["outcome"], t["applied"], t["error"]) for t in result.data["targets"]]
+    assert got == [
+        ("postgres", "prod", "upgraded", ["0001"], None), ("postgres", "dev", "upgraded", ["0001"], None),
+        ("mongo", "prod", "failed", [], "mongo prod (momentry): unexpected RuntimeError: socket closed by peer"),
+        ("mongo", "dev", "failed", [], "mongo dev (momentry_dev): unexpected RuntimeError: socket closed by peer"),
+        ("qdrant", "prod", "upgraded", ["create"], None), ("qdrant", "dev", "upgraded", ["create"], None)]
+    assert result.lines[-1] == "done: 2 environment(s), 6 target(s): 4 upgraded, 0 up to date, 2 failed"
