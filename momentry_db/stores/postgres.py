@@ -349,8 +349,11 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
 
 def _keep_committed(conn: Connection, target: PgTarget) -> None:
     """After a failed run, keep in ``target.applied`` only the revisions that stayed committed."""
-    now = current_heads(conn, target.schema)
-    conn.rollback()
+    try:
+        now = current_heads(conn, target.schema)
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - unreadable: the failed transaction took everything with it
+        now = ()
     if now == tuple(sorted(target.started_at)) or not now:
         target.applied.clear()
     elif now[0] in target.applied:  # an autocommit block committed the revisions before it
