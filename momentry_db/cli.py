@@ -231,7 +231,7 @@ def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, para
     _run(ctx, as_json, lambda project, emit: command.migrate(
         project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
         env_file=env_file, overrides=_overrides(database_url, pg_lock_timeout, pg_statement_timeout),
-        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky)),
+        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky), keep_going=True),
         announce_plans=True)
 
 

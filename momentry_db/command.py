@@ -47,15 +47,21 @@ class RunResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     dry_run: bool = False
+    failures: list[dict[str, str]] = field(default_factory=list)  # a store that failed; the next ones still ran
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
 
     def to_json(self) -> dict[str, Any]:
         return {
             "command": self.command,
             "env": self.env,
-            "ok": True,
+            "ok": self.ok,
             "dry_run": self.dry_run,
             "targets": [t.to_json() for t in self.targets],
             "applied": [s.to_json() for s in self.applied],
+            "failures": self.failures,
             "skipped": self.skipped,
             "notices": self.notices,
         }
@@ -79,6 +85,25 @@ class _Run:
         self.result.targets.append(plan)
         self.emit("planned", plan)
         return plan
+
+    @contextmanager
+    def store_failure(self, store: str, target: str, keep_going: bool, secrets: Sequence[str]) -> Iterator[None]:
+        """With ``keep_going``, a failure inside this store becomes its outcome and the next store runs.
+
+        Refusals and bad input (exit 2) still stop the run: they come before the store writes.
+        """
+        from .environments import scrub
+        from .errors import EXIT_FAILURE, MomentryError
+
+        try:
+            yield
+        except MomentryError as exc:
+            if not keep_going or exc.exit_code != EXIT_FAILURE:
+                raise
+            message = scrub(str(exc), list(secrets))
+            self.result.failures.append({"store": store, "env": self.result.env, "target": target,  # type: ignore[attr-defined]
+                                         "type": type(exc).__name__, "error": message})
+            self.emit("failed", message)
 
 
 def _stores(selected: Sequence[str] | None) -> list[str]:
@@ -213,16 +238,18 @@ def migrate(project: Project, env_name: str, *, stores: Sequence[str] | None = N
             dry_run: bool = False, recreate_qdrant: bool = False, env_file: Path | None = None,
             overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
             sources: Sources = Sources(), lock_timeout: float = 30.0,
-            consent: Consent = _refuse) -> RunResult:
+            consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
     """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant.
 
     On prod, pending PostgreSQL revisions are linted first; risky DDL runs only when
-    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky).
+    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky). A failure
+    inside a store raises, unless ``keep_going``: then it is recorded in
+    ``result.failures`` and the next store still runs (the CLI does this).
     """
     result = RunResult("migrate", env_name, dry_run=dry_run)
     return _work(project, env_name, result, stores=stores, apply=not dry_run, with_sql=dry_run,
                  recreate_qdrant=recreate_qdrant, env_file=env_file, overrides=overrides, emit=emit,
-                 sources=sources, lock_timeout=lock_timeout, consent=consent)
+                 sources=sources, lock_timeout=lock_timeout, consent=consent, keep_going=keep_going)
 
 
 def status(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
@@ -236,7 +263,7 @@ def status(project: Project, env_name: str, *, stores: Sequence[str] | None = No
 def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequence[str] | None,
           apply: bool, with_sql: bool, env_file: Path | None, overrides: Mapping[str, str | None] | None,
           emit: Emit, sources: Sources, recreate_qdrant: bool = False,
-          lock_timeout: float = 30.0, consent: Consent = _refuse) -> RunResult:
+          lock_timeout: float = 30.0, consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result.env = env.name
     chosen = _stores(stores)
@@ -253,12 +280,14 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
             _consent_to_risks(target, before, consent, _scripts(project, sources))
         if apply and before.pending:
             _refuse_unmanaged(env, before)
-            postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
-            result.applied.extend(s for s in before.pending if s.name in target.applied)
+            with run.store_failure("postgres", env.schema, keep_going, env.secrets()):
+                postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
+                result.applied.extend(s for s in before.pending if s.name in target.applied)
     if "mongo" in chosen:
         from .stores import mongo
 
-        with _mongo(env, run, sources) as mtarget:
+        with run.store_failure("mongo", env.mongo_database, keep_going, env.secrets()), \
+                _mongo(env, run, sources) as mtarget:
             if mtarget is not None:
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
@@ -267,21 +296,22 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        qtarget = _qdrant_target(env, run, sources, lock_timeout)
-        cached = qdrant.cached_plans(qtarget, declared["qdrant"])
-        if cached is not None:  # local mode, unchanged since the last run: nothing to open
-            for plan in cached:
-                run.planned(plan)
-            return result
-        with qtarget.session() as client:
-            qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
-            plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
-            if apply:
-                result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
-                                                   emit=emit))
-        qtarget.client = None
-        if apply or not any(p.pending for p in plans):
-            qdrant.write_stamp(qtarget, declared["qdrant"])
+        with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
+            qtarget = _qdrant_target(env, run, sources, lock_timeout)
+            cached = qdrant.cached_plans(qtarget, declared["qdrant"])
+            if cached is not None:  # local mode, unchanged since the last run: nothing to open
+                for plan in cached:
+                    run.planned(plan)
+                return result
+            with qtarget.session() as client:
+                qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
+                plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
+                if apply:
+                    result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
+                                                       emit=emit))
+            qtarget.client = None
+            if apply or not any(p.pending for p in plans):
+                qdrant.write_stamp(qtarget, declared["qdrant"])
     return result
 
 
@@ -313,7 +343,6 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
     result = checks.VerifyResult("verify", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     if "postgres" in chosen:
-        from .stores import postgres
 
         try:
             target = _postgres_target(env, run)
@@ -810,11 +839,13 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
 
     The revision map is loaded once; a target whose version is already head is skipped
     after one query; with ``parallel`` > 1 the other schemas run in worker processes,
-    one connection each. A failure names its target; every other target reports its own
-    outcome, and none is left half-applied (one transaction per schema).
+    one connection each. Every target (each store of each environment) reports its own
+    outcome: upgraded, up to date, failed or refused. One target's failure never stops
+    the others, and none is left half-applied (one transaction per schema). Refusals of
+    bad input (unknown names, unreadable files, an unreachable PostgreSQL) come before
+    anything is written and stop the run.
     """
     from .errors import ConfigError as _ConfigError
-    from .errors import MomentryError
     from .stores import postgres
 
     names = list(env_names) if env_names else list(project.registry.names)
@@ -827,14 +858,7 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
     result = ActionResult("migrate", ",".join(e.name for e in envs))
     run = _Run(result, emit)  # type: ignore[arg-type]
     _note_ignored_isolation_vars(project, run)
-    outcomes: list[dict[str, Any]] = []
-
-    def outcome(store: str, env: Environment, target: str, applied: list[str], error: str | None) -> None:
-        state = "failed" if error else ("upgraded" if applied else "up to date")
-        outcomes.append({"store": store, "env": env.name, "target": target, "outcome": state,
-                         "applied": applied, "error": error})
-        result.lines.append(f"{store} {env.name} ({target}): {state}"
-                            + (f" ({', '.join(applied)})" if applied else "") + (f": {error}" if error else ""))
+    fan = _Outcomes(envs)
 
     if "postgres" in chosen:
         scripts = _scripts(project, sources)
@@ -846,28 +870,28 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
         pending = [t for t in targets if versions[t.schema] != head]
         for t in targets:
             if t not in pending:
-                outcome("postgres", t.env, t.schema, [], None)
-        primary = [t for t in pending if t.primary]
+                fan.add("postgres", t.env, t.schema, [])
+        primary: list[Any] = []
+        for t in (t for t in pending if t.primary):  # public first, after its lint and consent
+            try:
+                plan = postgres.plan(t, script_location=scripts, project=project)
+                _refuse_unmanaged(t.env, plan)
+                _consent_to_risks(t, plan, consent, scripts)
+                primary.append(t)
+            except Exception as exc:  # noqa: BLE001 - prod's outcome; the other schemas do not need public
+                fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc, "plan"))
         others = [t for t in pending if not t.primary]
-        for t in primary:  # public first, after its lint and consent
-            plan = postgres.plan(t, script_location=scripts, project=project)
-            _refuse_unmanaged(t.env, plan)
-            _consent_to_risks(t, plan, consent, scripts)
         if primary:
-            postgres.upgrade_many(primary, script_location=scripts, project=project)
-            for t in primary:
-                outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+            _pg_run(postgres.upgrade_many, primary, script_location=scripts, project=project)
+            fan.pg(primary)
         if others:  # compile each revision path once for the schemas that stand at the same revision
             starts: dict[tuple[str, ...], list[Any]] = {}
             for t in others:
                 starts.setdefault(versions[t.schema] or (), []).append(t)
-            compiled = [t for group in starts.values() for t in group]
             left: list[Any] = []
             for start, group in starts.items():
-                left += postgres.upgrade_compiled(group, start, script_location=scripts)
-            for t in compiled:
-                if t not in left:
-                    outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+                left += _pg_run(postgres.upgrade_compiled, group, start, script_location=scripts) or []
+            fan.pg([t for t in others if t not in left])
             others = left
         if others and parallel > 1:
             import multiprocessing
@@ -878,13 +902,18 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
             with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
                 futures = [pool.submit(postgres.upgrade_chunk, [t.env for t in chunk], scripts, lock_timeout)
                            for chunk in chunks]
-                for future in futures:
-                    for schema, applied, error in future.result():
-                        outcome("postgres", by_schema[schema].env, schema, applied, error)
+                for chunk, future in zip(chunks, futures):
+                    try:
+                        done = future.result()
+                    except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
+                        for t in chunk:
+                            fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc))
+                        continue
+                    for schema, applied, error in done:
+                        fan.add("postgres", by_schema[schema].env, schema, applied, error)
         elif others:
-            postgres.upgrade_many(others, script_location=scripts, project=project)
-            for t in others:
-                outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+            _pg_run(postgres.upgrade_many, others, script_location=scripts, project=project)
+            fan.pg(others)
     for env in envs:
         if "mongo" in chosen:
             from .stores import mongo
@@ -893,29 +922,85 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
             if mtarget.configured:
                 try:
                     steps = mongo.apply(mtarget, declared["mongo"], lock_timeout=lock_timeout)
-                    outcome("mongo", env, env.mongo_database, [s.name for s in steps], None)
-                except MomentryError as exc:
-                    outcome("mongo", env, env.mongo_database, [], str(exc))
+                    fan.add("mongo", env, env.mongo_database, [s.name for s in steps])
+                except Exception as exc:  # noqa: BLE001 - this target's outcome
+                    fan.failed("mongo", env, env.mongo_database, exc)
                 finally:
                     mtarget.close()
         if "qdrant" in chosen:
             from .stores import qdrant
 
-            qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
             try:
+                qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
                 steps = qdrant.apply(qtarget, declared["qdrant"])
-                outcome("qdrant", env, env.qdrant_collection, [s.name for s in steps], None)
-            except MomentryError as exc:
-                outcome("qdrant", env, env.qdrant_collection, [], str(exc))
+                fan.add("qdrant", env, env.qdrant_collection, [s.name for s in steps])
+            except Exception as exc:  # noqa: BLE001 - this target's outcome
+                fan.failed("qdrant", env, env.qdrant_collection, exc)
     if "mongo" in chosen and not any(mongo_configured(e, sources) for e in envs):
         run.skip("mongo", "MONGODB_URL is not set")
-    failed = [o for o in outcomes if o["outcome"] == "failed"]
-    result.ok = not failed
-    counts = {k: sum(1 for o in outcomes if o["outcome"] == k) for k in ("upgraded", "up to date", "failed")}
-    result.lines.append(f"done: {len(envs)} environment(s), {len(outcomes)} target(s): "
-                        f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, {counts['failed']} failed")
-    result.data = {"targets": outcomes, "parallel": parallel}
+    fan.report(result, parallel)
     return result
+
+
+def _pg_run(fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a PostgreSQL fan-out step; what stops it early becomes the outcome of each target not yet done."""
+    from .stores import postgres
+
+    try:
+        return fn(targets, *args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
+        for t in targets:
+            if t.error is None and not t.applied:
+                t.error = postgres.failure(t, exc)
+        return None
+
+
+class _Outcomes:
+    """One outcome per store and target of a fan-out, reported in store order, then environment order."""
+
+    STATES = ("upgraded", "up to date", "failed", "refused")
+
+    def __init__(self, envs: Sequence[Environment]) -> None:
+        self.order = {e.name: i for i, e in enumerate(envs)}
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, store: str, env: Environment, target: str, applied: list[str], error: str | None = None,
+            refused: bool = False) -> None:
+        state = "refused" if refused else "failed" if error else ("upgraded" if applied else "up to date")
+        self.rows.append({"store": store, "env": env.name, "target": target, "outcome": state,
+                          "applied": applied, "error": error})
+
+    def failed(self, store: str, env: Environment, target: str, exc: BaseException) -> None:
+        from .environments import scrub
+        from .errors import MomentryError, RefusedError
+
+        if isinstance(exc, MomentryError):
+            message = str(exc)
+        else:
+            lines = str(exc).strip().splitlines()
+            message = f"{store} {env.name} ({target}): unexpected {type(exc).__name__}" + (
+                f": {lines[0]}" if lines else "")
+        self.add(store, env, target, [], scrub(message, env.secrets()), refused=isinstance(exc, RefusedError))
+
+    def pg(self, targets: Sequence[Any]) -> None:
+        from .errors import RefusedError
+
+        for t in targets:
+            self.add("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None,
+                     refused=isinstance(t.error, RefusedError))
+
+    def report(self, result: ActionResult, parallel: int) -> None:
+        rows = sorted(self.rows, key=lambda o: (STORES.index(o["store"]), self.order[o["env"]]))
+        for o in rows:
+            result.lines.append(f"{o['store']} {o['env']} ({o['target']}): {o['outcome']}"
+                                + (f" ({', '.join(o['applied'])})" if o["applied"] else "")
+                                + (f": {o['error']}" if o["error"] else ""))
+        counts = {k: sum(1 for o in rows if o["outcome"] == k) for k in self.STATES}
+        result.ok = not counts["failed"] and not counts["refused"]
+        result.lines.append(f"done: {len(self.order)} environment(s), {len(rows)} target(s): "
+                            f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, "
+                            f"{counts['failed']} failed" + (f", {counts['refused']} refused" if counts["refused"] else ""))
+        result.data = {"targets": rows, "summary": counts, "parallel": parallel}
 
 
 def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:

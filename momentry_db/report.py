@@ -30,6 +30,8 @@ class Reporter:
     def __call__(self, event: str, payload: Any) -> None:
         if event == "notice":
             print(payload, file=self.err)
+        elif event == "failed":  # one store failed; the run goes on with the next one
+            print(f"error: {payload}", file=self.err)
         elif self.as_json:
             return
         elif event == "planned":
@@ -122,8 +124,16 @@ def _where(item: TargetPlan | Step) -> str:
 
 
 def _summary(result: Any) -> str:
+    failed = [f["store"] for f in getattr(result, "failures", [])]
+    if failed:
+        return _applied(result) + f"; {', '.join(failed)} failed"
+    return _applied(result)
+
+
+def _applied(result: Any) -> str:
     if not result.applied:
-        return f"done: {result.env} is up to date; nothing applied"
+        return (f"done: nothing applied to {result.env}" if getattr(result, "failures", None)
+                else f"done: {result.env} is up to date; nothing applied")
     counts: dict[str, int] = {}
     for step in result.applied:
         counts[step.store] = counts.get(step.store, 0) + 1

@@ -17,6 +17,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,17 +292,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mongo_url() -> Iterator[str]:
-    """A real MongoDB-wire server for this session: SecantusDB in memory, as a separate process."""
+@contextmanager
+def secantus_server() -> Iterator[str]:
+    """Run SecantusDB (a MongoDB-wire-protocol server) in memory as a separate process; yield its URL."""
     import time
 
     from pymongo import MongoClient
     from pymongo.errors import PyMongoError
 
     binary = Path(sys.executable).parent / "secantusd-py"
-    if not binary.exists():
-        pytest.skip("secantusd-py is not installed (pip install SecantusDB)")
+    assert binary.exists(), "secantusd-py is not installed: it comes with the test extras (PyPI SecantusDB)"
     port = _free_port()
     proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -326,6 +326,20 @@ def mongo_url() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    """A real MongoDB-wire server shared by this session; each test uses databases of its own."""
+    with secantus_server() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_mongo_url() -> Iterator[str]:
+    """A real MongoDB-wire server of this test's own, for tests that use the default database names."""
+    with secantus_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -107,7 +107,6 @@ def acquire_lock(conn: Connection, target: PgTarget) -> None:
     """Take the schema's session advisory lock, waiting at most ``target.lock_wait`` seconds."""
     import sqlalchemy as sa
 
-    from ..errors import LockTimeoutError
 
     deadline = time.monotonic() + target.lock_wait
     while True:
@@ -208,10 +207,19 @@ def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> None:
     for target in targets:
         try:
             _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
-        except (StoreError, LockTimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - in a fan-out, whatever stops a target is its outcome
             if not keep_going:
                 raise
-            target.error = exc  # the fan-out reports every target's own outcome
+            target.error = failure(target, exc)
+
+
+def failure(target: PgTarget, exc: BaseException, step: str = "upgrade") -> MomentryError:
+    """An error that stopped one target, as that target's outcome (secrets scrubbed)."""
+    if isinstance(exc, MomentryError):
+        return exc
+    lines = str(exc).strip().splitlines()
+    reason = f"unexpected {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+    return StoreError(STORE, _label(target), step, scrub(reason, target.env.secrets()))
 
 
 def _metadata(context: EnvironmentContext) -> MetaData:
@@ -334,6 +342,7 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
                 error = _store_error(context, target, exc)
         if error is not None:
             _record_failure(conn, target, error)
+            _keep_committed(conn, target)
             raise error
     finally:
         try:
@@ -343,6 +352,19 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
             conn.commit()
         finally:
             conn.close()
+
+
+def _keep_committed(conn: Connection, target: PgTarget) -> None:
+    """After a failed run, keep in ``target.applied`` only the revisions that stayed committed."""
+    try:
+        now = current_heads(conn, target.schema)
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - unreadable: the failed transaction took everything with it
+        now = ()
+    if now == tuple(sorted(target.started_at)) or not now:
+        target.applied.clear()
+    elif now[0] in target.applied:  # an autocommit block committed the revisions before it
+        del target.applied[target.applied.index(now[0]) + 1:]
 
 
 def _strip_scope_info(context: Any, revision: Any, directives: list[Any]) -> None:
@@ -765,8 +787,6 @@ def clone_tables(source: PgTarget, dest: PgTarget, tables: Sequence[str], limit:
     Rows whose foreign keys point at rows not present in the destination are left
     out, so a ``limit`` never breaks a foreign key.
     """
-    import sqlalchemy as sa
-    from psycopg import sql
 
     from ..errors import ConfigError
     from ..models import metadata
@@ -936,8 +956,10 @@ def upgrade_chunk(envs: list[Environment], script_location: Path | None,
     targets = [PgTarget(env, lock_wait=lock_wait) for env in envs]
     try:
         upgrade_many(targets, script_location=script_location)
-    except MomentryError as exc:  # before any target ran: every target reports it
-        return [(t.schema, [], str(exc)) for t in targets]
+    except Exception as exc:  # noqa: BLE001 - before or between targets: each one not done reports it
+        for t in targets:
+            if t.error is None and not t.applied:
+                t.error = failure(t, exc)
     return [(t.schema, list(t.applied), str(t.error) if t.error else None) for t in targets]
 
 
@@ -976,11 +998,26 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
     for group in by_url.values():
-        with connect(group[0]) as raw:
-            conn = raw.execution_options(isolation_level="AUTOCOMMIT")
-            for target in group:
-                if not _run_compiled(conn, target, start, body, revisions, sql):
-                    leftovers.append(target)
+        waiting = list(group)
+        while waiting:  # a target's failure is its own outcome; the others go on, on a fresh connection if need be
+            try:
+                raw = connect(waiting[0])
+            except MomentryError as exc:
+                for target in waiting:
+                    target.error = exc
+                break
+            with raw:
+                conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                while waiting:
+                    target = waiting.pop(0)
+                    try:
+                        if not _run_compiled(conn, target, start, body, revisions, sql):
+                            leftovers.append(target)
+                    except MomentryError as exc:
+                        target.error = exc
+                    except Exception as exc:  # noqa: BLE001 - the connection may be unusable now
+                        target.error = failure(target, exc)
+                        break
     return leftovers
 
 
