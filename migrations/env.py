@@ -22,14 +22,19 @@ if targets is None:  # a plain `alembic` call
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     from momentry_db.settings import load_project
 
+    from momentry_db.environments import scrub
+
+    secrets = []
     try:
         root = Path(config.config_file_name).resolve().parent if config.config_file_name else None
         project = load_project(root)
+        secrets = project.secrets()
         config.attributes["momentry_project"] = project
+        postgres.check_revisions(context.script)  # a broken or branched history stops before any connection
         targets = postgres.targets_from_x_args(project, context.get_x_argument(as_dictionary=True))
         postgres.run_env(context, targets)
     except MomentryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc), secrets)}", file=sys.stderr)
         sys.exit(exc.exit_code)
 else:
     postgres.run_env(context, targets)

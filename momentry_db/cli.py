@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,14 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
 
     reporter = Reporter(as_json=as_json)
     reporter.announce_plans = announce_plans
-    secrets: list[str] = []
+    secrets: list[Any] = []
     result = None
     try:
         project = load_project(ctx.obj.get("project_dir"))
-        secrets = _known_secrets(project)
-        result = work(project, reporter)
+        secrets = _known_secrets(ctx, project)
+        reporter.scrub_with(secrets)
+        with _warnings_as_notices(reporter, secrets):
+            result = work(project, reporter)
         if result is not None:
             reporter.result(result)
     except MomentryError as exc:
@@ -46,14 +51,30 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
         ctx.exit(EXIT_FAILURE)
 
 
-def _known_secrets(project: Any) -> list[str]:
-    """Secrets from every environment that resolves, for scrubbing error messages."""
-    found: list[str] = []
-    for name in project.registry.names:
-        try:
-            found.extend(project.environment(name, one_of_many=True).secrets())
-        except MomentryError:
-            continue
+@contextmanager
+def _warnings_as_notices(reporter: Any, secrets: list[str]) -> Iterator[None]:
+    """Warnings from the clients (pymongo, qdrant-client, ...) become one-line notices, secrets masked."""
+    import warnings
+
+    from .environments import scrub
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        reporter("notice", scrub("warning: " + " ".join(str(message).split()), secrets))
+
+    with warnings.catch_warnings():  # the filters stay as they are; only how a warning is shown changes
+        warnings.showwarning = show
+        yield
+
+
+def _known_secrets(ctx: click.Context, project: Any) -> list[Any]:
+    """Secrets from every environment's settings and this command's options, for scrubbing output."""
+    from .settings import secret_values
+
+    env_file = ctx.params.get("env_file")
+    found = list(project.secrets([env_file] if env_file else []))
+    if ctx.params.get("database_url"):
+        found += secret_values("DATABASE_URL", ctx.params["database_url"])
     return found
 
 
@@ -84,8 +105,25 @@ env_file_option = click.option(
     help="Read settings from this file instead of the environment's default (.env, .env.development).")
 url_option = click.option("--database-url", metavar="URL",
                           help="PostgreSQL URL; overrides DATABASE_URL from the environment and env file.")
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds, zero or more (nan, inf and negative values are refused)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a finite number of seconds, zero or more", param, ctx)
+        return seconds
+
+
 lock_timeout_option = click.option(
-    "--lock-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    "--lock-timeout", type=Seconds(), default=30.0, show_default=True,
     help="Seconds to wait for another run's migration lock (every store) before failing.")
 
 
@@ -109,7 +147,33 @@ store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
                             help="Limit the run to this store (repeatable): postgres, mongo, qdrant.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class MainGroup(click.Group):
+    """The command group; with --json, click's own usage errors are a JSON error document too."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        options = args[:args.index("--")] if "--" in args else args
+        if not standalone_mode or "--json" not in options:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            from .report import JSON_VERSION
+
+            message = " ".join(exc.format_message().split())
+            kind = "UsageError" if isinstance(exc, click.UsageError) else type(exc).__name__
+            click.echo(f"error: {message}", err=True)
+            click.echo(json.dumps({"version": JSON_VERSION, "ok": False, "error": {
+                "type": kind, "message": message, "exit_code": exc.exit_code}}, indent=2))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where momentry-db.toml and the env files live (default: the current directory).")
 @click.version_option(package_name="momentry-db")
@@ -167,7 +231,7 @@ def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, para
     _run(ctx, as_json, lambda project, emit: command.migrate(
         project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
         env_file=env_file, overrides=_overrides(database_url, pg_lock_timeout, pg_statement_timeout),
-        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky)),
+        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky), keep_going=True),
         announce_plans=True)
 
 
@@ -377,6 +441,20 @@ def history(ctx: click.Context, env_name: str, stores: tuple[str, ...], limit: i
 
     _run(ctx, as_json, lambda project, emit: command.history(project, env_name, limit=limit, stores=stores,
                                                              emit=emit))
+
+
+@main.command()
+@env_option
+@click.option("--store", required=True, type=click.Choice(["postgres", "mongo", "qdrant"]),
+              help="The store whose migration lock to show and release.")
+@click.option("--yes", is_flag=True, help="Release the lock shown (otherwise only show it, and exit 2).")
+@json_option
+@click.pass_context
+def unlock(ctx: click.Context, env_name: str, store: str, yes: bool, as_json: bool) -> None:
+    """Show who holds an environment's migration lock in one store; release it with --yes."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.unlock(project, env_name, store, yes=yes, emit=emit))
 
 
 @main.group()

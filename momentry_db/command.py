@@ -47,15 +47,21 @@ class RunResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     dry_run: bool = False
+    failures: list[dict[str, str]] = field(default_factory=list)  # a store that failed; the next ones still ran
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
 
     def to_json(self) -> dict[str, Any]:
         return {
             "command": self.command,
             "env": self.env,
-            "ok": True,
+            "ok": self.ok,
             "dry_run": self.dry_run,
             "targets": [t.to_json() for t in self.targets],
             "applied": [s.to_json() for s in self.applied],
+            "failures": self.failures,
             "skipped": self.skipped,
             "notices": self.notices,
         }
@@ -79,6 +85,25 @@ class _Run:
         self.result.targets.append(plan)
         self.emit("planned", plan)
         return plan
+
+    @contextmanager
+    def store_failure(self, store: str, target: str, keep_going: bool, secrets: Sequence[str]) -> Iterator[None]:
+        """With ``keep_going``, a failure inside this store becomes its outcome and the next store runs.
+
+        Refusals and bad input (exit 2) still stop the run: they come before the store writes.
+        """
+        from .environments import scrub
+        from .errors import EXIT_FAILURE, MomentryError
+
+        try:
+            yield
+        except MomentryError as exc:
+            if not keep_going or exc.exit_code != EXIT_FAILURE:
+                raise
+            message = scrub(str(exc), list(secrets))
+            self.result.failures.append({"store": store, "env": self.result.env, "target": target,  # type: ignore[attr-defined]
+                                         "type": type(exc).__name__, "error": message})
+            self.emit("failed", message)
 
 
 def _stores(selected: Sequence[str] | None) -> list[str]:
@@ -185,6 +210,11 @@ def _load_declarations(chosen: list[str], sources: Sources, project: Project | N
         return default
 
     loaded: dict[str, Any] = {}
+    if "postgres" in chosen:
+        from .stores import postgres
+
+        # loading checks the revision files: one that fails to import, or a branched history, stops here
+        postgres._script(sources.alembic_scripts or (project.alembic_scripts if project is not None else None))
     if "mongo" in chosen:
         from .stores import mongo
 
@@ -223,16 +253,18 @@ def migrate(project: Project, env_name: str, *, stores: Sequence[str] | None = N
             dry_run: bool = False, recreate_qdrant: bool = False, env_file: Path | None = None,
             overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
             sources: Sources = Sources(), lock_timeout: float = 30.0,
-            consent: Consent = _refuse) -> RunResult:
+            consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
     """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant.
 
     On prod, pending PostgreSQL revisions are linted first; risky DDL runs only when
-    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky).
+    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky). A failure
+    inside a store raises, unless ``keep_going``: then it is recorded in
+    ``result.failures`` and the next store still runs (the CLI does this).
     """
     result = RunResult("migrate", env_name, dry_run=dry_run)
     return _work(project, env_name, result, stores=stores, apply=not dry_run, with_sql=dry_run,
                  recreate_qdrant=recreate_qdrant, env_file=env_file, overrides=overrides, emit=emit,
-                 sources=sources, lock_timeout=lock_timeout, consent=consent)
+                 sources=sources, lock_timeout=lock_timeout, consent=consent, keep_going=keep_going)
 
 
 def status(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
@@ -246,7 +278,7 @@ def status(project: Project, env_name: str, *, stores: Sequence[str] | None = No
 def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequence[str] | None,
           apply: bool, with_sql: bool, env_file: Path | None, overrides: Mapping[str, str | None] | None,
           emit: Emit, sources: Sources, recreate_qdrant: bool = False,
-          lock_timeout: float = 30.0, consent: Consent = _refuse) -> RunResult:
+          lock_timeout: float = 30.0, consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result.env = env.name
     chosen = _stores(stores)
@@ -263,12 +295,14 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
             _consent_to_risks(target, before, consent, _scripts(project, sources))
         if apply and before.pending:
             _refuse_unmanaged(env, before)
-            postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
-            result.applied.extend(s for s in before.pending if s.name in target.applied)
+            with run.store_failure("postgres", env.schema, keep_going, env.secrets()):
+                postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
+                result.applied.extend(s for s in before.pending if s.name in target.applied)
     if "mongo" in chosen:
         from .stores import mongo
 
-        with _mongo(env, run, sources) as mtarget:
+        with run.store_failure("mongo", env.mongo_database, keep_going, env.secrets()), \
+                _mongo(env, run, sources) as mtarget:
             if mtarget is not None:
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
@@ -277,21 +311,22 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        qtarget = _qdrant_target(env, run, sources, lock_timeout)
-        cached = qdrant.cached_plans(qtarget, declared["qdrant"])
-        if cached is not None:  # local mode, unchanged since the last run: nothing to open
-            for plan in cached:
-                run.planned(plan)
-            return result
-        with qtarget.session() as client:
-            qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
-            plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
-            if apply:
-                result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
-                                                   emit=emit))
-        qtarget.client = None
-        if apply or not any(p.pending for p in plans):
-            qdrant.write_stamp(qtarget, declared["qdrant"])
+        with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
+            qtarget = _qdrant_target(env, run, sources, lock_timeout)
+            cached = qdrant.cached_plans(qtarget, declared["qdrant"])
+            if cached is not None:  # local mode, unchanged since the last run: nothing to open
+                for plan in cached:
+                    run.planned(plan)
+                return result
+            with qtarget.session() as client:
+                qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
+                plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
+                if apply:
+                    result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
+                                                       emit=emit))
+            qtarget.client = None
+            if apply or not any(p.pending for p in plans):
+                qdrant.write_stamp(qtarget, declared["qdrant"])
     return result
 
 
@@ -323,7 +358,6 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
     result = checks.VerifyResult("verify", env.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     if "postgres" in chosen:
-        from .stores import postgres
 
         try:
             target = _postgres_target(env, run)
@@ -373,38 +407,118 @@ def resettable(project: Project, env_name: str) -> Environment:
     return env
 
 
-def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = None, emit: Emit = _ignore,
-          sources: Sources = Sources()) -> ActionResult:
-    """Drop and recreate one environment's schema, database, collection and Redis keys, then migrate."""
-    env = resettable(project, env_name)
-    chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
-    result = ActionResult("reset", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    dropped: dict[str, Any] = {}
+@dataclass(frozen=True)
+class _Drop:
+    """One store's part of a reset: what it removes, how to check it can, and how to remove it."""
+
+    store: str
+    label: str  # "dev (schema dev)", as the store's errors name its target
+    what: str  # "schema dev", for the already-dropped / not-dropped lists
+    check: Callable[[], Any]
+    drop: Callable[[], Any]
+
+
+def _reset_drops(env: Environment, chosen: list[str], every_store: bool, run: _Run, sources: Sources,
+                 declared: dict[str, Any], closing: Any) -> list[_Drop]:
+    """What a reset of ``env`` removes, store by store, in the order it removes them."""
+    drops: list[_Drop] = []
     if "postgres" in chosen:
         from .stores import postgres
 
         target = _postgres_target(env, run)
-        dropped["postgres"] = env.schema if postgres.drop_schema(target) else None
+        drops.append(_Drop("postgres", f"{env.name} (schema {env.schema})", f"schema {env.schema}",
+                           lambda: postgres.preflight_drop(target),
+                           lambda: env.schema if postgres.drop_schema(target) else None))
     if "mongo" in chosen:
         from .stores import mongo
 
         mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
         if mtarget.configured:
-            try:
-                dropped["mongo"] = env.mongo_database if mongo.drop_database(mtarget) else None
-            finally:
-                mtarget.close()
+            closing.callback(mtarget.close)
+            drops.append(_Drop("mongo", mtarget.label, f"database {env.mongo_database}",
+                               lambda: mongo.preflight_drop(mtarget),
+                               lambda: env.mongo_database if mongo.drop_database(mtarget) else None))
     if "qdrant" in chosen:
         from .stores import qdrant
 
-        with _qdrant_target(env, run, sources, 30.0).session() as client:
-            dropped["qdrant"] = qdrant.drop(client, env, declared["qdrant"])
-    if env.redis_url is not None and not stores:
+        qtarget = _qdrant_target(env, run, sources, 30.0)
+        names = ", ".join(env.qdrant_collection_for(spec.name) for spec in declared["qdrant"])
+
+        def drop_collections() -> list[str]:
+            with qtarget.session() as client:
+                return qdrant.drop(client, env, declared["qdrant"])
+
+        drops.append(_Drop("qdrant", f"{env.name} (collection {names})", f"collection {names}",
+                           lambda: qdrant.preflight_drop(qtarget, declared["qdrant"]), drop_collections))
+    if env.redis_url is not None and every_store:
         from .stores import redis as redis_store
 
-        dropped["redis"] = redis_store.delete_keys(env.redis_url.reveal(), env.redis_prefix)
+        url = env.redis_url
+        drops.append(_Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
+                           lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
+                           lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
+    return drops
+
+
+def _preflight(env: Environment, drops: list[_Drop]) -> None:
+    """Check every store a reset will touch before touching any; refuse with every problem found."""
+    from .environments import scrub
+    from .errors import MomentryError, RefusedError
+
+    problems = []
+    for d in drops:
+        try:
+            d.check()
+        except MomentryError as exc:
+            problems.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a driver error is a problem of that store
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            problems.append(scrub(f"{d.store} {d.label}: {type(exc).__name__}: {reason}", env.secrets()))
+    if problems:
+        raise RefusedError(f"reset {env.name} refused: {'; '.join(problems)}; nothing was dropped, "
+                           f"fix {'this' if len(problems) == 1 else 'these'} and run reset again")
+
+
+def _drop_all(env: Environment, drops: list[_Drop]) -> dict[str, Any]:
+    """Drop store by store; a failure names what was already dropped and what was not."""
+    from .environments import scrub
+    from .errors import MomentryError, StoreError
+
+    dropped: dict[str, Any] = {}
+    for i, d in enumerate(drops):
+        try:
+            dropped[d.store] = d.drop()
+        except Exception as exc:
+            if isinstance(exc, MomentryError):
+                reason = str(exc)
+            else:
+                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            done = ", ".join(f"{x.store} {x.what}" for x in drops[:i]) or "nothing"
+            left = ", ".join(f"{x.store} {x.what}" for x in drops[i:])
+            raise StoreError(d.store, d.label, "drop", scrub(
+                f"{reason}; already dropped: {done}; not dropped: {left}; fix the cause and run reset "
+                f"--env {env.name} again", env.secrets())) from None
+    return dropped
+
+
+def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = None, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """Drop and recreate one environment's schema, database, collection and Redis keys, then migrate.
+
+    Every store is checked first (reachable, permitted, its lock free, nothing outside
+    the environment reached); any problem refuses the reset before anything is dropped.
+    """
+    from contextlib import ExitStack
+
+    env = resettable(project, env_name)
+    chosen = _stores(stores)
+    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
+    result = ActionResult("reset", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    with ExitStack() as closing:
+        drops = _reset_drops(env, chosen, not stores, run, sources, declared, closing)
+        _preflight(env, drops)
+        dropped = _drop_all(env, drops)
     for store, what in dropped.items():
         result.lines.append(f"{store} {env.name}: dropped {what if what not in (None, []) else 'nothing (absent)'}"
                             if store != "redis" else f"redis {env.name}: deleted {what} keys under {env.redis_prefix}")
@@ -470,7 +584,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
     from .errors import RefusedError
     from .tables import isolated_tables
 
-    source = project.environment(source_name)
+    source = project.environment(source_name, one_of_many=True)  # process-wide names describe --to only
     dest = project.environment(dest_name)
     if source.name == dest.name:
         raise ConfigError(f"--from and --to both name {source.name}; clone needs two environments")
@@ -503,6 +617,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
         if postgres.plan(dst_t, script_location=_scripts(project, sources)).pending:
             raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
+        _refuse_source_behind(postgres.plan(src_t, script_location=_scripts(project, sources)))
         copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
     if "mongo" in chosen:
         from .stores import mongo
@@ -524,6 +639,17 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
             result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
     result.data = {"from": source.name, "to": dest.name, "copied": copied}
     return result
+
+
+def _refuse_source_behind(source: TargetPlan) -> None:
+    """The destination is at head; a source behind it has other columns, so nothing is copied."""
+    from .errors import StoreError
+
+    if source.pending:
+        at = ", ".join(source.current) if source.current else "base"
+        raise StoreError(source.store, f"{source.env} (schema {source.target})", "clone",
+                         f"{source.env} is at revision {at}, behind {', '.join(source.head)}; run "
+                         f"momentry-db migrate --env {source.env} first, then clone again")
 
 
 def _refuse_orphaning(selected: Sequence[str]) -> None:
@@ -587,11 +713,15 @@ def isolation_values(env: Environment) -> dict[str, str]:
 
 def env_file(project: Project, env_name: str, *, check: bool = False, path: Path | None = None) -> ActionResult:
     """Write (or with check, compare) an environment's isolation variables in its env file."""
-    from dotenv import dotenv_values, set_key
+    from dotenv import set_key
 
+    from .settings import read_env_file, refuse_foreign_env_file
+
+    if path is not None:
+        refuse_foreign_env_file(project, project.registry.get(env_name), path, "--path")
     env = project.environment(env_name, env_file=path if path and path.is_file() else None)
     target = path or project.root / project.registry.get(env.name).default_env_file()
-    current = {k: v for k, v in dotenv_values(target).items()} if target.is_file() else {}
+    current = read_env_file(target) if target.is_file() else {}
     wanted = isolation_values(env)
     changes = [(k, current.get(k), v) for k, v in wanted.items() if current.get(k) != v]
     result = ActionResult("env-file", env.name, data={
@@ -773,11 +903,13 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
 
     The revision map is loaded once; a target whose version is already head is skipped
     after one query; with ``parallel`` > 1 the other schemas run in worker processes,
-    one connection each. A failure names its target; every other target reports its own
-    outcome, and none is left half-applied (one transaction per schema).
+    one connection each. Every target (each store of each environment) reports its own
+    outcome: upgraded, up to date, failed or refused. One target's failure never stops
+    the others, and none is left half-applied (one transaction per schema). Refusals of
+    bad input (unknown names, unreadable files, an unreachable PostgreSQL) come before
+    anything is written and stop the run.
     """
     from .errors import ConfigError as _ConfigError
-    from .errors import MomentryError
     from .stores import postgres
 
     names = list(env_names) if env_names else list(project.registry.names)
@@ -790,14 +922,7 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
     result = ActionResult("migrate", ",".join(e.name for e in envs))
     run = _Run(result, emit)  # type: ignore[arg-type]
     _note_ignored_isolation_vars(project, run)
-    outcomes: list[dict[str, Any]] = []
-
-    def outcome(store: str, env: Environment, target: str, applied: list[str], error: str | None) -> None:
-        state = "failed" if error else ("upgraded" if applied else "up to date")
-        outcomes.append({"store": store, "env": env.name, "target": target, "outcome": state,
-                         "applied": applied, "error": error})
-        result.lines.append(f"{store} {env.name} ({target}): {state}"
-                            + (f" ({', '.join(applied)})" if applied else "") + (f": {error}" if error else ""))
+    fan = _Outcomes(envs)
 
     if "postgres" in chosen:
         scripts = _scripts(project, sources)
@@ -809,28 +934,28 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
         pending = [t for t in targets if versions[t.schema] != head]
         for t in targets:
             if t not in pending:
-                outcome("postgres", t.env, t.schema, [], None)
-        primary = [t for t in pending if t.primary]
+                fan.add("postgres", t.env, t.schema, [])
+        primary: list[Any] = []
+        for t in (t for t in pending if t.primary):  # public first, after its lint and consent
+            try:
+                plan = postgres.plan(t, script_location=scripts, project=project)
+                _refuse_unmanaged(t.env, plan)
+                _consent_to_risks(t, plan, consent, scripts)
+                primary.append(t)
+            except Exception as exc:  # noqa: BLE001 - prod's outcome; the other schemas do not need public
+                fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc, "plan"))
         others = [t for t in pending if not t.primary]
-        for t in primary:  # public first, after its lint and consent
-            plan = postgres.plan(t, script_location=scripts, project=project)
-            _refuse_unmanaged(t.env, plan)
-            _consent_to_risks(t, plan, consent, scripts)
         if primary:
-            postgres.upgrade_many(primary, script_location=scripts, project=project)
-            for t in primary:
-                outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+            _pg_run(postgres.upgrade_many, primary, script_location=scripts, project=project)
+            fan.pg(primary)
         if others:  # compile each revision path once for the schemas that stand at the same revision
             starts: dict[tuple[str, ...], list[Any]] = {}
             for t in others:
                 starts.setdefault(versions[t.schema] or (), []).append(t)
-            compiled = [t for group in starts.values() for t in group]
             left: list[Any] = []
             for start, group in starts.items():
-                left += postgres.upgrade_compiled(group, start, script_location=scripts)
-            for t in compiled:
-                if t not in left:
-                    outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+                left += _pg_run(postgres.upgrade_compiled, group, start, script_location=scripts) or []
+            fan.pg([t for t in others if t not in left])
             others = left
         if others and parallel > 1:
             import multiprocessing
@@ -841,13 +966,18 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
             with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
                 futures = [pool.submit(postgres.upgrade_chunk, [t.env for t in chunk], scripts, lock_timeout)
                            for chunk in chunks]
-                for future in futures:
-                    for schema, applied, error in future.result():
-                        outcome("postgres", by_schema[schema].env, schema, applied, error)
+                for chunk, future in zip(chunks, futures):
+                    try:
+                        done = future.result()
+                    except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
+                        for t in chunk:
+                            fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc))
+                        continue
+                    for schema, applied, error in done:
+                        fan.add("postgres", by_schema[schema].env, schema, applied, error)
         elif others:
-            postgres.upgrade_many(others, script_location=scripts, project=project)
-            for t in others:
-                outcome("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None)
+            _pg_run(postgres.upgrade_many, others, script_location=scripts, project=project)
+            fan.pg(others)
     for env in envs:
         if "mongo" in chosen:
             from .stores import mongo
@@ -856,29 +986,85 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
             if mtarget.configured:
                 try:
                     steps = mongo.apply(mtarget, declared["mongo"], lock_timeout=lock_timeout)
-                    outcome("mongo", env, env.mongo_database, [s.name for s in steps], None)
-                except MomentryError as exc:
-                    outcome("mongo", env, env.mongo_database, [], str(exc))
+                    fan.add("mongo", env, env.mongo_database, [s.name for s in steps])
+                except Exception as exc:  # noqa: BLE001 - this target's outcome
+                    fan.failed("mongo", env, env.mongo_database, exc)
                 finally:
                     mtarget.close()
         if "qdrant" in chosen:
             from .stores import qdrant
 
-            qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
             try:
+                qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
                 steps = qdrant.apply(qtarget, declared["qdrant"])
-                outcome("qdrant", env, env.qdrant_collection, [s.name for s in steps], None)
-            except MomentryError as exc:
-                outcome("qdrant", env, env.qdrant_collection, [], str(exc))
+                fan.add("qdrant", env, env.qdrant_collection, [s.name for s in steps])
+            except Exception as exc:  # noqa: BLE001 - this target's outcome
+                fan.failed("qdrant", env, env.qdrant_collection, exc)
     if "mongo" in chosen and not any(mongo_configured(e, sources) for e in envs):
         run.skip("mongo", "MONGODB_URL is not set")
-    failed = [o for o in outcomes if o["outcome"] == "failed"]
-    result.ok = not failed
-    counts = {k: sum(1 for o in outcomes if o["outcome"] == k) for k in ("upgraded", "up to date", "failed")}
-    result.lines.append(f"done: {len(envs)} environment(s), {len(outcomes)} target(s): "
-                        f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, {counts['failed']} failed")
-    result.data = {"targets": outcomes, "parallel": parallel}
+    fan.report(result, parallel)
     return result
+
+
+def _pg_run(fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a PostgreSQL fan-out step; what stops it early becomes the outcome of each target not yet done."""
+    from .stores import postgres
+
+    try:
+        return fn(targets, *args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
+        for t in targets:
+            if t.error is None and not t.applied:
+                t.error = postgres.failure(t, exc)
+        return None
+
+
+class _Outcomes:
+    """One outcome per store and target of a fan-out, reported in store order, then environment order."""
+
+    STATES = ("upgraded", "up to date", "failed", "refused")
+
+    def __init__(self, envs: Sequence[Environment]) -> None:
+        self.order = {e.name: i for i, e in enumerate(envs)}
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, store: str, env: Environment, target: str, applied: list[str], error: str | None = None,
+            refused: bool = False) -> None:
+        state = "refused" if refused else "failed" if error else ("upgraded" if applied else "up to date")
+        self.rows.append({"store": store, "env": env.name, "target": target, "outcome": state,
+                          "applied": applied, "error": error})
+
+    def failed(self, store: str, env: Environment, target: str, exc: BaseException) -> None:
+        from .environments import scrub
+        from .errors import MomentryError, RefusedError
+
+        if isinstance(exc, MomentryError):
+            message = str(exc)
+        else:
+            lines = str(exc).strip().splitlines()
+            message = f"{store} {env.name} ({target}): unexpected {type(exc).__name__}" + (
+                f": {lines[0]}" if lines else "")
+        self.add(store, env, target, [], scrub(message, env.secrets()), refused=isinstance(exc, RefusedError))
+
+    def pg(self, targets: Sequence[Any]) -> None:
+        from .errors import RefusedError
+
+        for t in targets:
+            self.add("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None,
+                     refused=isinstance(t.error, RefusedError))
+
+    def report(self, result: ActionResult, parallel: int) -> None:
+        rows = sorted(self.rows, key=lambda o: (STORES.index(o["store"]), self.order[o["env"]]))
+        for o in rows:
+            result.lines.append(f"{o['store']} {o['env']} ({o['target']}): {o['outcome']}"
+                                + (f" ({', '.join(o['applied'])})" if o["applied"] else "")
+                                + (f": {o['error']}" if o["error"] else ""))
+        counts = {k: sum(1 for o in rows if o["outcome"] == k) for k in self.STATES}
+        result.ok = not counts["failed"] and not counts["refused"]
+        result.lines.append(f"done: {len(self.order)} environment(s), {len(rows)} target(s): "
+                            f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, "
+                            f"{counts['failed']} failed" + (f", {counts['refused']} refused" if counts["refused"] else ""))
+        result.data = {"targets": rows, "summary": counts, "parallel": parallel}
 
 
 def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:
@@ -894,3 +1080,64 @@ def _url_of(secret: Any) -> str | None:
 
 def mongo_configured(env: Environment, sources: Sources) -> bool:
     return sources.mongo_client is not None or env.mongodb_url is not None
+
+
+def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, emit: Emit = _ignore,
+           sources: Sources = Sources()) -> ActionResult:
+    """Show who holds one store's migration lock for an environment; with ``yes``, release it.
+
+    Without ``yes`` the holder is named in the refusal and nothing changes. A lock that
+    momentry-db may not release (a foreign PostgreSQL session, a local file lock) is
+    refused either way, with what to do instead.
+    """
+    from .errors import RefusedError
+
+    env = project.environment(env_name)
+    if store not in STORES:
+        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(STORES)}")
+    result = ActionResult("unlock", env.name)
+    run = _Run(result, emit)  # type: ignore[arg-type]
+    with _lock_store(env, store, run, sources, project) as (module, target, extra):
+        locks = module.held_locks(target, *extra)
+        if not locks:
+            result.lines.append(f"{store} {env.name}: no migration lock held")
+            result.data = {"store": store, "locks": [], "released": []}
+            return result
+        for lock in locks:
+            if not lock.releasable:
+                raise RefusedError(f"{lock}; {lock.why_not}")
+        if not yes:
+            raise RefusedError("; ".join(str(lock) for lock in locks) + ". Release it only if that run is "
+                               f"gone: momentry-db unlock --env {env.name} --store {store} --yes")
+        released = [lock for lock in locks if module.release_lock(target, lock)]
+        for lock in locks:
+            result.lines.append(f"{lock.store} {lock.target}: " + (
+                f"released the migration lock held by {lock.holder}" if lock in released
+                else "the lock changed hands before it was released; nothing was changed, run unlock again"))
+        result.ok = len(released) == len(locks)
+        result.data = {"store": store, "locks": [lock.to_json() for lock in locks],
+                       "released": [lock.to_json() for lock in released]}
+    return result
+
+
+@contextmanager
+def _lock_store(env: Environment, store: str, run: _Run, sources: Sources,
+                project: Project) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
+    """A store module, its target for ``env`` and what its held_locks needs besides the target."""
+    if store == "postgres":
+        from .stores import postgres
+
+        yield postgres, _postgres_target(env, run), ()
+    elif store == "mongo":
+        from .stores import mongo
+
+        with _mongo(env, run, sources) as target:
+            if target is None:
+                raise ConfigError(f"MONGODB_URL is not set for {env.name}; set it to the server whose lock "
+                                  "should be released")
+            yield mongo, target, ()
+    else:
+        from .stores import qdrant
+
+        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
+        yield qdrant, _qdrant_target(env, run, sources, 30.0), (specs,)

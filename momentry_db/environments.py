@@ -6,7 +6,9 @@ Pure logic: nothing here reads the process environment or touches a store.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import ConfigError
@@ -241,12 +243,9 @@ class Secret:
         return self.value
 
 
-_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
-
-
 @dataclass(frozen=True)
 class SecretURL(Secret):
-    """A connection URL whose password is masked wherever it is shown."""
+    """A connection URL (or libpq key/value DSN) whose password is masked wherever it is shown."""
 
     @property
     def masked(self) -> str:
@@ -254,20 +253,95 @@ class SecretURL(Secret):
 
     @property
     def password(self) -> str | None:
-        match = _USERINFO.match(self.value)
-        if match and match.group("pw"):
-            return match.group("pw")
-        query = _QUERY_SECRET.search(self.value)
-        return query.group(2) if query else None
+        parts = secret_parts(self.value)
+        return parts[0] if parts else None
 
 
-_QUERY_SECRET = re.compile(r"([?&](?:password|passwd|api[-_]?key|apikey|token)=)([^&#\s]*)", re.IGNORECASE)
+_SECRET_KEYS = r"(?:ssl)?password|passwd|api[-_]?key|apikey|token"
+# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace.
+_QUERY_SECRET = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#]*)", re.IGNORECASE)
+_QUERY_SECRET_IN_TEXT = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#\s]*)", re.IGNORECASE)
+# A libpq key/value setting: 'quoted, with \' and \\ escapes' or unquoted up to whitespace.
+_DSN_SECRET = re.compile(rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\.|[^'\\])*'?|(?:\\.|[^\s\\])*\\?)",
+                         re.IGNORECASE)
+# In a message the DSN may be shown through repr(), which doubles each backslash.
+_DSN_SECRET_IN_TEXT = re.compile(
+    rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\+.|[^'\\])*'?|(?:\\+.|[^\s\\'\"])+)", re.IGNORECASE)
+_SCHEME = re.compile(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*:(?::*/+)?")
+# A URL inside a message: scheme, then user info up to the last '@' before whitespace.
+_USERINFO_IN_TEXT = re.compile(r"(?<![\w+.-])([a-zA-Z][a-zA-Z0-9+.-]*::*/+)(\S*)@")
+_MIN_REPLACED = 4  # shorter secrets are masked by structure only, never replaced everywhere
+
+
+def _split_url(url: str) -> tuple[str, str, str] | None:
+    """Split a URL into (scheme and slashes, user info, rest from the '@'), by the last '@'.
+
+    The user info runs to the last '@', so a password holding an unencoded '/', '@',
+    ':', '?', '#' or a space is never mistaken for a host, path or query.
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return None
+    head, rest = url[:scheme.end()], url[scheme.end():]
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    return head, rest[:at], rest[at:]
+
+
+def _masked_userinfo(info: str) -> str:
+    user, colon, _ = info.partition(":")
+    if colon:
+        return f"{user}:***" if not re.search(r"[/?#@\s]", user) else "***"
+    return info if not re.search(r"[/?#@\s]", info) else "***"
+
+
+def _unquote_dsn(value: str) -> str:
+    """A libpq value as libpq reads it: quotes removed, backslash escapes resolved."""
+    if value.startswith("'"):
+        value = value[1:-1] if len(value) > 1 and value.endswith("'") and not value.endswith("\\'") else value[1:]
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+def secret_parts(value: str) -> list[str]:
+    """The secrets inside a connection string: the user-info password, password parameters, DSN passwords."""
+    found: list[str] = []
+    split = _split_url(value)
+    if split is not None:
+        _, colon, password = split[1].partition(":")
+        if colon and password:
+            found.append(password)
+        elif not colon and re.search(r"[/?#@\s]", split[1]):
+            found.append(split[1])
+        found += [m.group(2) for m in _QUERY_SECRET.finditer(split[2]) if m.group(2)]
+    else:
+        found += [m.group(2) for m in _QUERY_SECRET.finditer(value) if m.group(2)]
+        found += [_unquote_dsn(m.group(2)) for m in _DSN_SECRET.finditer(value) if m.group(2)]
+        found += [m.group(2) for m in _DSN_SECRET.finditer(value) if m.group(2)]
+    return [f for f in dict.fromkeys(found) if f]
+
+
+def secret_variants(secret: str) -> list[str]:
+    """A secret as it may appear in output: as given, percent-decoded, escaped for JSON or repr,
+    and the pieces a parser may cut it into at URL delimiters or spaces."""
+    import json
+    from urllib.parse import unquote
+
+    forms = [secret, unquote(secret), json.dumps(secret)[1:-1], repr(secret)[1:-1]]
+    for form in list(forms):
+        forms += re.split(r"[/@:?#\s]+", form)
+    return [f for f in dict.fromkeys(forms) if len(f) >= _MIN_REPLACED]
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL (user info or a password= parameter) with ``***``."""
-    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
-    return _QUERY_SECRET.sub(lambda m: m.group(1) + "***", url)
+    """Mask a connection string's secrets, from the raw text: the password in the user info
+    (everything from the first ':' to the last '@'), password= parameters and DSN settings."""
+    split = _split_url(url)
+    if split is not None:
+        head, info, rest = split
+        return head + _masked_userinfo(info) + _QUERY_SECRET.sub(lambda m: m.group(1) + "***", rest)
+    url = _QUERY_SECRET.sub(lambda m: m.group(1) + "***", url)
+    return _DSN_SECRET.sub(lambda m: m.group(1) + "***", url)
 
 
 @dataclass(frozen=True)
@@ -301,21 +375,55 @@ class Environment:
             return self.qdrant_collection
         return f"{self.root}_{logical}"
 
-    def secrets(self) -> list[str]:
-        """Every secret string this environment holds, for scrubbing output."""
-        found: list[str] = []
+    def secrets(self) -> list[str | SecretURL]:
+        """Every secret this environment holds, for scrubbing output: each password and API key,
+        and each connection string that holds one (shown masked, not removed)."""
+        found: list[str | SecretURL] = []
         for item in (self.database_url, self.mongodb_url, self.qdrant_url, self.redis_url):
-            if item is not None and item.password:
-                found.append(item.password)
+            if item is not None and secret_parts(item.value):
+                found += [*secret_parts(item.value), item]
         if self.qdrant_api_key is not None and self.qdrant_api_key.value:
             found.append(self.qdrant_api_key.value)
         return found
 
 
-def scrub(text: str, secrets: list[str]) -> str:
-    """Remove every known secret, and any URL password, from a message."""
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, "***")
-    text = re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*):[^@/\s]*@", r"\1:***@", text)
-    return _QUERY_SECRET.sub(lambda m: m.group(1) + "***", text)
+def scrub(text: str, secrets: Iterable[str | Secret]) -> str:
+    """Remove every known secret, and any URL or DSN password, from a message.
+
+    A known connection string is replaced by its masked form; any other known secret,
+    and the forms and pieces it may be printed as, by ``***``. Then passwords are masked
+    by structure, so one that was never known, or too short to replace, is hidden too.
+    """
+    replacements: dict[str, str] = {}
+    for secret in secrets:
+        if isinstance(secret, Secret):
+            for raw in _url_forms(secret.value):
+                replacements.setdefault(raw, mask_url(raw) if isinstance(secret, SecretURL) else "***")
+            continue
+        for variant in secret_variants(secret):
+            replacements.setdefault(variant, "***")
+    for secret in sorted(replacements, key=len, reverse=True):
+        if len(secret) >= _MIN_REPLACED:
+            text = _whole(secret).sub(lambda _, r=replacements[secret]: r, text)
+    text = _USERINFO_IN_TEXT.sub(lambda m: m.group(1) + _masked_userinfo(m.group(2)) + "@", text)
+    text = _QUERY_SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", text)
+    return _DSN_SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", text)
+
+
+_PG_SCHEMES = ("postgresql+psycopg://", "postgresql://", "postgres://")
+
+
+@lru_cache(maxsize=256)
+def _whole(secret: str) -> re.Pattern[str]:
+    """The secret where it stands alone: a piece "rant" is hidden in "Q/d:rant@", not in "qdrant"."""
+    before = "(?<![A-Za-z0-9])" if secret[0].isalnum() else ""
+    after = "(?![A-Za-z0-9])" if secret[-1].isalnum() else ""
+    return re.compile(before + re.escape(secret) + after)
+
+
+def _url_forms(url: str) -> list[str]:
+    """A URL as given and, for PostgreSQL, under each scheme it may be written or passed with."""
+    for scheme in _PG_SCHEMES:
+        if url.startswith(scheme):
+            return [other + url[len(scheme):] for other in _PG_SCHEMES]
+    return [url]

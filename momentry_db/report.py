@@ -22,9 +22,16 @@ class Reporter:
         self.err = err or sys.stderr
         self.announce_plans = False  # set for commands that apply what they plan
 
+    def scrub_with(self, secrets: list[Any]) -> None:
+        """Mask these secrets, and any URL or DSN password, in everything written from now on."""
+        self.out = _Scrubbed(self.out, secrets)
+        self.err = _Scrubbed(self.err, secrets)
+
     def __call__(self, event: str, payload: Any) -> None:
         if event == "notice":
             print(payload, file=self.err)
+        elif event == "failed":  # one store failed; the run goes on with the next one
+            print(f"error: {payload}", file=self.err)
         elif self.as_json:
             return
         elif event == "planned":
@@ -94,6 +101,21 @@ class Reporter:
         print(json.dumps(data, indent=2, sort_keys=False), file=self.out)
 
 
+class _Scrubbed:
+    """A text stream that masks secrets in what is written to it: the last line of defence."""
+
+    def __init__(self, stream: TextIO, secrets: list[Any]) -> None:
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        from .environments import scrub
+
+        return self._stream.write(scrub(text, self._secrets))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 _TARGET_KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}
 
 
@@ -102,8 +124,16 @@ def _where(item: TargetPlan | Step) -> str:
 
 
 def _summary(result: Any) -> str:
+    failed = [f["store"] for f in getattr(result, "failures", [])]
+    if failed:
+        return _applied(result) + f"; {', '.join(failed)} failed"
+    return _applied(result)
+
+
+def _applied(result: Any) -> str:
     if not result.applied:
-        return f"done: {result.env} is up to date; nothing applied"
+        return (f"done: nothing applied to {result.env}" if getattr(result, "failures", None)
+                else f"done: {result.env} is up to date; nothing applied")
     counts: dict[str, int] = {}
     for step in result.applied:
         counts[step.store] = counts.get(step.store, 0) + 1

@@ -7,8 +7,9 @@ environment, the environment's env file, the built-in default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .environments import (
     Secret,
     SecretURL,
     names_clash,
+    secret_parts,
     validate_collection,
     validate_env_name,
     validate_mongo_database,
@@ -63,6 +65,20 @@ class Project:
         """Resolve every configured environment, prod first."""
         return [self.environment(name, one_of_many=True) for name in self.registry.names]
 
+    def secrets(self, env_files: Iterable[Path] = ()) -> list[str | Secret]:
+        """Every secret set for any environment (or in ``env_files``), read as given, unvalidated,
+        for scrubbing output: a value that fails validation must not show in its error either."""
+        found: list[str | Secret] = []
+        for path in [*(self.root / spec.default_env_file() for spec in self.registry.specs), *env_files]:
+            try:
+                file_values = _read_env_file(path) if path.is_file() else {}
+            except ConfigError:
+                file_values = {}
+            for key in SECRET_VARS:
+                for value in {self.environ.get(key), file_values.get(key)} - {None, ""}:
+                    found += secret_values(key, value)  # type: ignore[arg-type]
+        return list(dict.fromkeys(found))
+
     def process_isolation_vars(self) -> list[str]:
         """Isolation names set in the process environment, which multi-environment commands ignore."""
         return [k for k in ISOLATION_VARS if self.environ.get(k)]
@@ -88,7 +104,9 @@ def load_project(root: Path | None = None, environ: Mapping[str, str] | None = N
     state_dir = Path(environ.get("MOMENTRY_STATE_DIR") or root / ".momentry")
     if not state_dir.is_absolute():
         state_dir = root / state_dir
-    return Project(root=root, state_dir=state_dir, registry=Registry().with_declared(declared),
+    registry = Registry().with_declared(declared)
+    _refuse_shared_env_files(root, registry)
+    return Project(root=root, state_dir=state_dir, registry=registry,
                    environ=environ, alembic_scripts=_script_location(root / "alembic.ini"))
 
 
@@ -145,16 +163,50 @@ def _declared_in_file(path: Path) -> list[EnvSpec]:
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
+    return read_env_file(path)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read an env file; a line python-dotenv cannot parse is an error naming the file and line."""
+    import io
+
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     try:
-        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+        text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"env file {str(path)!r} cannot be read: {exc}") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(f"env file {str(path)!r}, line {binding.original.line}: cannot be parsed; "
+                              "write KEY=value, quoting values with spaces or '#' and closing every quote")
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 ISOLATION_VARS = ("DATABASE_SCHEMA", "MONGODB_DATABASE", "QDRANT_COLLECTION", "MOMENTRY_REDIS_PREFIX",
                   "MOMENTRY_OUTPUT_DIR", "MOMENTRY_BACKUP_DIR", "MOMENTRY_SERVER_PORT", "MOMENTRY_WORKER_ENABLED")
+
+
+def refuse_foreign_env_file(project: Project, spec: EnvSpec, path: Path, what: str) -> None:
+    """Refuse a file that is another environment's env file, compared as resolved paths (symlinks too)."""
+    mine = Path(path).resolve()
+    for other in project.registry.specs:
+        if other.name != spec.name and (project.root / other.default_env_file()).resolve() == mine:
+            raise ConfigError(f"{what} {str(path)!r} is environment {other.name}'s env file; "
+                              f"give {spec.name} its own file (such as {spec.default_env_file()})")
+
+
+def _refuse_shared_env_files(root: Path, registry: Registry) -> None:
+    """Two environments whose env files resolve to one file would read and write each other's names."""
+    seen: dict[Path, EnvSpec] = {}
+    for spec in registry.specs:
+        resolved = (root / spec.default_env_file()).resolve()
+        other = seen.setdefault(resolved, spec)
+        if other is not spec:
+            raise ConfigError(f"environments {other.name} and {spec.name} would share the env file "
+                              f"{other.default_env_file()!r} / {spec.default_env_file()!r} (both are "
+                              f"{str(resolved)!r}); set env_file in {CONFIG_FILE} to a file of its own")
 
 
 def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
@@ -163,6 +215,7 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         env_file = Path(env_file)
         if not env_file.is_file():
             raise ConfigError(f"env file {str(env_file)!r} does not exist")
+        refuse_foreign_env_file(project, spec, env_file, "--env-file")
         file_values = _read_env_file(env_file)
     else:
         env_file = project.root / spec.default_env_file()
@@ -220,12 +273,24 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         state_dir=project.state_dir,
         pg_lock_timeout=pg_lock_timeout,
         pg_statement_timeout=pg_statement_timeout,
-        database_url=SecretURL(normalize_database_url(database_url)) if database_url else None,
-        mongodb_url=_url(lookup("MONGODB_URL")),
-        qdrant_url=_url(lookup("QDRANT_URL")),
+        database_url=SecretURL(normalize_database_url(check_url("DATABASE_URL", database_url)))
+        if database_url else None,
+        mongodb_url=_url(check_url("MONGODB_URL", lookup("MONGODB_URL"))),
+        qdrant_url=_url(check_url("QDRANT_URL", lookup("QDRANT_URL"))),
         qdrant_api_key=Secret(api_key) if api_key else None,
-        redis_url=_url(lookup("REDIS_URL")),
+        redis_url=_url(check_url("REDIS_URL", lookup("REDIS_URL"))),
     )
+
+
+SECRET_VARS = ("DATABASE_URL", "MONGODB_URL", "QDRANT_URL", "REDIS_URL", "QDRANT_API_KEY")
+
+
+def secret_values(key: str, value: str) -> list[str | Secret]:
+    """The secrets a connection setting holds: the key itself, or a URL's passwords and the URL."""
+    if key == "QDRANT_API_KEY":
+        return [value]
+    parts = secret_parts(value)
+    return [*parts, SecretURL(value)] if parts else []
 
 
 def _url(value: str | None) -> SecretURL | None:
@@ -258,8 +323,101 @@ def normalize_database_url(url: str) -> str:
 
     for scheme in _PG_SCHEMES:
         if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme):]
+            return "postgresql+psycopg://" + _escape_at_in_userinfo(url[len(scheme):])
     raise ConfigError(
         f"DATABASE_URL {mask_url(url)!r} is not a PostgreSQL URL; "
         "use postgres://, postgresql:// or postgresql+psycopg://"
     )
+
+
+_REDIS_PARAMS = {"client_name", "decode_responses", "encoding", "encoding_errors", "ssl_ca_certs", "ssl_ca_path",
+                 "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_ciphers", "username",
+                 "password"}
+
+
+def check_url(variable: str, url: str | None) -> str | None:
+    """Check a connection URL's port, host list and parameters before anything connects."""
+    from urllib.parse import urlsplit
+
+    from .environments import mask_url
+
+    if not url:
+        return url
+    shown = f"{variable} {mask_url(url)!r}"
+    parts = urlsplit(url)
+    try:
+        _check_authority(variable, shown, parts.scheme, parts.netloc.rpartition("@")[2], parts.query)
+    except ConfigError:
+        # A password may hold an unencoded '/', '?', '#' or '@' (the driver reads up to the last
+        # '@'); read the URL that way before calling it malformed.
+        scheme, _, rest = url.partition("://")
+        if "@" not in rest:
+            raise
+        alt = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
+        try:
+            _check_authority(variable, shown, scheme, alt.netloc, alt.query)
+        except ConfigError:
+            pass
+        else:
+            return url
+        raise
+    return url
+
+
+def _check_authority(variable: str, shown: str, scheme: str, host_part: str, query: str) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "," in host_part and not (variable == "MONGODB_URL" and scheme == "mongodb"):
+        raise ConfigError(f"{shown} names several hosts; give one host and port")
+    for host in host_part.split(","):
+        try:
+            urlsplit(f"//{host}").port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            port = host.rpartition(":")[2]
+            raise ConfigError(f"{shown}: port {port!r} is not a number between 0 and 65535") from None
+    try:
+        params = [k for k, _ in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))]
+    except ValueError:
+        raise ConfigError(f"{shown}: the query string cannot be parsed; write ?name=value&name=value") from None
+    unknown = [k for k in params if k not in _known_params(variable, params)]
+    if unknown and variable == "QDRANT_URL":
+        raise ConfigError(f"{shown}: unknown parameter {unknown[0]!r}; a Qdrant URL takes none "
+                          "(put the API key in QDRANT_API_KEY)")
+    if unknown:
+        raise ConfigError(f"{shown}: unknown parameter {unknown[0]!r}; remove it or use one "
+                          f"{_PARAM_SOURCE[variable]} knows")
+
+
+def _known_params(variable: str, params: list[str]) -> set[str]:
+    if not params:
+        return set()
+    if variable == "DATABASE_URL":
+        from psycopg import pq
+
+        return {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
+    if variable == "MONGODB_URL":
+        from pymongo.common import URI_OPTIONS_ALIAS_MAP, URI_OPTIONS_VALIDATOR_MAP
+
+        known = {k.lower() for k in (*URI_OPTIONS_VALIDATOR_MAP, *URI_OPTIONS_ALIAS_MAP)}
+        return {p for p in params if p.lower() in known}
+    if variable == "REDIS_URL":
+        from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+        return set(URL_QUERY_ARGUMENT_PARSERS) | _REDIS_PARAMS
+    return set()  # QDRANT_URL: the client takes no URL parameters
+
+
+_PARAM_SOURCE = {"DATABASE_URL": "libpq", "MONGODB_URL": "pymongo", "REDIS_URL": "redis-py"}
+
+
+def _escape_at_in_userinfo(rest: str) -> str:
+    """Percent-encode an '@' inside the user info, which ends at the authority's last '@'.
+
+    SQLAlchemy ends the password at the first '@', so ``u:p@ss@host/db`` would otherwise
+    reach host ``ss@host``, and show part of the password in the error.
+    """
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if not at or "@" not in userinfo:
+        return rest
+    return userinfo.replace("@", "%40") + rest[len(userinfo):]

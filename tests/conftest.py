@@ -17,6 +17,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,3 +284,88 @@ def migrated(project, database) -> Project:
         result = project.cli("migrate", "--env", env)
         assert result.code == 0, result.err
     return project
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def secantus_server() -> Iterator[str]:
+    """Run SecantusDB (a MongoDB-wire-protocol server) in memory as a separate process; yield its URL."""
+    import time
+
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    binary = Path(sys.executable).parent / "secantusd-py"
+    assert binary.exists(), "secantusd-py is not installed: it comes with the test extras (PyPI SecantusDB)"
+    port = _free_port()
+    proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    client = MongoClient(url, serverSelectionTimeoutMS=300)
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            try:
+                client.admin.command("ping")
+                break
+            except PyMongoError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"secantusd-py did not answer on port {port}") from None
+                time.sleep(0.1)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    """A real MongoDB-wire server shared by this session; each test uses databases of its own."""
+    with secantus_server() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_mongo_url() -> Iterator[str]:
+    """A real MongoDB-wire server of this test's own, for tests that use the default database names."""
+    with secantus_server() as url:
+        yield url
+
+
+@pytest.fixture
+def mongo_db_name(mongo_url: str) -> Iterator[str]:
+    """A database name of this test's own on the session's server, dropped afterwards."""
+    from pymongo import MongoClient
+
+    name = f"momentry_t_{uuid.uuid4().hex[:10]}"
+    yield name
+    client = MongoClient(mongo_url)
+    client.drop_database(name)
+    client.close()
+
+
+@pytest.fixture
+def mongo_project(tmp_path: Path, mongo_url: str, mongo_db_name: str) -> Project:
+    """A project whose dev environment's MongoDB is this test's own database on the session's server."""
+    root = tmp_path / "project"
+    root.mkdir()
+    return Project(root, {"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name,
+                          "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+
+
+@pytest.fixture
+def bare_project(tmp_path: Path) -> Project:
+    """A project with its own state dir and no server configured (embedded and local defaults)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})

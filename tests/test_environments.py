@@ -161,5 +161,5 @@ def test_a_password_given_as_a_url_parameter_is_masked(tmp_path: Path) -> None:
     dev = project(tmp_path, {"DATABASE_URL": "postgresql://app@db:5432/m?sslmode=require&password=s3cretQ"}
                   ).environment("dev")
     assert "s3cretQ" not in dev.database_url.masked and "password=***" in dev.database_url.masked
-    assert dev.secrets() == ["s3cretQ"]
+    assert dev.secrets() == ["s3cretQ", dev.database_url]
     assert "s3cretQ" not in scrub("connect to postgresql://app@db/m?password=s3cretQ failed", [])

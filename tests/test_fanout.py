@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import psycopg
+
+from momentry_db.stores import postgres
 from momentry_db.tables import BOOKKEEPING_TABLES, isolated_tables
 from test_pipeline import plant
 
@@ -119,3 +124,223 @@ def test_start_up_imports_no_mongo_or_qdrant_client(project, args: list[str]) ->
     assert not imported & {"pymongo", "qdrant_client", "redis", "bson", "grpc", "httpx"}
     if args == ["--help"]:
         assert not imported & {"sqlalchemy", "alembic", "psycopg"}
+
+
+# --- one target's failure never stops the others ----------------------------------------------
+
+ALL = ["prod", "dev", "pr-1", "pr-2", "pr-3"]
+PG = {"prod": "public", "dev": "dev", "pr-1": "pr_1", "pr-2": "pr_2", "pr-3": "pr_3"}
+MONGO_STEPS = ["0001_chunks", "0002_cache"]
+QDRANT_STEPS = ["create"]
+
+
+@pytest.fixture
+def three(project, fresh_mongo_url):
+    """prod, dev and pr-1..3, with MongoDB on a real server and Qdrant in local mode."""
+    project.environ["MOMENTRY_EXTRA_ENVS"] = "pr-1,pr-2,pr-3"
+    project.environ["MONGODB_URL"] = fresh_mongo_url
+    return project
+
+
+@contextmanager
+def held_lock(database, schema: str) -> Iterator[None]:
+    """Hold a schema's migration lock from another session, the way a concurrent momentry-db run does."""
+    with psycopg.connect(database.url, autocommit=True, application_name="other-run") as conn:
+        conn.execute(postgres.lock_sql(schema, xact=False))
+        yield
+
+
+def expected(postgres_outcomes: dict[str, tuple[str, list[str]]], stores=("postgres", "mongo", "qdrant"),
+             ) -> list[tuple[str, str, str, str, list[str]]]:
+    """Every target's (store, env, target, outcome, applied) in report order: store, then environment.
+
+    PostgreSQL targets not named upgrade to 0001; MongoDB and Qdrant targets apply their first steps.
+    """
+    rows = []
+    for store in stores:
+        for env in ALL:
+            suffix = "" if env == "prod" else "_" + env.replace("-", "_")
+            target = {"postgres": PG[env], "mongo": f"momentry{suffix}", "qdrant": f"momentry{suffix}_rule1"}[store]
+            default = {"postgres": ["0001"], "mongo": MONGO_STEPS, "qdrant": QDRANT_STEPS}[store]
+            outcome = postgres_outcomes.get(env, ("upgraded", default)) if store == "postgres" else ("upgraded", default)
+            rows.append((store, env, target, *outcome))
+    return rows
+
+
+def rows(result) -> list[tuple[str, str, str, str, list[str]]]:
+    return [(t["store"], t["env"], t["target"], t["outcome"], t["applied"]) for t in json.loads(result.out)["targets"]]
+
+
+def errors(result) -> dict[tuple[str, str], str]:
+    return {(t["store"], t["env"]): t["error"] for t in json.loads(result.out)["targets"] if t["error"]}
+
+
+@pytest.mark.parametrize("locked", ["pr-3", "dev"])
+def test_a_held_lock_fails_only_its_own_target_in_every_store(three, database, locked: str) -> None:
+    schema = PG[locked]
+    with held_lock(database, schema):
+        result = three.cli("migrate", "--all", "--lock-timeout", "2", "--json")
+        assert result.code == 1, result.err
+        body = json.loads(result.out)
+        assert body["ok"] is False
+        assert rows(result) == expected({locked: ("failed", [])})
+        assert list(errors(result)) == [("postgres", locked)]
+        assert errors(result)[("postgres", locked)].startswith(
+            f"postgres {locked} (schema {schema}): migration lock held by other-run (pid ")
+        assert body["summary"] == {"upgraded": 14, "up to date": 0, "failed": 1, "refused": 0}
+        assert database.tables(schema) == set()  # nothing written behind the lock
+        for env in ALL:
+            if env != locked:
+                assert database.query(f"SELECT version_num FROM {PG[env]}.alembic_version") == [("0001",)]
+
+        again = three.cli("migrate", "--all", "--lock-timeout", "2")  # the text report lists every target
+    assert again.code == 1
+    lines = again.out.splitlines()
+    assert len(lines) == 16
+    for line, (store, env, target, _, _) in zip(lines, expected({})):
+        if (store, env) == ("postgres", locked):
+            assert line.startswith(f"postgres {locked} ({schema}): failed: postgres {locked} (schema {schema}): "
+                                   "migration lock held by other-run (pid ")
+        else:
+            assert line == f"{store} {env} ({target}): up to date"
+    assert lines[-1] == "done: 5 environment(s), 15 target(s): 0 upgraded, 14 up to date, 1 failed"
+
+
+_real_upgrade_chunk = postgres.upgrade_chunk
+
+
+def dying_chunk(envs, script_location, lock_wait):
+    """A worker whose share includes pr-2 dies with an unexpected error; the others run as usual."""
+    if any(env.name == "pr-2" for env in envs):
+        raise RuntimeError("worker lost")
+    return _real_upgrade_chunk(envs, script_location, lock_wait)
+
+
+def test_parallel_workers_report_a_held_lock_and_a_dead_worker_as_their_targets_outcomes(
+        three, database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert three.cli("migrate", "--env", "prod", "--store", "postgres").code == 0
+    # An autocommit revision cannot be compiled: every schema goes through the workers, two at a time
+    # ([dev, pr-2] and [pr-1, pr-3]).
+    plant(three, tmp_path, """
+with op.get_context().autocommit_block():
+    op.create_index("ix_videos_title", "videos", ["title"], postgresql_concurrently=True)
+""", doc="title index concurrently")
+    monkeypatch.setattr(postgres, "upgrade_chunk", dying_chunk)
+    with held_lock(database, "pr_1"):
+        result = three.cli("migrate", "--all", "--parallel", "2", "--lock-timeout", "2", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"prod": ("upgraded", ["0002"]), "dev": ("failed", []), "pr-1": ("failed", []),
+                                     "pr-2": ("failed", []), "pr-3": ("upgraded", ["0001", "0002"])})
+    failures = errors(result)
+    assert failures[("postgres", "dev")] == "postgres dev (schema dev): upgrade failed: unexpected RuntimeError: worker lost"
+    assert failures[("postgres", "pr-2")] == "postgres pr-2 (schema pr_2): upgrade failed: unexpected RuntimeError: worker lost"
+    assert failures[("postgres", "pr-1")].startswith("postgres pr-1 (schema pr_1): migration lock held by other-run")
+    assert len(failures) == 3
+    for schema in ("dev", "pr_1", "pr_2"):
+        assert database.tables(schema) == set()
+    assert database.query("SELECT version_num FROM pr_3.alembic_version") == [("0002",)]
+
+
+def test_a_failing_revision_in_one_schema_stops_nothing_else_in_any_store(three, database) -> None:
+    database.execute("CREATE SCHEMA pr_2; CREATE TABLE pr_2.videos (id int); INSERT INTO pr_2.videos VALUES (7)")
+    result = three.cli("migrate", "--all", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"pr-2": ("failed", [])})
+    assert list(errors(result)) == [("postgres", "pr-2")]
+    assert errors(result)[("postgres", "pr-2")].startswith(
+        "postgres pr-2 (schema pr_2): revision 0001 (initial schema) failed: ")
+    assert database.tables("pr_2") == {"videos"}
+    assert database.query("SELECT id FROM pr_2.videos") == [(7,)]
+
+
+def test_a_refusal_on_prod_is_prods_outcome_and_the_other_schemas_still_migrate(
+        three, database, tmp_path: Path) -> None:
+    assert three.cli("migrate", "--env", "prod", "--store", "postgres").code == 0
+    plant(three, tmp_path, 'op.create_index("ix_videos_title", "videos", ["title"])', doc="index title")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")  # no terminal, no --accept-risky
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"prod": ("refused", []), **{env: ("upgraded", ["0001", "0002"])
+                                                                  for env in ALL[1:]}}, stores=("postgres",))
+    refusal = errors(result)[("postgres", "prod")]
+    assert refusal.startswith("prod: lint found 1 risky statement(s)") and "--accept-risky" in refusal
+    assert json.loads(result.out)["summary"] == {"upgraded": 4, "up to date": 0, "failed": 0, "refused": 1}
+    assert database.query("SELECT version_num FROM public.alembic_version") == [("0001",)]
+    text = three.cli("migrate", "--all", "--store", "postgres")
+    assert text.code == 1
+    assert text.out.splitlines()[0].startswith("postgres prod (public): refused: prod: lint found 1 risky")
+    assert text.out.splitlines()[-1] == "done: 5 environment(s), 5 target(s): 0 upgraded, 4 up to date, 0 failed, 1 refused"
+
+
+def test_unmanaged_prod_tables_refuse_prod_only(three, database) -> None:
+    database.execute("CREATE TABLE public.videos (id int); INSERT INTO public.videos VALUES (1)")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"prod": ("refused", [])}, stores=("postgres",))
+    assert "momentry-db adopt --env prod" in errors(result)[("postgres", "prod")]
+    assert database.tables("public") == {"videos"}
+    assert database.query("SELECT id FROM public.videos") == [(1,)]
+
+
+def test_a_rolled_back_target_reports_no_applied_revision(three, database, tmp_path: Path) -> None:
+    plant(three, tmp_path, 'op.execute("SELECT 1/0")', doc="divides by zero")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 1
+    # 0001 ran in each schema's transaction, then 0002 failed and took it back with it.
+    assert rows(result) == expected({env: ("failed", []) for env in ALL}, stores=("postgres",))
+    assert errors(result)[("postgres", "prod")].startswith(
+        "postgres prod (schema public): revision 0002 (divides by zero) failed: division by zero")
+    for schema in PG.values():
+        assert database.tables(schema) == set()
+
+
+def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, database) -> None:
+    with held_lock(database, "dev"):
+        result = three.cli("migrate", "--env", "dev", "--lock-timeout", "2", "--json")
+        text = three.cli("migrate", "--env", "dev", "--lock-timeout", "2")
+    assert result.code == 1, result.err
+    body = json.loads(result.out)
+    assert body["ok"] is False
+    (failure,) = body["failures"]
+    assert (failure["store"], failure["env"], failure["target"], failure["type"]) == (
+        "postgres", "dev", "dev", "LockTimeoutError")
+    assert failure["error"].startswith("postgres dev (schema dev): migration lock held by other-run (pid ")
+    assert [(s["store"], s["name"]) for s in body["applied"]] == [("mongo", "0001_chunks"), ("mongo", "0002_cache"),
+                                                                  ("qdrant", "create")]
+    assert database.tables("dev") == set()
+    assert result.err.splitlines()[0].startswith("error: postgres dev (schema dev): migration lock held by other-run")
+
+    assert text.code == 1
+    assert text.err.splitlines()[0].startswith("error: postgres dev (schema dev): migration lock held by other-run")
+    lines = text.out.splitlines()
+    assert lines[:2] == ["postgres dev (schema dev): 1 pending",
+                         "mongo dev (database momentry_dev): nothing to do (at 0002_cache)"]
+    assert lines[2].startswith("qdrant dev (collection momentry_dev_rule1): nothing to do (at ")
+    assert lines[3:] == ["done: nothing applied to dev; postgres failed"]
+
+
+class _BrokenMongo:
+    """A MongoDB client that fails in a way no store error describes."""
+
+    def __getattr__(self, name: str):
+        if name == "close":
+            return lambda: None
+        raise RuntimeError("socket closed by peer")
+
+    def __getitem__(self, name: str):
+        raise RuntimeError("socket closed by peer")
+
+
+def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, database) -> None:
+    from momentry_db import command
+    from momentry_db.settings import load_project
+
+    proj = load_project(project.root, project.environ)
+    result = command.migrate_many(proj, ["dev", "prod"], sources=command.Sources(mongo_client=_BrokenMongo()))
+    assert result.ok is False
+    got = [(t["store"], t["env"], t["outcome"], t["applied"], t["error"]) for t in result.data["targets"]]
+    assert got == [
+        ("postgres", "prod", "upgraded", ["0001"], None), ("postgres", "dev", "upgraded", ["0001"], None),
+        ("mongo", "prod", "failed", [], "mongo prod (momentry): unexpected RuntimeError: socket closed by peer"),
+        ("mongo", "dev", "failed", [], "mongo dev (momentry_dev): unexpected RuntimeError: socket closed by peer"),
+        ("qdrant", "prod", "upgraded", ["create"], None), ("qdrant", "dev", "upgraded", ["create"], None)]
+    assert result.lines[-1] == "done: 2 environment(s), 6 target(s): 4 upgraded, 0 up to date, 2 failed"

@@ -3,7 +3,7 @@
 pymongo-migrate supplies the module format, the graph and the state collection
 (``pymongo_migrate`` in the environment's database, so its own CLI reads the same
 state). This runner adds what it lacks: validation of the graph, an atomic lock
-with a TTL, a plan read from the state collection, and a recorded failure.
+with a short lease that the live run renews, a plan read from the state collection, and a recorded failure.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import datetime as dt
 import importlib.util
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub
 from ..errors import ConfigError, LockTimeoutError, StoreError, StoreUnreachableError
+from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ LOCK_COLLECTION = "momentry_migrate_lock"
 HISTORY_COLLECTION = "momentry_migrate_history"
 LOCK_ID = "migrate"
 TIMEOUT_MS = 5000
-LOCK_TTL = dt.timedelta(minutes=10)
+# A live run renews its lease every third of it, so a dead run's lock is free within LOCK_LEASE.
+LOCK_LEASE = dt.timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ class MongoTarget:
             self.client.admin.command("ping")
         except PyMongoError as exc:
             where = self.env.mongodb_url.masked if self.env.mongodb_url else "the server"
-            reason = scrub(str(exc).split(",")[0].split("\n")[0], self.env.secrets())
+            reason = str(exc).split(",")[0].split("\n")[0].split(" (configured timeouts")[0]
+            reason = scrub(reason, self.env.secrets())
             raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
         return self.client[self.database]
 
@@ -198,15 +202,107 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-@contextmanager
-def migration_lock(db: Database, *, timeout: float, ttl: dt.timedelta = LOCK_TTL,
-                   poll: float = 0.2) -> Iterator[Callable[[], None]]:
-    """Hold the database's migration lock; yields a function that extends it.
+def _pid_gone(pid: Any) -> bool:
+    """Whether no live process on this host has this pid (a reaped or zombie process is gone)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, run by another user
+        return False
+    try:  # a killed child its parent has not reaped yet still answers kill(0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
-    The lock is one document taken with find_one_and_update on a unique _id: an
-    expired lock (a crashed run) is taken over, a live one is waited for.
+
+def _dead_holder(holder: dict[str, Any]) -> bool:
+    """The holder recorded this host and its process is gone: its lock can be taken at once."""
+    return (holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid()
+            and _pid_gone(holder.get("pid")))
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """One line naming a lock's holder, when it took the lock and when its lease ends."""
+    return (f"{holder.get('owner', '?')} since {_iso(holder.get('acquired_at'))} "
+            f"(lease until {_iso(holder.get('expires_at'))})")
+
+
+class LockLost(Exception):
+    """The lease ran out or the lock was taken over while this run held it."""
+
+
+class Lease:
+    """A held migration lock, renewed by a daemon thread while the run is alive.
+
+    Renewal is a compare-and-set on the owner: when it finds the lock gone or held by
+    another run (an unlock, or a takeover after a missed renewal), the lease is lost
+    and ``check`` raises, so the run stops before its next step.
     """
-    from pymongo import ReturnDocument
+
+    def __init__(self, locks: Any, owner: str, lease: dt.timedelta, expires_at: dt.datetime) -> None:
+        self.locks, self.owner, self.lease = locks, owner, lease
+        self.expires_at = expires_at
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"mongo-lock-{owner}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def renew(self) -> bool:
+        """Push the lease forward; return False (and mark it lost) when the lock is no longer ours."""
+        from pymongo import ReturnDocument
+
+        if self.lost is not None:
+            return False
+        now = dt.datetime.now(dt.timezone.utc)
+        try:
+            doc = self.locks.find_one_and_update({"_id": LOCK_ID, "owner": self.owner},
+                                                 {"$set": {"expires_at": now + self.lease, "renewed_at": now}},
+                                                 return_document=ReturnDocument.AFTER)
+            holder = None if doc is not None else self.locks.find_one({"_id": LOCK_ID})
+        except Exception:  # noqa: BLE001 - a failed renewal is retried until the lease runs out
+            if now >= self.expires_at:  # another run may hold it by now
+                self.lost = "the lease ran out while it could not be renewed"
+            return self.lost is None
+        if doc is None:
+            self.lost = (f"it is now held by {describe_holder(holder)}" if holder
+                         else "it was released by another process (momentry-db unlock?)")
+            return False
+        self.expires_at = doc["expires_at"]
+        return True
+
+    def check(self) -> None:
+        """Raise LockLost when the lease is no longer this run's."""
+        if self.lost is not None:
+            raise LockLost(self.lost)
+
+    def _beat(self) -> None:
+        interval = max(self.lease.total_seconds() / 3, 0.05)
+        while not self._stop.wait(interval):
+            if not self.renew():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=TIMEOUT_MS / 1000)  # a renewal stuck on the network must not hold the exit
+
+
+@contextmanager
+def migration_lock(db: Database, *, timeout: float, lease: dt.timedelta = LOCK_LEASE,
+                   poll: float = 0.2, hint: str = "retry when it finishes") -> Iterator[Lease]:
+    """Hold the database's migration lock for the block; yields its Lease.
+
+    The lock is one document with a unique _id, taken by insert or by a compare-and-set
+    on its current owner. A live holder renews a short lease; a lease that ran out (a
+    crashed run elsewhere), or a holder on this host whose process is gone, is taken
+    over at once. Release deletes the document only while this run still owns it.
+    """
     from pymongo.errors import DuplicateKeyError
 
     locks = _utc(db, LOCK_COLLECTION)
@@ -215,29 +311,45 @@ def migration_lock(db: Database, *, timeout: float, ttl: dt.timedelta = LOCK_TTL
     deadline = time.monotonic() + timeout
     while True:
         now = dt.datetime.now(dt.timezone.utc)
-        try:
-            locks.find_one_and_update(
-                {"_id": LOCK_ID, "expires_at": {"$lt": now}},
-                {"$set": {"owner": owner, "acquired_at": now, "expires_at": now + ttl}},
-                upsert=True, return_document=ReturnDocument.AFTER)
-            break
-        except DuplicateKeyError:
-            holder = locks.find_one({"_id": LOCK_ID}) or {}
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"mongo {db.name}: migration lock held by {holder.get('owner', '?')} since "
-                    f"{_iso(holder.get('acquired_at'))} (expires {_iso(holder.get('expires_at'))}); "
-                    "retry when it finishes") from None
-            time.sleep(poll)
+        doc = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now,
+               "renewed_at": now, "expires_at": now + lease}
+        holder = locks.find_one({"_id": LOCK_ID})
+        if holder is None:
+            try:
+                locks.insert_one({"_id": LOCK_ID, **doc})
+                break
+            except DuplicateKeyError:
+                continue  # another run got there first; look at it again
+        expires = holder.get("expires_at")
+        if not isinstance(expires, dt.datetime) or expires < now or _dead_holder(holder):
+            taken = locks.find_one_and_update(
+                {"_id": LOCK_ID, "owner": holder.get("owner"), "expires_at": expires},
+                {"$set": doc})
+            if taken is not None:
+                break
+            continue  # renewed or taken by someone else meanwhile
+        if time.monotonic() >= deadline:
+            raise LockTimeoutError(f"mongo {db.name}: migration lock held by {describe_holder(holder)}; "
+                                   f"{hint}")
+        time.sleep(poll)
 
-    def extend() -> None:
-        locks.update_one({"_id": LOCK_ID, "owner": owner},
-                         {"$set": {"expires_at": dt.datetime.now(dt.timezone.utc) + ttl}})
-
+    held = Lease(locks, owner, lease, doc["expires_at"])
+    held.start()
     try:
-        yield extend
+        yield held
     finally:
+        held.stop()
         locks.delete_one({"_id": LOCK_ID, "owner": owner})
+
+
+def lock_holder(db: Database) -> dict[str, Any] | None:
+    """The migration lock document, if a run holds (or a crashed run left) one."""
+    return _utc(db, LOCK_COLLECTION).find_one({"_id": LOCK_ID})
+
+
+def release(db: Database, owner: str) -> bool:
+    """Remove the migration lock if ``owner`` still holds it; return whether it did."""
+    return _utc(db, LOCK_COLLECTION).delete_one({"_id": LOCK_ID, "owner": owner}).deleted_count == 1
 
 
 def _iso(value: Any) -> str:
@@ -245,28 +357,53 @@ def _iso(value: Any) -> str:
 
 
 def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *,
-          emit: Callable[[str, Any], None] | None = None, lock_timeout: float = 30.0) -> list[Step]:
-    """Apply every pending migration under the lock, recording each right after it succeeds."""
+          emit: Callable[[str, Any], None] | None = None, lock_timeout: float = 30.0,
+          lease: dt.timedelta = LOCK_LEASE) -> list[Step]:
+    """Apply every pending migration under the lock, recording each right after it succeeds.
+
+    A migration that raises, or calls sys.exit, is recorded as failed and stops the run
+    with a StoreError naming it; an interrupt (Ctrl-C) is recorded too, then stops the
+    run as an interrupt. The lock is released either way.
+    """
     migrations = load_migrations() if migrations is None else migrations
     db = target.connect()
     state = _utc(db, STATE_COLLECTION)
     history = _utc(db, HISTORY_COLLECTION)
     applied: list[Step] = []
-    with migration_lock(db, timeout=lock_timeout) as extend:
+    hint = (f"retry when it finishes, or if that run is gone, momentry-db unlock --env {target.env.name} "
+            "--store mongo")
+    with migration_lock(db, timeout=lock_timeout, lease=lease, hint=hint) as held:
         done = applied_names(db)  # read again under the lock: another run may have applied some
         for migration in migrations:
             if migration.name in done:
                 continue
+            try:
+                held.check()
+            except LockLost as lost:
+                raise StoreError(STORE, target.label, f"migration {migration.name}",
+                                 f"lost the migration lock ({lost}); not started. Rerun migrate "
+                                 "once the other run is done") from None
             step = Step(STORE, target.env.name, target.database, migration.name, migration.description)
             started = dt.datetime.now(dt.timezone.utc)
             clock = time.monotonic()
-            try:
-                migration.upgrade(db)
-            except Exception as exc:
-                reason = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0], target.env.secrets())
+
+            def failed(reason: str) -> None:
                 history.insert_one({"env": target.env.name, "store": STORE, "step": migration.name,
                                     "started_at": started, "duration_s": time.monotonic() - clock,
                                     "outcome": "failed", "error": reason})
+
+            try:
+                migration.upgrade(db)
+            except SystemExit as exc:  # a migration must not end the process, nor pick its exit code
+                reason = f"called sys.exit({exc.code!r})"
+                failed(reason)
+                raise StoreError(STORE, target.label, f"migration {migration.name}", reason) from None
+            except KeyboardInterrupt:
+                failed("interrupted")
+                raise
+            except Exception as exc:
+                reason = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0], target.env.secrets())
+                failed(reason)
                 raise StoreError(STORE, target.label, f"migration {migration.name}", reason) from None
             # The same document pymongo-migrate writes (MigrationState), so its CLI agrees.
             state.replace_one({"name": migration.name},
@@ -278,11 +415,37 @@ def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *
             applied.append(step)
             if emit is not None:
                 emit("upgraded", step)
-            extend()
     return applied
 
 
 BOOKKEEPING = (STATE_COLLECTION, LOCK_COLLECTION, HISTORY_COLLECTION)
+
+
+def preflight_drop(target: MongoTarget) -> bool:
+    """Check that drop_database would succeed now, without writing; return whether the database exists.
+
+    The server must answer within the timeout, let this login list databases and
+    read the lock, and no live run may hold the database's migration lock.
+    """
+    from pymongo.errors import PyMongoError
+
+    from ..errors import RefusedError
+
+    db = target.connect()
+    assert target.client is not None
+    try:
+        existed = db.name in target.client.list_database_names()
+        now = dt.datetime.now(dt.timezone.utc)
+        held = _utc(db, LOCK_COLLECTION).find_one({"_id": LOCK_ID, "expires_at": {"$gte": now}})
+    except PyMongoError as exc:
+        reason = scrub(str(exc).split("\n")[0], target.env.secrets())
+        raise RefusedError(f"mongo {target.label}: the server refused a read ({reason}); "
+                           "check the login's roles on this database") from None
+    if held:
+        raise RefusedError(f"mongo {target.label}: migration lock held by {held.get('owner', '?')} since "
+                           f"{_iso(held.get('acquired_at'))} (expires {_iso(held.get('expires_at'))}); "
+                           "retry when it finishes")
+    return existed
 
 
 def drop_database(target: MongoTarget) -> bool:
@@ -332,3 +495,22 @@ def history(target: MongoTarget, limit: int = 50) -> list[dict[str, Any]]:
                      "duration_ms": int(doc.get("duration_s", 0) * 1000), "outcome": doc.get("outcome"),
                      "error": doc.get("error")})
     return rows
+
+
+def held_locks(target: MongoTarget) -> list[HeldLock]:
+    """The environment's migration lock, if one is held, with its holder described."""
+    db = target.connect()
+    holder = lock_holder(db)
+    if holder is None:
+        return []
+    now = dt.datetime.now(dt.timezone.utc)
+    expires = holder.get("expires_at")
+    state = ("its lease ran out" if not isinstance(expires, dt.datetime) or expires < now
+             else "its process on this host is gone" if _dead_holder(holder)
+             else "its lease is live: that run may still be migrating")
+    return [HeldLock(STORE, target.label, f"{describe_holder(holder)}; {state}", token=holder.get("owner"))]
+
+
+def release_lock(target: MongoTarget, lock: HeldLock) -> bool:
+    """Remove the migration lock shown in ``lock``, only if that holder still has it."""
+    return release(target.connect(), lock.token)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub, validate_schema
 from ..errors import ConfigError, LockTimeoutError, MomentryError, StoreError, UnreachableError
+from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
@@ -106,7 +107,6 @@ def acquire_lock(conn: Connection, target: PgTarget) -> None:
     """Take the schema's session advisory lock, waiting at most ``target.lock_wait`` seconds."""
     import sqlalchemy as sa
 
-    from ..errors import LockTimeoutError
 
     deadline = time.monotonic() + target.lock_wait
     while True:
@@ -116,13 +116,20 @@ def acquire_lock(conn: Connection, target: PgTarget) -> None:
         if got:
             return
         if time.monotonic() >= deadline:
-            row = conn.execute(sa.text(_LOCK_HOLDER), {"c": str(LOCK_CLASS), "s": target.schema}).first()
-            conn.commit()
-            holder = (f"{row[0] or 'a session'} (pid {row[1]}, from {row[2]}, since "
-                      f"{row[3]:%Y-%m-%d %H:%M:%S})") if row else "another session"
             raise LockTimeoutError(f"postgres {target.env.name} (schema {target.schema}): migration lock "
-                                   f"held by {holder} for over {target.lock_wait:g}s; retry when it finishes")
+                                   f"held by {lock_holder(conn, target)} for over {target.lock_wait:g}s; "
+                                   "retry when it finishes")
         time.sleep(0.1)
+
+
+def lock_holder(conn: Connection, target: PgTarget) -> str:
+    """Who holds the schema's advisory lock, as a person would recognise the session."""
+    import sqlalchemy as sa
+
+    row = conn.execute(sa.text(_LOCK_HOLDER), {"c": str(LOCK_CLASS), "s": target.schema}).first()
+    conn.commit()
+    return (f"{row[0] or 'a session'} (pid {row[1]}, from {row[2]}, since "
+            f"{row[3]:%Y-%m-%d %H:%M:%S})") if row else "another session"
 
 
 def session_settings_sql(env: Environment) -> list[str]:
@@ -200,10 +207,19 @@ def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> None:
     for target in targets:
         try:
             _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
-        except (StoreError, LockTimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - in a fan-out, whatever stops a target is its outcome
             if not keep_going:
                 raise
-            target.error = exc  # the fan-out reports every target's own outcome
+            target.error = failure(target, exc)
+
+
+def failure(target: PgTarget, exc: BaseException, step: str = "upgrade") -> MomentryError:
+    """An error that stopped one target, as that target's outcome (secrets scrubbed)."""
+    if isinstance(exc, MomentryError):
+        return exc
+    lines = str(exc).strip().splitlines()
+    reason = f"unexpected {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+    return StoreError(STORE, _label(target), step, scrub(reason, target.env.secrets()))
 
 
 def _metadata(context: EnvironmentContext) -> MetaData:
@@ -326,6 +342,7 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
                 error = _store_error(context, target, exc)
         if error is not None:
             _record_failure(conn, target, error)
+            _keep_committed(conn, target)
             raise error
     finally:
         try:
@@ -335,6 +352,19 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
             conn.commit()
         finally:
             conn.close()
+
+
+def _keep_committed(conn: Connection, target: PgTarget) -> None:
+    """After a failed run, keep in ``target.applied`` only the revisions that stayed committed."""
+    try:
+        now = current_heads(conn, target.schema)
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - unreadable: the failed transaction took everything with it
+        now = ()
+    if now == tuple(sorted(target.started_at)) or not now:
+        target.applied.clear()
+    elif now[0] in target.applied:  # an autocommit block committed the revisions before it
+        del target.applied[target.applied.index(now[0]) + 1:]
 
 
 def _strip_scope_info(context: Any, revision: Any, directives: list[Any]) -> None:
@@ -447,9 +477,76 @@ def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = Non
 
 
 def _script(script_location: Path | None) -> Any:
+    """The revision scripts, checked: each file loads, and they form one line from one base to one head."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+    script = ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+    check_revisions(script)
+    return script
+
+
+def check_revisions(script: Any) -> None:
+    """Refuse revision files that fail to import, and a history that is not one line, before any connection."""
+    import warnings
+
+    from alembic.util import to_tuple
+
+    versions = Path(script.versions).resolve()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alembic's own warnings; the checks below name the file
+            loaded = list(script._load_revisions())  # imports every revision file, as alembic does
+    except Exception as exc:  # noqa: BLE001 - any error a revision file raises at import
+        raise ConfigError(f"revision file {_failed_file(exc, versions)} cannot be loaded: "
+                          f"{type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else _first_line(exc)}; "
+                          "fix or remove it") from None
+    by_id: dict[str, Any] = {}
+    for rev in loaded:
+        if rev.revision in by_id:
+            raise ConfigError(f"revision {rev.revision} is defined twice: {_shown_file(by_id[rev.revision].path)} "
+                              f"and {_shown_file(rev.path)}; give one of them a new revision id")
+        by_id[rev.revision] = rev
+    referenced: set[str] = set()
+    for rev in loaded:
+        for down in to_tuple(rev.down_revision, default=()):
+            if down not in by_id:
+                raise ConfigError(f"revision file {_shown_file(rev.path)}: down_revision {down!r} is not a "
+                                  "known revision; point it at the revision it follows")
+            referenced.add(down)
+    bases = sorted(_shown_file(r.path) for r in loaded if not to_tuple(r.down_revision, default=()))
+    heads = sorted(_shown_file(r.path) for r in loaded if r.revision not in referenced)
+    if len(bases) > 1:
+        raise ConfigError(f"the revision history has {len(bases)} bases ({', '.join(bases)}); "
+                          "each revision but the first needs a down_revision")
+    if len(heads) > 1:
+        raise ConfigError(f"the revision history has {len(heads)} heads ({', '.join(heads)}); "
+                          "merge them (alembic merge heads) or point one at the other")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _failed_file(exc: BaseException, versions: Path) -> str:
+    """The revision file an import error came from: a SyntaxError names it, a traceback passes through it."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return _shown_file(exc.filename) + (f", line {exc.lineno}" if exc.lineno else "")
+    import traceback
+
+    inside = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(versions)]
+    if inside:
+        return f"{_shown_file(inside[-1].filename)}, line {inside[-1].lineno}"
+    return f"in {_shown_file(versions)}"
+
+
+def _shown_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def current_heads(conn: Connection, schema: str) -> tuple[str, ...]:
@@ -572,8 +669,89 @@ def unmanaged_tables(conn: Connection, schema: str, meta: MetaData | None = None
     return sorted(r[0] for r in rows)
 
 
+_CROSS_INHERITANCE = """
+SELECT format('%I.%I is a %s of %I.%I', cn.nspname, c.relname,
+              CASE WHEN c.relispartition THEN 'partition' ELSE 'child (INHERITS)' END, pn.nspname, p.relname)
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+WHERE c.relkind IN ('r', 'p', 'f') AND (cn.nspname = :s) <> (pn.nspname = :s)
+ORDER BY 1
+"""
+
+_SCHEMA_FACTS = """
+SELECT pg_has_role(current_user, n.nspowner, 'MEMBER'),
+       to_regclass(format('%I.alembic_version', n.nspname)) IS NOT NULL,
+       ARRAY(SELECT relname::text FROM pg_class WHERE relnamespace = n.oid AND relkind IN ('r', 'p', 'v', 'm', 'f')
+             ORDER BY relname LIMIT 5),
+       EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = n.oid)
+         OR EXISTS (SELECT 1 FROM pg_type WHERE typnamespace = n.oid)
+         OR EXISTS (SELECT 1 FROM pg_proc WHERE pronamespace = n.oid)
+FROM pg_namespace n WHERE n.nspname = :s
+"""
+
+
+def _check_droppable(conn: Connection, target: PgTarget) -> bool:
+    """Refuse a drop that would reach past the environment; return whether the schema exists.
+
+    The schema must be ours (an alembic_version, or nothing in it at all), droppable
+    by this login, and tied to nothing outside it: no dependents, and no partition or
+    inheritance link in either direction (a dropped child takes its parent's rows).
+    """
+    import sqlalchemy as sa
+
+    from ..errors import RefusedError
+
+    where = f"postgres {_label(target)}"
+    facts = conn.execute(sa.text(_SCHEMA_FACTS), {"s": target.schema}).first()
+    if not conn.execute(sa.text("SELECT has_database_privilege(current_database(), 'CREATE')")).scalar():
+        raise RefusedError(f"{where}: this login may not create schemas in the database, so the schema could "
+                           "not be created again; grant it CREATE on the database or use its owner's login")
+    if facts is None:
+        return False
+    may_drop, managed, relations, non_empty = facts
+    if non_empty and not managed:
+        held = ", ".join(relations) if relations else "objects"
+        raise RefusedError(f"{where}: the schema holds {held} but no alembic_version, so momentry-db does not "
+                           "manage it and never drops it; check DATABASE_SCHEMA, or move its contents away")
+    if not may_drop:
+        raise RefusedError(f"{where}: this login does not own the schema and may not drop it; run reset with "
+                           "the schema owner's login")
+    linked = [r[0] for r in conn.execute(sa.text(_CROSS_INHERITANCE), {"s": target.schema})]
+    if linked:
+        raise RefusedError(f"{where}: partitions or inherited tables cross the schema's boundary "
+                           f"({', '.join(linked[:5])}); dropping it would delete rows of tables outside it; "
+                           "DETACH PARTITION or NO INHERIT them first")
+    outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
+    if outside:
+        raise RefusedError(f"{where}: objects outside schema {target.schema} depend on it "
+                           f"({', '.join(outside[:5])}); dropping it would cascade into them")
+    return True
+
+
+def preflight_drop(target: PgTarget) -> bool:
+    """Check that drop_schema would succeed now, without waiting or writing; return whether the schema exists."""
+    import sqlalchemy as sa
+
+    from ..errors import RefusedError
+
+    if target.primary:
+        raise RefusedError("postgres: the public schema is never dropped")
+    with connect(target) as conn:
+        got = conn.execute(sa.text(f"SELECT pg_try_advisory_lock({LOCK_CLASS}, hashtext(:s))"),
+                           {"s": target.schema}).scalar()
+        conn.commit()
+        if not got:
+            raise RefusedError(f"postgres {_label(target)}: migration lock held by "
+                               f"{lock_holder(conn, target)}; retry when it finishes")
+        try:
+            return _check_droppable(conn, target)
+        finally:
+            _unlock(conn, target)
+
+
 def drop_schema(target: PgTarget) -> bool:
-    """Drop a non-primary environment's schema; refuse when anything outside it depends on it."""
+    """Drop a non-primary environment's schema; refuse when it is not ours or reaches outside itself."""
     import sqlalchemy as sa
 
     from ..errors import RefusedError
@@ -583,16 +761,9 @@ def drop_schema(target: PgTarget) -> bool:
     with connect(target) as conn:
         acquire_lock(conn, target)
         try:
-            exists = conn.execute(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"),
-                                  {"s": target.schema}).first()
-            if not exists:
+            if not _check_droppable(conn, target):
                 conn.rollback()
                 return False
-            outside = [r[0] for r in conn.execute(sa.text(_EXTERNAL_DEPENDENTS), {"s": target.schema})]
-            if outside:
-                conn.rollback()
-                raise RefusedError(f"postgres: objects outside schema {target.schema} depend on it "
-                                   f"({', '.join(outside[:5])}); dropping it would cascade into them")
             conn.execute(sa.text(f"DROP SCHEMA {quote_ident(target.schema)} CASCADE"))
             conn.commit()
         finally:
@@ -616,8 +787,6 @@ def clone_tables(source: PgTarget, dest: PgTarget, tables: Sequence[str], limit:
     Rows whose foreign keys point at rows not present in the destination are left
     out, so a ``limit`` never breaks a foreign key.
     """
-    import sqlalchemy as sa
-    from psycopg import sql
 
     from ..errors import ConfigError
     from ..models import metadata
@@ -787,8 +956,10 @@ def upgrade_chunk(envs: list[Environment], script_location: Path | None,
     targets = [PgTarget(env, lock_wait=lock_wait) for env in envs]
     try:
         upgrade_many(targets, script_location=script_location)
-    except MomentryError as exc:  # before any target ran: every target reports it
-        return [(t.schema, [], str(exc)) for t in targets]
+    except Exception as exc:  # noqa: BLE001 - before or between targets: each one not done reports it
+        for t in targets:
+            if t.error is None and not t.applied:
+                t.error = failure(t, exc)
     return [(t.schema, list(t.applied), str(t.error) if t.error else None) for t in targets]
 
 
@@ -827,11 +998,26 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
     for group in by_url.values():
-        with connect(group[0]) as raw:
-            conn = raw.execution_options(isolation_level="AUTOCOMMIT")
-            for target in group:
-                if not _run_compiled(conn, target, start, body, revisions, sql):
-                    leftovers.append(target)
+        waiting = list(group)
+        while waiting:  # a target's failure is its own outcome; the others go on, on a fresh connection if need be
+            try:
+                raw = connect(waiting[0])
+            except MomentryError as exc:
+                for target in waiting:
+                    target.error = exc
+                break
+            with raw:
+                conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                while waiting:
+                    target = waiting.pop(0)
+                    try:
+                        if not _run_compiled(conn, target, start, body, revisions, sql):
+                            leftovers.append(target)
+                    except MomentryError as exc:
+                        target.error = exc
+                    except Exception as exc:  # noqa: BLE001 - the connection may be unusable now
+                        target.error = failure(target, exc)
+                        break
     return leftovers
 
 
@@ -877,3 +1063,61 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
     finally:
         conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
         conn.exec_driver_sql("RESET ALL")
+
+
+# --- unlock ----------------------------------------------------------------------------------
+
+_LOCK_SESSIONS = """
+SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), a.backend_start, a.state
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:c AS oid)
+  AND l.objid = (hashtext(:s)::bigint & 4294967295)::text::oid AND l.objsubid = 2
+ORDER BY a.pid
+"""
+APP_NAME = "momentry-db"
+
+
+def held_locks(target: PgTarget) -> list[HeldLock]:
+    """The backends holding the schema's migration lock (a session lock dies with its session)."""
+    import sqlalchemy as sa
+
+    label = f"{target.env.name} (schema {target.schema})"
+    conn = connect(target)
+    try:
+        rows = conn.execute(sa.text(_LOCK_SESSIONS), {"c": str(LOCK_CLASS), "s": target.schema}).all()
+    finally:
+        conn.close()
+    found = []
+    for pid, app, client, since, state in rows:
+        ours = (app or "").startswith(APP_NAME)
+        found.append(HeldLock(
+            "postgres", label,
+            f"backend pid {pid} ({app or 'no application_name'}, from {client}, since "
+            f"{since:%Y-%m-%d %H:%M:%S}, {state or 'unknown state'})",
+            releasable=ours, token=pid,
+            why_not="" if ours else (f"backend pid {pid} is not a momentry-db session; end it yourself "
+                                     f"(SELECT pg_terminate_backend({pid})) if it must go")))
+    return found
+
+
+def release_lock(target: PgTarget, lock: HeldLock) -> bool:
+    """End the momentry-db backend shown in ``lock``, only while it still holds the schema's lock."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import DBAPIError
+
+    conn = connect(target)
+    try:
+        ended = conn.execute(sa.text(
+            "SELECT pg_terminate_backend(s.pid) FROM (" + _LOCK_SESSIONS + ") AS s(pid, app, client, since, state) "
+            "WHERE s.pid = :pid AND s.app LIKE :app"),
+            {"c": str(LOCK_CLASS), "s": target.schema, "pid": lock.token, "app": APP_NAME + "%"}).scalar()
+        conn.commit()
+    except DBAPIError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc), target.env.secrets())
+        raise StoreError("postgres", lock.target, f"ending backend pid {lock.token}", reason) from None
+    finally:
+        conn.close()
+    if ended is False:
+        raise StoreError("postgres", lock.target, f"ending backend pid {lock.token}",
+                         "the server refused; connect as a superuser or a member of pg_signal_backend")
+    return bool(ended)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..environments import QDRANT_LOGICAL_COLLECTION, Environment, names_clash, scrub, validate_collection
 from ..errors import ConfigError, LockTimeoutError, RefusedError, StoreError, StoreUnreachableError
+from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
 if TYPE_CHECKING:
@@ -239,8 +240,9 @@ class QdrantTarget:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another run "
-                                               f"for over {self.lock_timeout:g}s; retry when it finishes") from None
+                        waited = f" for over {self.lock_timeout:g}s" if self.lock_timeout else ""
+                        raise LockTimeoutError(f"qdrant: local storage {path} stayed in use by another run"
+                                               f"{waited}; retry when it finishes") from None
                     time.sleep(0.05)
             try:
                 yield
@@ -768,6 +770,28 @@ def prune(client: QdrantClient, target: QdrantTarget, listed: list[OldCollection
 # --- environment management: reset, clone ----------------------------------------------------
 
 
+def preflight_drop(target: QdrantTarget, specs: list[CollectionSpec]) -> None:
+    """Check that drop would succeed now, without waiting or writing.
+
+    The storage must open at once (local mode: no other run or client holds it; a
+    server: it answers and accepts the key), and no live run may hold a collection's lock.
+    """
+    from dataclasses import replace
+
+    with replace(target, lock_timeout=0.0).session() as client:
+        names = {c.name for c in client.get_collections().collections}
+        if target.local:
+            return
+        for spec in specs:
+            lock = f"{target.env.qdrant_collection_for(spec.name)}__lock"
+            if lock not in names:
+                continue
+            held = (client.get_collection(lock).config.metadata or {}).get("momentry_lock") or {}
+            if float(held.get("expires_at", 0)) >= time.time():
+                raise RefusedError(f"qdrant {target.env.name}: {lock[:-6]} is being migrated by "
+                                   f"{held.get('owner', 'another run')}; retry when it finishes")
+
+
 def drop(client: QdrantClient, env: Environment, specs: list[CollectionSpec]) -> list[str]:
     """Delete every physical collection behind the environment's aliases, and the aliases."""
     dropped = []
@@ -808,3 +832,59 @@ def clone_points(client: QdrantClient, source: Environment, dest: Environment, s
                 break
         counts[dst] = copied
     return counts
+
+
+# --- unlock ----------------------------------------------------------------------------------
+
+
+def held_locks(target: QdrantTarget, specs: list[CollectionSpec]) -> list[HeldLock]:
+    """Who holds the environment's apply locks: the local storage's file lock, or a server's lock collections."""
+    import datetime as dt
+
+    if target.local and target.client is None:
+        return _local_lock_holder(target)
+    found = []
+    with target.session() as client:
+        for spec in specs:
+            alias = target.env.qdrant_collection_for(spec.name)
+            name = f"{alias}__lock"
+            if not client.collection_exists(name):
+                continue
+            held = (client.get_collection(name).config.metadata or {}).get("momentry_lock") or {}
+            expires = float(held.get("expires_at", 0))
+            when = dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat(timespec="seconds")
+            state = "its lease ran out" if expires < time.time() else "its lease is live: that run may still be migrating"
+            found.append(HeldLock(STORE, f"{target.env.name} (collection {alias})",
+                                  f"{held.get('owner', 'an unknown run')} (lease until {when}); {state}",
+                                  token=(name, held.get("owner"))))
+    return found
+
+
+def _local_lock_holder(target: QdrantTarget) -> list[HeldLock]:
+    """Local mode's lock is a file lock, which ends with the process holding it."""
+    import fcntl
+
+    path = target.env.state_dir / "qdrant.lock"
+    if not path.exists():
+        return []
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return [HeldLock(STORE, f"{target.env.name} (local mode)", f"a live process using {path.parent / 'qdrant'}",
+                             releasable=False,
+                             why_not="a file lock ends with its process; wait for that run or stop it")]
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return []
+
+
+def release_lock(target: QdrantTarget, lock: HeldLock) -> bool:
+    """Delete the lock collection shown in ``lock`` (it holds no points), only if that holder still has it."""
+    name, owner = lock.token
+    with target.session() as client:
+        if not client.collection_exists(name):
+            return False
+        held = (client.get_collection(name).config.metadata or {}).get("momentry_lock") or {}
+        if held.get("owner") != owner:
+            return False
+        return bool(client.delete_collection(name))
