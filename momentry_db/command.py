@@ -284,6 +284,11 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
     run = _Run(result, emit)
+    if apply and "qdrant" in chosen:  # every refusal before the first write, in any store
+        from .stores import qdrant
+
+        qdrant.check_apply(qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
+                           declared["qdrant"], recreate=recreate_qdrant)
     if "postgres" in chosen:
         from .stores import postgres
 

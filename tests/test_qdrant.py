@@ -597,3 +597,20 @@ def test_prune_leaves_every_collection_of_a_missing_alias_alone(project) -> None
         "momentry-db migrate --env dev first",
         "prune dev: no old collections; nothing to delete"]
     assert layout(project) == before == ({}, {old: 5, live: 0})
+
+
+def test_an_immutable_refusal_comes_before_any_store_writes(project, database) -> None:
+    """migrate --env dev refuses a size change before PostgreSQL (pending here) is touched."""
+    write_specs(project, BASE)
+    assert migrate_qdrant(project, "dev").code == 0
+    before = layout(project)
+    write_specs(project, BASE.replace("size = 1024", "size = 768"))
+
+    refused = project.cli("migrate", "--env", "dev")
+
+    assert refused.code == 2, refused.err
+    assert refused.err.strip().splitlines()[-1].startswith(
+        "error: qdrant dev: momentry_dev_rule1 needs an immutable change")
+    assert database.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'dev'") == [(0,)]
+    assert layout(project) == before
+    assert "upgraded" not in refused.out

@@ -555,16 +555,7 @@ def apply(target: QdrantTarget, specs: list[CollectionSpec] | None = None, *, re
     with target.session() as client, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # local mode warns that payload indexes have no effect
         plans = [plan_collection(client, target, spec) for spec in specs]
-        refused = [cp for cp in plans if cp.immutable and not recreate]
-        if refused:
-            cp = refused[0]
-            raise RefusedError(f"qdrant {target.env.name}: {cp.alias} needs an immutable change "
-                               f"({cp.immutable.detail}); run with --recreate-qdrant to build a new "
-                               "collection and swap the alias")
-        conflicts = [dict(cp.immutable.params)["conflict"] for cp in plans
-                     if cp.immutable and "conflict" in dict(cp.immutable.params)]
-        if conflicts:
-            raise RefusedError(conflicts[0])
+        _refuse_unsafe(target, plans, recreate)
         for cp in plans:
             if not cp.actions:
                 continue
@@ -573,6 +564,38 @@ def apply(target: QdrantTarget, specs: list[CollectionSpec] | None = None, *, re
                 for action in cp.actions:
                     done.append(_run_action(client, target, cp, action, emit))
     return done
+
+
+def _refuse_unsafe(target: QdrantTarget, plans: list[CollectionPlan], recreate: bool) -> None:
+    """Refuse an immutable change without consent, or a collection in the way of the new one."""
+    refused = [cp for cp in plans if cp.immutable and not recreate]
+    if refused:
+        cp = refused[0]
+        assert cp.immutable is not None
+        raise RefusedError(f"qdrant {target.env.name}: {cp.alias} needs an immutable change "
+                           f"({cp.immutable.detail}); run with --recreate-qdrant to build a new "
+                           "collection and swap the alias")
+    conflicts = [dict(cp.immutable.params)["conflict"] for cp in plans
+                 if cp.immutable and "conflict" in dict(cp.immutable.params)]
+    if conflicts:
+        raise RefusedError(conflicts[0])
+
+
+def check_apply(target: QdrantTarget, specs: list[CollectionSpec], *, recreate: bool) -> None:
+    """Raise what apply would refuse, reading only, so a run can refuse before any store writes.
+
+    An unchanged local store (its stamp still holds) needs no look; a store that cannot
+    be reached is left for apply to report as its own failure.
+    """
+    if cached_plans(target, specs) is not None:
+        return
+    try:
+        with target.session() as client, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # local mode warns that payload indexes have no effect
+            plans = [plan_collection(client, target, spec) for spec in specs]
+    except (StoreUnreachableError, LockTimeoutError, StoreError):
+        return
+    _refuse_unsafe(target, plans, recreate)
 
 
 def _run_action(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, action: Action,
