@@ -826,7 +826,11 @@ def lint(project: Project, env_name: str, *, env_file: Path | None = None,
 
 def downgrade(project: Project, env_name: str, revision: str, *, consent: Consent = _refuse,
               emit: Emit = _ignore, sources: Sources = Sources(), lock_timeout: float = 30.0) -> ActionResult:
-    """Downgrade one environment's schema to a revision; prod needs explicit consent."""
+    """Downgrade one environment's schema to a revision.
+
+    Prod always needs explicit consent; another environment needs it when any of its
+    tables holds rows, since a downgrade may drop them.
+    """
     from .errors import RefusedError
     from .stores import postgres
 
@@ -838,6 +842,12 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     run = _Run(result, emit)  # type: ignore[arg-type]
     target = _postgres_target(env, run)
     target.lock_wait = lock_timeout
+    populated = [] if env.primary else postgres.tables_with_rows(target)
+    if populated and not consent(f"downgrade {env.name} (schema {env.schema}) to {revision}; tables holding rows "
+                                 f"may be dropped: {', '.join(populated)}"):
+        raise RefusedError(f"downgrade of {env.name} (schema {env.schema}) may drop tables holding rows "
+                           f"({', '.join(populated[:5])}{', ...' if len(populated) > 5 else ''}); confirm on a "
+                           "terminal, or pass --yes; nothing was changed")
     undone = postgres.downgrade(target, revision, script_location=_scripts(project, sources), project=project)
     result.lines += [f"postgres {env.name} (schema {env.schema}): downgraded {r}" for r in undone]
     result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
