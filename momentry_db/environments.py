@@ -258,9 +258,12 @@ class SecretURL(Secret):
 
 
 _SECRET_KEYS = r"(?:ssl)?password|passwd|api[-_]?key|apikey|token"
-# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace.
+# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace,
+# or to the quote that closes the string the URL is shown in ("...password=x", or '...' in a repr),
+# a quote followed by whitespace, the end or a closing mark, which stays.
 _QUERY_SECRET = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#]*)", re.IGNORECASE)
-_QUERY_SECRET_IN_TEXT = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#\s]*)", re.IGNORECASE)
+_QUERY_SECRET_IN_TEXT = re.compile(
+    rf"([?&](?:{_SECRET_KEYS})=)((?:(?![\"'](?:[\s,:;)\]}}]|$))[^&#\s])*)", re.IGNORECASE)
 # A libpq key/value setting: 'quoted, with \' and \\ escapes' or unquoted up to whitespace;
 # in both a backslash escapes the next character, a newline included.
 _DSN_SECRET = re.compile(rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\.|[^'\\])*'?|(?:\\.|[^\s\\])*\\?)",

@@ -111,6 +111,16 @@ def test_mask_url_hides_a_dsn_password_with_libpq_quoting(password: str, quoted:
     assert shown(password, scrub(f"DATABASE_URL {value!r} is not a URL", [])) == []
 
 
+@pytest.mark.parametrize("value", ["postgresql://h:1/db?sslmode=disable&password=AA00A%2F%2F",
+                                   "postgresql://h:1/db?password=AA00A\"BB11B", "redis://h:1/0?token=AA00A'"])
+def test_scrub_keeps_the_quotes_a_url_is_shown_in(value: str) -> None:
+    masked = mask_url(value)
+    as_json = json.dumps({"url": value, "next": 1}, indent=2)
+    assert json.loads(scrub(as_json, [])) == {"url": masked, "next": 1}
+    assert json.loads(scrub(json.dumps({"url": masked}), [])) == {"url": masked}
+    assert scrub(f"DATABASE_URL '{value}' is not a URL", []) == f"DATABASE_URL '{masked}' is not a URL"
+
+
 def test_a_password_with_an_at_sign_reaches_the_driver_whole() -> None:
     from sqlalchemy.engine import make_url
 
@@ -201,6 +211,9 @@ def quick_mongo(monkeypatch: pytest.MonkeyPatch) -> None:
        database_url_flag=st.booleans())
 # Qdrant's URL parser (urllib3) ends the user info at a backslash and quotes the piece before it.
 @example(password="AA00A\\/", key="AA00A", args=["verify", "--env", "dev"], as_json=False, db_form="raw",
+         forms={"MONGODB_URL": "raw", "QDRANT_URL": "raw", "REDIS_URL": "raw"}, database_url_flag=False)
+# The structural pass over JSON output ran a password= parameter on over the closing '",'.
+@example(password="AA00A//", key="AA00A", args=["envs"], as_json=True, db_form="parameter",
          forms={"MONGODB_URL": "raw", "QDRANT_URL": "raw", "REDIS_URL": "raw"}, database_url_flag=False)
 def test_no_command_shows_a_password_in_any_form(project, quick_mongo, password: str, key: str,
                                                 args: list[str], as_json: bool, db_form: str,
