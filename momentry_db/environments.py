@@ -258,15 +258,25 @@ class SecretURL(Secret):
 
 
 _SECRET_KEYS = r"(?:ssl)?password|passwd|api[-_]?key|apikey|token"
-# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace.
+# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace,
+# or to the quote that closes the string the URL is shown in ("...password=x", or '...' in a repr),
+# a quote followed by whitespace, the end or a closing mark, which stays.
 _QUERY_SECRET = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#]*)", re.IGNORECASE)
-_QUERY_SECRET_IN_TEXT = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#\s]*)", re.IGNORECASE)
-# A libpq key/value setting: 'quoted, with \' and \\ escapes' or unquoted up to whitespace.
+_QUERY_SECRET_IN_TEXT = re.compile(
+    rf"([?&](?:{_SECRET_KEYS})=)((?:(?![\"'](?:[\s,:;)\]}}]|$))[^&#\s])*)", re.IGNORECASE)
+# A libpq key/value setting: 'quoted, with \' and \\ escapes' or unquoted up to whitespace;
+# in both a backslash escapes the next character, a newline included.
 _DSN_SECRET = re.compile(rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\.|[^'\\])*'?|(?:\\.|[^\s\\])*\\?)",
-                         re.IGNORECASE)
+                         re.IGNORECASE | re.DOTALL)
 # In a message the DSN may be shown through repr(), which doubles each backslash.
 _DSN_SECRET_IN_TEXT = re.compile(
-    rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\+.|[^'\\])*'?|(?:\\+.|[^\s\\'\"])+)", re.IGNORECASE)
+    rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\+.|[^'\\])*'?|(?:\\+.|[^\s\\'\"])+)",
+    re.IGNORECASE | re.DOTALL)
+# Where a URL parser may end a piece of the user info: the URL delimiters, whitespace, and the
+# backslash, which urllib3 (Qdrant's client) and WHATWG parsers treat as a '/'.
+_PIECE_DELIMITERS = re.compile(r"[/@:?#\s\\]+")
+# The libpq settings that hold a secret.
+_LIBPQ_SECRETS = ("password", "sslpassword")
 _SCHEME = re.compile(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*:(?::*/+)?")
 # A URL inside a message: scheme, then user info up to the last '@' before whitespace.
 _USERINFO_IN_TEXT = re.compile(r"(?<![\w+.-])([a-zA-Z][a-zA-Z0-9+.-]*::*/+)(\S*)@")
@@ -297,10 +307,35 @@ def _masked_userinfo(info: str) -> str:
 
 
 def _unquote_dsn(value: str) -> str:
-    """A libpq value as libpq reads it: quotes removed, backslash escapes resolved."""
-    if value.startswith("'"):
-        value = value[1:-1] if len(value) > 1 and value.endswith("'") and not value.endswith("\\'") else value[1:]
-    return re.sub(r"\\(.)", r"\1", value)
+    """A libpq value as libpq reads it (conninfo_parse): in a quoted value a backslash escapes the
+    next character and the first unescaped quote ends it; unquoted, a backslash escapes the next
+    character and a trailing lone backslash is dropped."""
+    quoted = value.startswith("'")
+    out: list[str] = []
+    i = 1 if quoted else 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\":
+            if i + 1 < len(value):
+                out.append(value[i + 1])
+            i += 2
+            continue
+        if quoted and char == "'":
+            break
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _libpq_secrets(value: str) -> list[str] | None:
+    """The secret settings of a DSN as libpq itself reads them, or None if libpq refuses the string."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(value)
+    except Exception:  # not a DSN libpq accepts (an unknown option, an unterminated quote): parse by hand
+        return None
+    return [str(params[key]) for key in _LIBPQ_SECRETS if params.get(key)]
 
 
 def secret_parts(value: str) -> list[str]:
@@ -315,6 +350,7 @@ def secret_parts(value: str) -> list[str]:
             found.append(split[1])
         found += [m.group(2) for m in _QUERY_SECRET.finditer(split[2]) if m.group(2)]
     else:
+        found += _libpq_secrets(value) or []
         found += [m.group(2) for m in _QUERY_SECRET.finditer(value) if m.group(2)]
         found += [_unquote_dsn(m.group(2)) for m in _DSN_SECRET.finditer(value) if m.group(2)]
         found += [m.group(2) for m in _DSN_SECRET.finditer(value) if m.group(2)]
@@ -323,13 +359,13 @@ def secret_parts(value: str) -> list[str]:
 
 def secret_variants(secret: str) -> list[str]:
     """A secret as it may appear in output: as given, percent-decoded, escaped for JSON or repr,
-    and the pieces a parser may cut it into at URL delimiters or spaces."""
+    and the pieces a parser may cut it into at URL delimiters, backslashes or spaces."""
     import json
     from urllib.parse import unquote
 
     forms = [secret, unquote(secret), json.dumps(secret)[1:-1], repr(secret)[1:-1]]
     for form in list(forms):
-        forms += re.split(r"[/@:?#\s]+", form)
+        forms += _PIECE_DELIMITERS.split(form)
     return [f for f in dict.fromkeys(forms) if len(f) >= _MIN_REPLACED]
 
 

@@ -24,7 +24,16 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
+
+# Hypothesis: in CI (the CI variable set) every run draws the same examples, so CI never fails on
+# an example no earlier run drew; a failure prints the blob that reproduces it. Elsewhere the
+# default profile stays (unless Hypothesis itself detects a CI service): each run draws new
+# examples and keeps exploring, and a failure found there becomes an @example.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_URL_VAR = "MOMENTRY_TEST_DATABASE_URL"

@@ -8,7 +8,7 @@ import re
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from momentry_db.environments import mask_url, scrub
@@ -92,13 +92,33 @@ def test_mask_url_hides_a_password_of_any_characters_in_every_url_form(password:
 
 @FAST
 @given(password=PASSWORD, quoted=st.booleans())
+@example(password="AA00A/\\", quoted=True)  # a quoted value ending in an escaped backslash: '...\\'
+@example(password="AA00A/\\", quoted=False)
+@example(password="AA00A'\\ BB11B\\", quoted=True)
 def test_mask_url_hides_a_dsn_password_with_libpq_quoting(password: str, quoted: bool) -> None:
-    from momentry_db.environments import secret_parts
+    from psycopg.conninfo import conninfo_to_dict
+
+    from momentry_db.environments import _unquote_dsn, secret_parts
 
     value = dsn(password, quoted)
     assert mask_url(value) == "host=127.0.0.1 port=1 user=app password=*** dbname=momentry"
-    assert password in secret_parts(value)  # read the way libpq reads it
+    read = conninfo_to_dict(value)["password"]  # libpq itself is the oracle
+    assert read == password
+    assert secret_parts(value)[0] == read
+    raw = value.split("password=", 1)[1].rsplit(" dbname=", 1)[0]
+    assert _unquote_dsn(raw) == read  # the hand parser, used when libpq refuses the string, agrees
+    assert read in secret_parts(value + " apikey=x")  # libpq refuses the unknown option
     assert shown(password, scrub(f"DATABASE_URL {value!r} is not a URL", [])) == []
+
+
+@pytest.mark.parametrize("value", ["postgresql://h:1/db?sslmode=disable&password=AA00A%2F%2F",
+                                   "postgresql://h:1/db?password=AA00A\"BB11B", "redis://h:1/0?token=AA00A'"])
+def test_scrub_keeps_the_quotes_a_url_is_shown_in(value: str) -> None:
+    masked = mask_url(value)
+    as_json = json.dumps({"url": value, "next": 1}, indent=2)
+    assert json.loads(scrub(as_json, [])) == {"url": masked, "next": 1}
+    assert json.loads(scrub(json.dumps({"url": masked}), [])) == {"url": masked}
+    assert scrub(f"DATABASE_URL '{value}' is not a URL", []) == f"DATABASE_URL '{masked}' is not a URL"
 
 
 def test_a_password_with_an_at_sign_reaches_the_driver_whole() -> None:
@@ -189,6 +209,12 @@ def quick_mongo(monkeypatch: pytest.MonkeyPatch) -> None:
 @given(password=PASSWORD, key=CHUNK, args=st.sampled_from(COMMANDS), as_json=st.booleans(),
        db_form=DB_FORMS, forms=st.fixed_dictionaries({v: FORM for v in SCHEMES if v != "DATABASE_URL"}),
        database_url_flag=st.booleans())
+# Qdrant's URL parser (urllib3) ends the user info at a backslash and quotes the piece before it.
+@example(password="AA00A\\/", key="AA00A", args=["verify", "--env", "dev"], as_json=False, db_form="raw",
+         forms={"MONGODB_URL": "raw", "QDRANT_URL": "raw", "REDIS_URL": "raw"}, database_url_flag=False)
+# The structural pass over JSON output ran a password= parameter on over the closing '",'.
+@example(password="AA00A//", key="AA00A", args=["envs"], as_json=True, db_form="parameter",
+         forms={"MONGODB_URL": "raw", "QDRANT_URL": "raw", "REDIS_URL": "raw"}, database_url_flag=False)
 def test_no_command_shows_a_password_in_any_form(project, quick_mongo, password: str, key: str,
                                                 args: list[str], as_json: bool, db_form: str,
                                                 forms: dict[str, str], database_url_flag: bool) -> None:
