@@ -239,8 +239,8 @@ class Lease:
     """A held migration lock, renewed by a daemon thread while the run is alive.
 
     Renewal is a compare-and-set on the owner: when it finds the lock gone or held by
-    another run (an unlock, or a takeover after a missed renewal), the lease is lost
-    and ``check`` raises, so the run stops before its next step.
+    another run (an unlock, or a takeover after a missed renewal), the lease is lost.
+    ``check`` renews before each step, so the run stops before its next step.
     """
 
     def __init__(self, locks: Any, owner: str, lease: dt.timedelta, expires_at: dt.datetime) -> None:
@@ -277,7 +277,12 @@ class Lease:
         return True
 
     def check(self) -> None:
-        """Raise LockLost when the lease is no longer this run's."""
+        """Confirm on the server that the lock is still this run's (renewing it); raise LockLost if not.
+
+        The heartbeat alone would notice an unlock or a takeover only at its next beat,
+        so a step could start under a lock that another run already holds.
+        """
+        self.renew()
         if self.lost is not None:
             raise LockLost(self.lost)
 
