@@ -965,9 +965,12 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
             fan.pg(primary)
         if others:  # compile each revision path once for the schemas that stand at the same revision
             starts: dict[tuple[str, ...], list[Any]] = {}
-            for t in others:
-                starts.setdefault(versions[t.schema] or (), []).append(t)
             left: list[Any] = []
+            for t in others:
+                if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
+                    left.append(t)
+                else:
+                    starts.setdefault(versions[t.schema] or (), []).append(t)
             for start, group in starts.items():
                 left += _pg_run(postgres.upgrade_compiled, group, start, script_location=scripts) or []
             fan.pg([t for t in others if t not in left])

@@ -344,3 +344,16 @@ def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, datab
         ("mongo", "dev", "failed", [], "mongo dev (momentry_dev): unexpected RuntimeError: socket closed by peer"),
         ("qdrant", "prod", "upgraded", ["create"], None), ("qdrant", "dev", "upgraded", ["create"], None)]
     assert result.lines[-1] == "done: 2 environment(s), 6 target(s): 4 upgraded, 0 up to date, 2 failed"
+
+
+def test_a_schema_downgraded_to_base_is_brought_back_by_the_fan_out(many, database) -> None:
+    """Its alembic_version table is there but empty: not the same start as a schema never migrated."""
+    assert many.cli("migrate", "--all", "--store", "postgres").code == 0
+    assert many.cli("downgrade", "--env", "dev", "--to", "base").code == 0
+
+    again = many.cli("migrate", "--all", "--store", "postgres", "--json")
+
+    assert again.code == 0, again.out
+    assert outcomes(again)[("postgres", "dev")] == "upgraded"
+    assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
+    assert database.tables("dev") == isolated_tables() | BOOKKEEPING_TABLES
