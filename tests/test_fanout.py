@@ -319,7 +319,11 @@ def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, data
 
 
 class _BrokenMongo:
-    """A MongoDB client that fails in a way no store error describes."""
+    """A MongoDB client that fails in a way no store error describes.
+
+    A fake, because no real server can be made to fail this way on demand: the test needs an
+    exception that is not a pymongo error, raised from every call.
+    """
 
     def __getattr__(self, name: str):
         if name == "close":
