@@ -335,6 +335,7 @@ class _BrokenMongo:
 
 
 def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, database) -> None:
+    """A fake Mongo client: no real server raises a non-pymongo error from every call on demand."""
     from momentry_db import command
     from momentry_db.settings import load_project
 

@@ -182,6 +182,7 @@ def _client_whose_drop_is_not_authorized(url: str):
 
 def test_a_drop_failing_midway_names_what_was_and_was_not_dropped(dev, database, mongo_url: str,
                                                                   mongo_db_name: str) -> None:
+    """The refused drop is injected (SecantusDB has no roles to refuse it); all else is the real server."""
     client = _client_whose_drop_is_not_authorized(mongo_url)
     client[mongo_db_name].cache.insert_one({"key": "k"})
     lib = load_project(dev.root, {**dev.environ, "MONGODB_DATABASE": mongo_db_name})
