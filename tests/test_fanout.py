@@ -319,7 +319,11 @@ def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, data
 
 
 class _BrokenMongo:
-    """A MongoDB client that fails in a way no store error describes."""
+    """A MongoDB client that fails in a way no store error describes.
+
+    A fake, because no real server can be made to fail this way on demand: the test needs an
+    exception that is not a pymongo error, raised from every call.
+    """
 
     def __getattr__(self, name: str):
         if name == "close":
@@ -331,6 +335,7 @@ class _BrokenMongo:
 
 
 def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, database) -> None:
+    """A fake Mongo client: no real server raises a non-pymongo error from every call on demand."""
     from momentry_db import command
     from momentry_db.settings import load_project
 
