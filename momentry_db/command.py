@@ -284,11 +284,13 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
     run = _Run(result, emit)
+    qdrant_failed = None
     if apply and "qdrant" in chosen:  # every refusal before the first write, in any store
         from .stores import qdrant
 
-        qdrant.check_apply(qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
-                           declared["qdrant"], recreate=recreate_qdrant)
+        qdrant_failed = qdrant.check_apply(
+            qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
+            declared["qdrant"], recreate=recreate_qdrant)
     if "postgres" in chosen:
         from .stores import postgres
 
@@ -318,6 +320,8 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
 
         with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
             qtarget = _qdrant_target(env, run, sources, lock_timeout)
+            if qdrant_failed is not None:  # found before the other stores ran; not tried twice
+                raise qdrant_failed
             cached = qdrant.cached_plans(qtarget, declared["qdrant"])
             if cached is not None:  # local mode, unchanged since the last run: nothing to open
                 for plan in cached:
