@@ -314,7 +314,7 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
                     result.applied.extend(mongo.apply(mtarget, declared["mongo"], emit=emit,
-                                                      lock_timeout=lock_timeout))
+                                                      lock_timeout=lock_timeout, notice=run.notice))
     if "qdrant" in chosen:
         from .stores import qdrant
 
@@ -376,8 +376,10 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
     if "mongo" in chosen:
         from .stores import mongo
 
+        primary = next((o for o in others if o.primary), None) if not env.primary else None
         checks.check_mongo(result, env, others, mongo.MongoTarget(env, client=sources.mongo_client),
-                           declared["mongo"])
+                           declared["mongo"],
+                           primary=mongo.MongoTarget(primary, client=sources.mongo_client) if primary else None)
     if "qdrant" in chosen:
         checks.check_qdrant(result, env, others, _qdrant_target(env, run, sources, 30.0), declared["qdrant"])
     if "redis" in chosen:
@@ -798,6 +800,7 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
         env = project.environment(env_name, env_file=env_file, overrides=overrides)
         drift = [f"postgres {env.name} (schema {env.schema}): {d}"
                  for d in postgres.compare_live(postgres.PgTarget(env))]
+    drift += _mongo_drift(project, st, result, env_name, env_file, overrides, emit, sources)
     result.ok = not pending and not drift
     result.lines += [f"pending: {s.store} {s.env} ({s.target}): {s.name} {s.description}".rstrip() for s in pending]
     result.lines += [f"drift: {d}" for d in drift[:20]] + ([f"drift: and {len(drift) - 20} more"] if len(drift) > 20 else [])
@@ -806,6 +809,33 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     result.data = {"pending": [s.to_json() for s in pending], "drift": drift,
                    "targets": [t.to_json() for t in st.targets]}
     return result
+
+
+def _mongo_drift(project: Project, st: RunResult, result: ActionResult, env_name: str, env_file: Path | None,
+                 overrides: Mapping[str, str | None] | None, emit: Emit, sources: Sources) -> list[str]:
+    """Check's Mongo part: the live database against the shape recorded at its head."""
+    from .stores import mongo, mongo_shape
+
+    plans = [t for t in st.targets if t.store == "mongo"]
+    if not plans:  # not chosen, or skipped with its reason already given
+        return []
+    if plans[0].pending:
+        result.notices.append("mongo: drift is compared once the database is at head; migrate, then check again")
+        emit("notice", result.notices[-1])
+        return []
+    if not plans[0].current:
+        return []
+    env = project.environment(env_name, env_file=env_file, overrides=overrides)
+    head, where = plans[0].current[-1], f"mongo {env.name} (database {env.mongo_database})"
+    target = mongo.MongoTarget(env, client=sources.mongo_client)
+    try:
+        drift = mongo_shape.drift_from_record(target.connect(), head, mongo.BOOKKEEPING)
+    finally:
+        target.close()
+    if drift is None:
+        return [f"{where}: not checkable: no shape recorded at {head} (migrated before shapes were recorded); "
+                f"run momentry-db migrate --env {env.name} to record the live one as its baseline"]
+    return [f"{where}: {d}" for d in drift]
 
 
 def lint(project: Project, env_name: str, *, env_file: Path | None = None,
