@@ -252,9 +252,10 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     worker = lookup("MOMENTRY_WORKER_ENABLED")
     worker_enabled = primary if worker is None else worker.strip().lower() in {"1", "true", "yes", "on"}
 
-    pg_lock_timeout = validate_pg_duration(lookup("MOMENTRY_PG_LOCK_TIMEOUT") or "5s", "MOMENTRY_PG_LOCK_TIMEOUT")
+    pg_lock_timeout = validate_pg_duration(lookup("MOMENTRY_PG_LOCK_TIMEOUT") or "5s",
+                                           "--pg-lock-timeout / MOMENTRY_PG_LOCK_TIMEOUT")
     pg_statement_timeout = validate_pg_duration(lookup("MOMENTRY_PG_STATEMENT_TIMEOUT") or "30min",
-                                                "MOMENTRY_PG_STATEMENT_TIMEOUT")
+                                                "--pg-statement-timeout / MOMENTRY_PG_STATEMENT_TIMEOUT")
     database_url = lookup("DATABASE_URL")
     api_key = lookup("QDRANT_API_KEY")
     return Environment(
