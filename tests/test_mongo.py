@@ -29,7 +29,7 @@ pytestmark = pytest.mark.mongo
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["0001_chunks", "0002_cache"]
-BOOKKEEPING = {mongo.STATE_COLLECTION, mongo.HISTORY_COLLECTION, mongo.LOCK_COLLECTION}
+BOOKKEEPING = set(mongo.BOOKKEEPING)  # state, history, lock and recorded shapes
 
 
 @pytest.fixture
@@ -179,8 +179,7 @@ def test_each_environment_gets_its_own_database(tmp_path: Path, fresh_mongo_url:
     assert databases(server) == ["momentry", "momentry_dev"]
     for name in ("momentry", "momentry_dev"):
         assert applied(server[name]) == set(STEPS)
-        assert sorted(server[name].list_collection_names()) == sorted(
-            {"cache", "chunks", mongo.STATE_COLLECTION, mongo.HISTORY_COLLECTION, mongo.LOCK_COLLECTION})
+        assert sorted(server[name].list_collection_names()) == sorted({"cache", "chunks", *BOOKKEEPING})
     dev.close()
     prod.close()
 
