@@ -18,14 +18,19 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
-from click.testing import CliRunner
 from hypothesis import settings as hypothesis_settings
 from psycopg import sql
+
+# Under mutmut (scripts/mutation) the package must come from mutants/, which mutmut puts on sys.path:
+# an editable install's finder would otherwise hand the tests the unmutated source.
+if "mutmut" in sys.modules:
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+
+from tests.helpers import REPO, SETTINGS_VARS, Database, Project, with_database
 
 # Hypothesis: in CI (the CI variable set) every run draws the same examples, so CI never fails on
 # an example no earlier run drew; a failure prints the blob that reproduces it. Elsewhere the
@@ -35,20 +40,10 @@ hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, da
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
-REPO = Path(__file__).resolve().parents[1]
 ADMIN_URL_VAR = "MOMENTRY_TEST_DATABASE_URL"
 # Tests marked with these need a server from outside, and are skipped without its URL. MongoDB is not
 # among them: its tests run on SecantusDB, started by the mongo_url fixture.
 REAL_SERVERS = {"qdrant": "QDRANT_URL"}
-
-
-def _pg_bin(name: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pgserver._commands import POSTGRES_BIN_PATH
-    return str(POSTGRES_BIN_PATH / name)
-
-
 
 
 REDIS_URL_VAR = "MOMENTRY_TEST_REDIS_URL"
@@ -85,7 +80,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+# Fixtures that need PostgreSQL (embedded or not), a project wired to it, or a server from outside.
+# ``--no-postgres`` leaves out the tests that use them: what is left runs in seconds, and is what
+# scripts/mutation runs for every mutant (the Mongo lock's tests keep their in-memory SecantusDB).
+SERVER_FIXTURES = frozenset({"admin_url", "database", "project", "bare_project", "migrated", "migrated_template",
+                             "redis_url", "real_servers", "mongo_project", "fresh_mongo_url"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-postgres", action="store_true",
+                     help="leave out the tests that need PostgreSQL, a project on it or an outside server")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--no-postgres"):
+        kept = [i for i in items if not SERVER_FIXTURES & set(getattr(i, "fixturenames", ()))]
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
     if REDIS_TEST_URL is None:
         skip = pytest.mark.skip(reason=f"no Redis answers; set {REDIS_URL_VAR}")
         for item in items:
@@ -122,105 +133,16 @@ def admin_url() -> Iterator[str]:
     server.cleanup()
 
 
-@dataclass
-class Database:
-    """A fresh database for one test."""
-
-    name: str
-    url: str  # libpq form
-
-    @property
-    def sa_url(self) -> str:
-        return self.url.replace("postgresql://", "postgresql+psycopg://", 1)
-
-    def query(self, text: str, params: tuple = ()) -> list[tuple]:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            cur = conn.execute(text, params or None)
-            return cur.fetchall() if cur.description else []
-
-    def execute(self, text: str) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(text)
-
-    def tables(self, schema: str, kind: str = "BASE TABLE") -> set[str]:
-        rows = self.query("SELECT table_name FROM information_schema.tables "
-                          "WHERE table_schema = %s AND table_type = %s", (schema, kind))
-        return {r[0] for r in rows}
-
-    def dump_schema(self, schema: str) -> str:
-        out = subprocess.run([_pg_bin("pg_dump"), "--schema-only", "--no-owner", "-n", schema, self.url],
-                             check=True, capture_output=True, text=True)
-        return out.stdout
-
-    def psql_file(self, path: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([_pg_bin("psql"), "-v", "ON_ERROR_STOP=1", "-q", "-f", str(path), self.url],
-                              capture_output=True, text=True)
-
-
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
 @pytest.fixture
 def database(admin_url: str) -> Iterator[Database]:
     name = f"momentry_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield Database(name, _with_database(admin_url, name))
+        yield Database(name, with_database(admin_url, name))
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@dataclass
-class Project:
-    """A project directory with its own env and state dir, pointed at a test database."""
-
-    root: Path
-    environ: dict[str, str]
-
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
-        """Run momentry-db in-process, as a user would, and capture output and exit code."""
-        from momentry_db.cli import main
-
-        runner = CliRunner()
-        merged = {**self.environ, **(env or {})}
-        result = runner.invoke(main, ["--project-dir", str(self.root), *args], env=merged,
-                               catch_exceptions=False)
-        return CliResult(result.exit_code, result.stdout, result.stderr)
-
-    def run_env(self) -> dict[str, str]:
-        """The environment a subprocess of this project runs with."""
-        return {**_clean_environ(), **self.environ}
-
-    def run(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
-        """Run a real subprocess in the project directory (momentry-db or alembic)."""
-        merged = {**self.run_env(), **(env or {})}
-        proc = subprocess.run(list(argv), cwd=self.root, env=merged, capture_output=True, text=True,
-                              timeout=timeout)
-        return CliResult(proc.returncode, proc.stdout, proc.stderr)
-
-    def momentry_db(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
-        return self.run(sys.executable, "-m", "momentry_db.cli", *args, env=env)
-
-    def alembic(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
-        return self.run(sys.executable, "-m", "alembic", *args, env=env)
-
-
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-
-_SETTINGS_VARS = ("DATABASE_URL", "DATABASE_SCHEMA", "MONGODB_URL", "MONGODB_DATABASE", "QDRANT_URL",
-                  "QDRANT_API_KEY", "QDRANT_COLLECTION", "REDIS_URL", "MOMENTRY_REDIS_PREFIX",
-                  "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR")
 
 
 # Read at import, before each test clears settings from the environment.
@@ -233,14 +155,10 @@ def real_servers() -> dict[str, str]:
     return dict(_REAL_SERVER_URLS)
 
 
-def _clean_environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _SETTINGS_VARS}
-
-
 @pytest.fixture(autouse=True)
 def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings from the developer's shell must not leak into tests."""
-    for var in _SETTINGS_VARS:
+    for var in SETTINGS_VARS:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -289,12 +207,48 @@ def redis_url() -> str:
     return REDIS_TEST_URL
 
 
+@pytest.fixture(scope="session")
+def migrated_template(admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A database and a state dir whose prod, then dev, were migrated through the CLI once per session.
+
+    Tests that start from a migrated project copy both (``CREATE DATABASE ... TEMPLATE``), which is
+    much faster than migrating again.
+    """
+    name = f"momentry_template_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = tmp_path_factory.mktemp("migrated-template")
+    root = base / "project"
+    root.mkdir()
+    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    (root / "alembic.ini").write_text(
+        (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
+    template = Project(root, {"DATABASE_URL": with_database(admin_url, name), "MOMENTRY_STATE_DIR": str(base / "state")})
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for var in SETTINGS_VARS:
+                mp.delenv(var, raising=False)
+            for env in ("prod", "dev"):
+                result = template.cli("migrate", "--env", env)
+                assert result.code == 0, result.err
+        with psycopg.connect(admin_url, autocommit=True) as conn:  # a template must have no session open
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        yield name, base / "state"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
-def migrated(project, database) -> Project:
-    """A project whose prod, then dev, were migrated through the CLI (every store)."""
-    for env in ("prod", "dev"):
-        result = project.cli("migrate", "--env", env)
-        assert result.code == 0, result.err
+def migrated(project: Project, database: Database, admin_url: str,
+             migrated_template: tuple[str, Path]) -> Project:
+    """A project whose prod, then dev, were migrated through the CLI (every store): a copy of the template."""
+    template, state = migrated_template
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database.name)))
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(database.name),
+                                                                      sql.Identifier(template)))
+    shutil.copytree(state, project.environ["MOMENTRY_STATE_DIR"], dirs_exist_ok=True)
     return project
 
 

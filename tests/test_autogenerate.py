@@ -15,8 +15,8 @@ from momentry_db.errors import StoreError
 from momentry_db.models import metadata
 from momentry_db.settings import load_project
 from momentry_db.stores import postgres
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import psycopg
 
 from momentry_db.stores import postgres
 from momentry_db.tables import BOOKKEEPING_TABLES, isolated_tables
-from test_pipeline import plant
+from tests.helpers import plant
 
 EXTRA = "pr-1,pr-2,pr-3,staging"
 SCHEMAS = ["pr_1", "pr_2", "pr_3", "staging"]

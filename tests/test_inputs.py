@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 SAMPLE = "INSERT INTO {s}.videos (source_path) VALUES ('a.mp4'), ('b.mp4');"
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from qdrant_client import QdrantClient, models
+from qdrant_client import QdrantClient
 
 from momentry_db import command
 from momentry_db.errors import RefusedError
 from momentry_db.models import VIEWS, metadata
 from momentry_db.settings import load_project
+from tests.helpers import add_points, local_qdrant
 
 SAMPLE = """
 INSERT INTO {s}.videos (source_path) VALUES ('a.mp4'), ('b.mp4'), ('c.mp4');
@@ -32,15 +33,6 @@ def qdrant_count(state: Path, name: str) -> int:
     client = QdrantClient(path=str(state / "qdrant"))
     try:
         return client.count(name).count
-    finally:
-        client.close()
-
-
-def add_points(state: Path, name: str, n: int) -> None:
-    client = QdrantClient(path=str(state / "qdrant"))
-    try:
-        client.upsert(name, points=[models.PointStruct(id=i, vector=[1.0] * 1024, payload={"video_id": i})
-                                    for i in range(n)])
     finally:
         client.close()
 
@@ -77,8 +69,9 @@ def populated(mongo_server, project, lib, database, state):
     database.execute(SAMPLE.format(s="dev"))
     for db in ("momentry", "momentry_dev"):
         mongo_server[db].cache.insert_many([{"key": f"k{i}"} for i in range(4)])
-    add_points(state, "momentry_rule1", 30)
-    add_points(state, "momentry_dev_rule1", 5)
+    with local_qdrant(state) as client:
+        add_points(client, "momentry_rule1", 30)
+        add_points(client, "momentry_dev_rule1", 5)
     return sources
 
 

@@ -24,10 +24,10 @@ from momentry_db import command
 from momentry_db.errors import ConfigError, StoreError
 from momentry_db.settings import load_project
 from momentry_db.stores import mongo
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.mongo
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = ["0001_chunks", "0002_cache"]
 BOOKKEEPING = set(mongo.BOOKKEEPING)  # state, history, lock and recorded shapes
 

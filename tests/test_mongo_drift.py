@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Project
+from tests.helpers import Project
 from pymongo import MongoClient
 
 REF = "the shape recorded at 0002_cache"

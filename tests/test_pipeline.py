@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,53 +19,7 @@ from momentry_db.errors import RefusedError
 from momentry_db.settings import load_project
 from momentry_db.stores.postgres import LOCK_CLASS
 from momentry_db.tables import BOOKKEEPING_TABLES
-
-REPO = Path(__file__).resolve().parents[1]
-
-REVISION = '''"""{doc}"""
-from alembic import op
-import sqlalchemy as sa
-
-from momentry_db.revision import on_primary
-
-revision = "{rev}"
-down_revision = "{down}"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    upgrade_isolated()
-    if on_primary():
-        upgrade_shared()
-
-
-def downgrade() -> None:
-    pass
-
-
-def upgrade_isolated() -> None:
-{body}
-
-
-def upgrade_shared() -> None:
-    pass
-'''
-
-
-def plant(project, tmp_path: Path, body: str, doc: str = "planted", rev: str = "0002") -> Path:
-    """Copy migrations/, add one revision, and point the project's alembic.ini at the copy."""
-    scripts = tmp_path / "migrations"
-    if not scripts.exists():
-        shutil.copytree(REPO / "migrations", scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    down = "0001" if rev == "0002" else f"{int(rev) - 1:04d}"
-    indented = "\n".join("    " + line for line in body.strip().splitlines())
-    (scripts / "versions" / f"{rev}_planted.py").write_text(REVISION.format(doc=doc, rev=rev, down=down,
-                                                                            body=indented))
-    ini = project.root / "alembic.ini"
-    ini.write_text(ini.read_text().replace(str(REPO / "migrations"), str(scripts)))
-    return scripts
-
+from tests.helpers import plant
 
 def no_ansi(*texts: str) -> None:
     assert all("\x1b[" not in t for t in texts)

@@ -12,6 +12,7 @@ import pytest
 
 from momentry_db.tables import BOOKKEEPING_TABLES as BOOKKEEPING
 from momentry_db.tables import isolated_tables, shared_tables, view_names
+from tests.helpers import clean_environ
 
 ISOLATED = {"videos", "chunks", "pre_chunks", "chunk_vectors", "frames", "processor_results",
             "file_registry", "file_lifecycle", "face_clusters", "face_detections", "face_identities",
@@ -163,11 +164,9 @@ def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
 
 def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
     """The README's first command: embedded PostgreSQL, Mongo skipped, Qdrant in local mode."""
-    from conftest import _clean_environ  # the developer's shell must not leak in
-
     root = tmp_path / "fresh"
     root.mkdir()
-    env = {**_clean_environ(), "MOMENTRY_STATE_DIR": str(tmp_path / "state")}
+    env = {**clean_environ(), "MOMENTRY_STATE_DIR": str(tmp_path / "state")}
     cli = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(root)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,8 +18,8 @@ from momentry_db import command
 from momentry_db.errors import ConfigError, RefusedError
 from momentry_db.settings import load_project
 from momentry_db.stores import qdrant
+from tests.helpers import REPO, add_points
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -50,11 +50,6 @@ def specs_with(tmp_path: Path, old: str, new: str) -> list[qdrant.CollectionSpec
 
 def tgt(proj, env: str, client: QdrantClient) -> qdrant.QdrantTarget:
     return qdrant.QdrantTarget(proj.environment(env), client=client)
-
-
-def add_points(client: QdrantClient, name: str, n: int, size: int = 1024) -> None:
-    client.upsert(name, points=[models.PointStruct(id=i, vector=[float(i + 1)] + [0.5] * (size - 1),
-                                                   payload={"video_id": i}) for i in range(n)])
 
 
 def test_the_declared_spec() -> None:

@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import _clean_environ
-from test_pipeline import plant
+from tests.helpers import REPO, clean_environ, plant
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "release-job.sh"
 
 
 def run_job(project, **extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**_clean_environ(), **project.environ, **extra,
+    env = {**clean_environ(), **project.environ, **extra,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(["bash", str(SCRIPT)], cwd=project.root, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -72,6 +70,6 @@ def test_the_job_waits_for_approval_of_risky_ddl(project, database, tmp_path: Pa
 def test_the_job_refuses_to_run_without_a_database_url(project) -> None:
     env = {k: v for k, v in project.environ.items() if k != "DATABASE_URL"}
     result = subprocess.run(["bash", str(SCRIPT)], cwd=project.root, capture_output=True, text=True,
-                            env={**_clean_environ(), **env})
+                            env={**clean_environ(), **env})
     assert result.returncode != 0
     assert "DATABASE_URL must be set from the pipeline secret store" in result.stderr
