@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from momentry_db.environments import mask_url, scrub, validate_schema
+from momentry_db.environments import (mask_url, scrub, validate_collection, validate_env_name, validate_mongo_database,
+                                      validate_pg_duration, validate_redis_prefix, validate_schema)
 from momentry_db.errors import ConfigError
 from momentry_db.settings import load_project, normalize_database_url
 
@@ -163,3 +164,71 @@ def test_a_password_given_as_a_url_parameter_is_masked(tmp_path: Path) -> None:
     assert "s3cretQ" not in dev.database_url.masked and "password=***" in dev.database_url.masked
     assert dev.secrets() == ["s3cretQ", dev.database_url]
     assert "s3cretQ" not in scrub("connect to postgresql://app@db/m?password=s3cretQ failed", [])
+
+
+# --- validators, table-driven in both directions ---------------------------------------------
+
+@pytest.mark.parametrize("name, valid", [
+    ("dev", True), ("pr-42", True), ("a", True), ("staging_2", True), ("a1-b2_c3", True), ("a" * 40, True),
+    ("1dev", False), ("9", False), ("-dev", False), ("_dev", False), ("Dev", False), ("dev-", False),
+    ("dev--x", False), ("dev x", False), ("dev.x", False), ("", False), ("a" * 41, False), ("dév", False),
+])
+def test_environment_names(name: str, valid: bool) -> None:
+    if valid:
+        assert validate_env_name(name) == name
+    else:
+        with pytest.raises(ConfigError, match=r"invalid environment name .*starting with a letter"):
+            validate_env_name(name)
+
+
+@pytest.mark.parametrize("validate, value, valid", [
+    (validate_mongo_database, "momentry_dev", True), (validate_mongo_database, "_x9", True),
+    (validate_mongo_database, "a" * 63, True),
+    (validate_mongo_database, "9db", False), (validate_mongo_database, "Db", False),
+    (validate_mongo_database, "a-b", False), (validate_mongo_database, "a" * 64, False),
+    (validate_mongo_database, "admin", False), (validate_mongo_database, "local", False),
+    (validate_collection, "momentry_dev_rule1", True), (validate_collection, "a-b_c", True),
+    (validate_collection, "a" * 255, True),
+    (validate_collection, "1c", False), (validate_collection, "C", False), (validate_collection, "a.b", False),
+    (validate_collection, "a" * 256, False),
+    (validate_redis_prefix, "momentry_dev:", True), (validate_redis_prefix, "a.b-c:d:", True),
+    (validate_redis_prefix, "a" * 127 + ":", True),
+    (validate_redis_prefix, "momentry_dev", False), (validate_redis_prefix, "m*:", False),
+    (validate_redis_prefix, "1m:", False), (validate_redis_prefix, "M:", False),
+    (validate_redis_prefix, "a" * 128 + ":", False),
+])
+def test_store_names(validate, value: str, valid: bool) -> None:
+    if valid:
+        assert validate(value) == value
+    else:
+        with pytest.raises(ConfigError, match=r"invalid|reserved"):
+            validate(value)
+
+
+@pytest.mark.parametrize("value, valid", [("0", True), ("250ms", True), ("5s", True), ("2min", True), ("1h", True),
+                                          ("5 s", False), ("s", False), ("-1s", False), ("1d", False),
+                                          ("1.5s", False), ("", False)])
+def test_postgres_durations(value: str, valid: bool) -> None:
+    if valid:
+        assert validate_pg_duration(value, "--pg-lock-timeout") == value
+    else:
+        with pytest.raises(ConfigError, match=r"--pg-lock-timeout .* is not a duration"):
+            validate_pg_duration(value, "--pg-lock-timeout")
+
+
+# scrub: a password is masked by structure even when it was never known; the rest of the text stays.
+@pytest.mark.parametrize("text, masked", [
+    ("connect to postgresql://app:hunter2@db:5432/m failed", "connect to postgresql://app:***@db:5432/m failed"),
+    ("mongodb://root:pw@h1,h2/x?authSource=admin", "mongodb://root:***@h1,h2/x?authSource=admin"),
+    ("redis://:r3dis@127.0.0.1:6379/0 refused", "redis://:***@127.0.0.1:6379/0 refused"),
+    ("postgresql://app@db/m?sslmode=require&password=s3cret", "postgresql://app@db/m?sslmode=require&password=***"),
+    ("host=db user=app password=s3cret dbname=m", "host=db user=app password=*** dbname=m"),
+    ("postgresql://app@db:5432/m has no password", "postgresql://app@db:5432/m has no password"),
+    ("nothing secret here", "nothing secret here"),
+])
+def test_scrub_masks_passwords_it_was_never_told(text: str, masked: str) -> None:
+    assert scrub(text, []) == masked
+
+
+def test_scrub_replaces_known_secrets_but_not_short_ones() -> None:
+    assert scrub("key k-123456 and pin 123", ["k-123456", "123"]) == "key *** and pin 123"

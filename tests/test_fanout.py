@@ -362,3 +362,43 @@ def test_a_schema_downgraded_to_base_is_brought_back_by_the_fan_out(many, databa
     assert outcomes(again)[("postgres", "dev")] == "upgraded"
     assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
     assert database.tables("dev") == isolated_tables() | BOOKKEEPING_TABLES
+
+
+def _first_and_last_records(database, schemas: list[str]) -> dict[str, tuple]:
+    return {s: database.query(f"SELECT min(recorded_at), max(recorded_at) FROM {s}.momentry_history")[0]
+            for s in schemas}
+
+
+def test_public_commits_before_any_other_schema_starts(many, database) -> None:
+    # The env list is given prod last: the run still takes public first.
+    result = many.cli("migrate", "--env", "staging", "--env", "pr-1", "--env", "dev", "--env", "prod",
+                      "--store", "postgres")
+    assert result.code == 0, result.err
+    records = _first_and_last_records(database, ["public", "dev", "pr_1", "staging"])
+    public_done = records["public"][1]
+    assert all(public_done < first for schema, (first, _) in records.items() if schema != "public"), records
+
+
+def test_schemas_at_the_same_revision_take_the_compiled_path(many, database, monkeypatch) -> None:
+    """Only public goes through a per-schema Alembic run; the other schemas get the compiled script."""
+    compiled: list[tuple[list[str], list[str]]] = []
+    through_alembic: list[list[str]] = []
+    real_compiled, real_many = postgres.upgrade_compiled, postgres.upgrade_many
+
+    def spy_compiled(targets, *args, **kwargs):
+        left = real_compiled(targets, *args, **kwargs)
+        compiled.append(([t.schema for t in targets], [t.schema for t in left]))
+        return left
+
+    def spy_many(targets, *args, **kwargs):
+        through_alembic.append([t.schema for t in targets])
+        return real_many(targets, *args, **kwargs)
+
+    monkeypatch.setattr(postgres, "upgrade_compiled", spy_compiled)
+    monkeypatch.setattr(postgres, "upgrade_many", spy_many)
+    result = many.cli("migrate", "--all", "--store", "postgres")
+    assert result.code == 0, result.err
+    assert compiled == [(["dev", *SCHEMAS], [])]
+    assert through_alembic == [["public"]]
+    for schema in ["dev", *SCHEMAS]:
+        assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,22 +94,42 @@ def test_the_default_lease_frees_a_dead_runs_lock_within_30_seconds() -> None:
     assert mongo.LOCK_LEASE == dt.timedelta(seconds=30)
 
 
-def test_the_live_run_renews_its_lease_past_its_length(db) -> None:
+def test_the_live_run_renews_its_lease_past_its_length(db, monkeypatch) -> None:
     lease = dt.timedelta(seconds=0.6)
+    beats = threading.Event()
+    real_renew = mongo.Lease.renew
+
+    def renew(self) -> bool:
+        renewed = real_renew(self)
+        if threading.current_thread() is not threading.main_thread():
+            beats.set()  # the heartbeat, not a check() from the run
+        return renewed
+
+    monkeypatch.setattr(mongo.Lease, "renew", renew)
     with mongo.migration_lock(db, timeout=0, lease=lease) as held:
         first = lock_doc(db)
         assert first["owner"] == held.owner
         assert first["host"] == socket.gethostname() and first["pid"] == os.getpid()
-        time.sleep(1.5)  # over twice the lease: without renewal another run could take it now
+        assert beats.wait(10), "the heartbeat never renewed the lease"
         second = lock_doc(db)
-        assert second["owner"] == held.owner
-        assert second["expires_at"] > first["expires_at"]
+        assert second["owner"] == held.owner and second["acquired_at"] == first["acquired_at"]
+        assert second["renewed_at"] > second["acquired_at"]
+        assert second["expires_at"] > second["acquired_at"] + lease  # pushed past the first lease
         assert second["expires_at"] > dt.datetime.now(dt.timezone.utc)
         with pytest.raises(LockTimeoutError, match=f"held by {held.owner} since"):
             with mongo.migration_lock(db, timeout=0, lease=lease):
                 pass
         held.check()  # still ours
     assert lock_doc(db) is None
+
+
+def test_release_removes_the_lock_only_for_its_owner(db) -> None:
+    plant_lock(db, owner="ci-7:42:a", host="h", pid=42)
+    assert mongo.release(db, "ci-7:42:b") is False
+    assert lock_doc(db)["owner"] == "ci-7:42:a"
+    assert mongo.release(db, "ci-7:42:a") is True
+    assert lock_doc(db) is None
+    assert mongo.release(db, "ci-7:42:a") is False
 
 
 def test_a_run_never_releases_another_runs_lock(db) -> None:

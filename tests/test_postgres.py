@@ -197,3 +197,13 @@ def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
         assert (vectors.size, vectors.distance.value) == (1024, "Cosine")
     finally:
         client.close()
+
+
+def test_targets_put_public_first_whatever_the_order_given(tmp_path: Path) -> None:
+    from momentry_db.settings import load_project
+    from momentry_db.stores.postgres import targets_for
+
+    proj = load_project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "staging,pr-1"})
+    envs = [proj.environment(n) for n in ("staging", "dev", "prod", "pr-1")]
+    assert [t.schema for t in targets_for(envs)] == ["public", "staging", "dev", "pr_1"]
+    assert [t.schema for t in targets_for(list(reversed(envs)))] == ["public", "pr_1", "dev", "staging"]

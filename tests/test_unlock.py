@@ -121,3 +121,30 @@ def test_qdrant_unlock_removes_a_lock_collection_only_with_yes(tmp_path: Path) -
                                                     "migration lock held by ci-7:4242")
     assert not client.collection_exists("momentry_dev_rule1__lock")
     assert client.collection_exists("momentry_rule1__lock")
+
+
+def test_qdrant_unlock_never_removes_a_lock_that_changed_hands(tmp_path: Path) -> None:
+    from qdrant_client import QdrantClient, models
+
+    from momentry_db.settings import load_project
+    from momentry_db.stores import qdrant
+
+    client = QdrantClient(":memory:")
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    target = qdrant.QdrantTarget(proj.environment("dev"), client=client)
+
+    def hold(owner: str) -> None:
+        client.create_collection("momentry_dev_rule1__lock",
+                                 vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
+                                 metadata={"momentry_lock": {"owner": owner, "expires_at": time.time() + 600}})
+
+    hold("ci-7:4242")
+    (shown,) = qdrant.held_locks(target, qdrant.load_specs())
+    client.delete_collection("momentry_dev_rule1__lock")
+    hold("ci-9:1")  # another run took it after it was shown
+    assert qdrant.release_lock(target, shown) is False
+    assert client.collection_exists("momentry_dev_rule1__lock")
+    (now,) = qdrant.held_locks(target, qdrant.load_specs())
+    assert qdrant.release_lock(target, now) is True
+    assert not client.collection_exists("momentry_dev_rule1__lock")
+    assert qdrant.release_lock(target, now) is False

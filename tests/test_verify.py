@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from momentry_db.verify import (FAIL, NOT_CHECKABLE, PASS, Check, VerifyResult, _distinct, _structure_diff,
+                                check_directories, check_redis)
 
 
 def test_a_clean_environment_passes(migrated) -> None:
@@ -23,6 +28,8 @@ def test_a_clean_environment_passes(migrated) -> None:
     ("CREATE TABLE dev.api_keys (id int)", "shared table api_keys exists in dev"),
     ("CREATE TABLE dev.scratch (id int)", "unexpected table scratch exists in dev"),
     ("CREATE VIEW dev.v_sneaky AS SELECT 1 AS x", "view dev.v_sneaky"),
+    ("CREATE MATERIALIZED VIEW dev.mv_sneaky AS SELECT 1 AS x", "view dev.mv_sneaky"),
+    ("CREATE SCHEMA other; CREATE MATERIALIZED VIEW other.mv_far AS SELECT 1 AS x", "view other.mv_far"),
     ("CREATE SCHEMA other; CREATE TABLE other.monitor_alerts (id int)", "shared table other.monitor_alerts"),
     ("DROP TABLE dev.frames CASCADE", "isolated table frames missing from dev"),
     ("ALTER TABLE dev.frames ADD COLUMN stray text", "frames: column stray only in dev"),
@@ -90,3 +97,86 @@ def test_redis_keys_are_counted_per_prefix(project, redis_url: str) -> None:
     finally:
         client.delete(*client.scan_iter(match=f"t{tag}*"))
         client.close()
+
+
+# --- the checks that judge names and directories: pure, table-driven, in both directions ------
+
+def _env(name: str, prefix: str = "", output: str = "/o", backup: str = "/b") -> SimpleNamespace:
+    return SimpleNamespace(name=name, redis_prefix=prefix, redis_url=None, output_dir=Path(output),
+                           backup_dir=Path(backup))
+
+
+@pytest.mark.parametrize("mine, theirs, problem", [
+    ("mm:dev:", "mm:prod:", None),
+    ("mm:", "mm:", "prefix 'mm:' is also other's"),
+    ("mm:dev:", "mm:", "prefix 'mm:dev:' and other's 'mm:' overlap (one is a prefix of the other)"),
+    ("mm:", "mm:dev:", "prefix 'mm:' and other's 'mm:dev:' overlap (one is a prefix of the other)"),
+    ("a:", "ab:", None),
+    ("ab:", "a:", None),
+])
+def test_redis_prefix_check(mine: str, theirs: str, problem: str | None) -> None:
+    result = VerifyResult("verify", "me")
+    check_redis(result, _env("me", mine), [_env("other", theirs)])
+    prefix_check, keys_check = result.checks
+    expected = Check("redis", "prefix is distinct and not nested", FAIL, problem) if problem else \
+        Check("redis", "prefix is distinct and not nested", PASS, mine)
+    assert prefix_check == expected
+    assert keys_check == Check("redis", "keys under the prefix", NOT_CHECKABLE, "REDIS_URL is not set")
+
+
+@pytest.mark.parametrize("mine, theirs, problems", [
+    (("/m/out", "/m/bak"), ("/p/out", "/p/bak"), []),
+    (("/m/out", "/m/bak"), ("/m/out", "/p/bak"), ["output dir /m/out is also other's output dir"]),
+    (("/m/out", "/m/bak"), ("/p/out", "/m/out"), ["output dir /m/out is also other's backup dir"]),
+    (("/m/out", "/m/bak"), ("/m/bak", "/p/bak"), ["backup dir /m/bak is also other's output dir"]),
+    (("/m/out/dev", "/m/bak"), ("/m/out", "/p/bak"),
+     ["output dir /m/out/dev and other's output dir /m/out are nested"]),
+    (("/m/out", "/m/bak"), ("/m/out/dev", "/p/bak"),
+     ["output dir /m/out and other's output dir /m/out/dev are nested"]),
+    (("/m/out", "/m/bak"), ("/p/out", "/m/bak/x"), ["backup dir /m/bak and other's backup dir /m/bak/x are nested"]),
+    (("/m/out", "/m/out/bak"), ("/p/out", "/p/bak"), ["output /m/out and backup /m/out/bak overlap"]),
+    (("/m/out/bak", "/m/out"), ("/p/out", "/p/bak"), ["output /m/out/bak and backup /m/out overlap"]),
+    (("/m/out", "/m/outer"), ("/m/outx", "/p/bak"), []),
+])
+def test_directory_check(mine: tuple[str, str], theirs: tuple[str, str], problems: list[str]) -> None:
+    result = VerifyResult("verify", "me")
+    check_directories(result, _env("me", output=mine[0], backup=mine[1]),
+                      [_env("other", output=theirs[0], backup=theirs[1])])
+    (check,) = result.checks
+    name = "output and backup dirs are distinct and not nested"
+    assert check == (Check("dirs", name, FAIL, "; ".join(problems)) if problems
+                     else Check("dirs", name, PASS, f"{mine[0]}, {mine[1]}"))
+
+
+@pytest.mark.parametrize("values, status", [({"me": "x", "other": "y"}, PASS), ({"me": "x", "other": "x"}, FAIL)])
+def test_a_name_shared_with_another_environment_fails(values: dict[str, str], status: str) -> None:
+    result = VerifyResult("verify", "me")
+    _distinct(result, "mongo", "database", _env("me"), [_env("other")], lambda e: values[e.name])
+    assert result.checks == [Check("mongo", "database differs from other environments'", status,
+                                   "database 'x' is also other's" if status == FAIL else "x")]
+    assert result.ok is (status == PASS)
+    assert result.failures == ([] if status == PASS else result.checks)
+
+
+def test_a_check_lists_ten_problems_and_counts_the_rest() -> None:
+    result = VerifyResult("verify", "me")
+    result.add("s", "n", [f"p{i}" for i in range(13)])
+    assert result.checks == [Check("s", "n", FAIL, "; ".join(f"p{i}" for i in range(10)) + "; and 3 more")]
+    result.add("s", "m", [f"p{i}" for i in range(10)])
+    assert result.checks[1].detail == "; ".join(f"p{i}" for i in range(10))
+    result.add("s", "o", ["p"], status=NOT_CHECKABLE, detail="why")
+    assert result.checks[2] == Check("s", "o", NOT_CHECKABLE, "why")
+    assert result.to_json() == {"command": "verify", "env": "me", "ok": False, "notices": [],
+                                "checks": [c.to_json() for c in result.checks]}
+    assert result.checks[2].to_json() == {"store": "s", "name": "o", "status": NOT_CHECKABLE, "detail": "why"}
+
+
+def test_structure_differences_are_named_each_way() -> None:
+    public = {"t": {"column a": ("int",), "column b": ("int",), "index i": ("x",)}, "only_public": {}}
+    mine = {"t": {"column a": ("text",), "column c": ("int",), "index i": ("x",)}, "only_mine": {}}
+    assert _structure_diff(public, mine, "dev") == [
+        "t: column a differs (text in dev, int in public)",
+        "t: column b missing in dev",
+        "t: column c only in dev",
+    ]
+    assert _structure_diff(public, public, "dev") == []
