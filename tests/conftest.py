@@ -39,6 +39,10 @@ from tests.helpers import REPO, SETTINGS_VARS, Database, Project, with_database
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
+# Under mutmut every mutant reruns the property tests: fewer (fixed) examples keep a run near 20 minutes.
+hypothesis_settings.register_profile("mutation", derandomize=True, database=None, max_examples=25)
+if "mutmut" in sys.modules:
+    hypothesis_settings.load_profile("mutation")
 
 ADMIN_URL_VAR = "MOMENTRY_TEST_DATABASE_URL"
 # Tests marked with these need a server from outside, and are skipped without its URL. MongoDB is not

@@ -35,7 +35,19 @@ def in_scope(mutant: str) -> bool:
     return (m["function"] or m["cls"]) in FUNCTIONS.get(m["module"], set())
 
 
+def patterns() -> list[str]:
+    """Mutant name patterns for ``mutmut run``: only the scoped mutants are run."""
+    found = [prefix + "*" for prefix in WHOLE]
+    for module, names in FUNCTIONS.items():
+        for name in sorted(names):
+            found += [f"{module}.x_{name}__mutmut_*", f"{module}.xǁ{name}ǁ*"]
+    return found
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--patterns"]:
+        print("\n".join(patterns()))
+        return 0
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], capture_output=True,
                          text=True, check=True).stdout
     status: dict[str, str] = {}

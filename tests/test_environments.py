@@ -9,7 +9,7 @@ import pytest
 from momentry_db.environments import (mask_url, scrub, validate_collection, validate_env_name, validate_mongo_database,
                                       validate_pg_duration, validate_redis_prefix, validate_schema)
 from momentry_db.errors import ConfigError
-from momentry_db.settings import load_project, normalize_database_url
+from momentry_db.settings import load_project, normalize_database_url, read_env_file
 
 
 def project(tmp_path: Path, environ: dict[str, str] | None = None, toml: str | None = None):
@@ -54,10 +54,19 @@ def test_unknown_environment_lists_the_known_ones(tmp_path: Path) -> None:
         p.environment("stagin")
 
 
-@pytest.mark.parametrize("name", ["dev; drop schema public", '"dev"', "Dev", "a" * 64, "pg_temp",
-                                  "public", "information_schema", "", "dev-x", "9dev"])
-def test_hostile_or_malformed_schema_names_are_refused(name: str) -> None:
-    with pytest.raises(ConfigError):
+MALFORMED = r"invalid schema name .*: a schema is \[a-z_\]\[a-z0-9_\]\* \(lowercase, unquoted\)$"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("dev; drop schema public", MALFORMED), ('"dev"', MALFORMED), ("Dev", MALFORMED), ("", MALFORMED),
+    ("dev-x", MALFORMED), ("9dev", MALFORMED),
+    ("a" * 64, "longer than PostgreSQL's 63 bytes"),
+    ("pg_temp", "schema 'pg_temp' is reserved by PostgreSQL"),
+    ("information_schema", "schema 'information_schema' is reserved by PostgreSQL"),
+    ("public", "schema 'public' belongs to prod: another environment may not use it"),
+])
+def test_hostile_or_malformed_schema_names_are_refused(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
         validate_schema(name, primary=False)
 
 
@@ -74,7 +83,7 @@ def test_prod_schema_must_be_public(tmp_path: Path) -> None:
                                        ("QDRANT_COLLECTION", "momentry_rule1"),
                                        ("MOMENTRY_REDIS_PREFIX", "momentry:")])
 def test_dev_can_never_be_pointed_at_prod_names(tmp_path: Path, var: str, value: str) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=rf"'{value}' (reaches environment prod's|belongs to prod)"):
         project(tmp_path, {var: value}).environment("dev")
 
 
@@ -146,7 +155,8 @@ def test_database_url_forms(url: str) -> None:
 def test_non_postgres_url_is_refused_without_its_password() -> None:
     with pytest.raises(ConfigError) as info:
         normalize_database_url("mysql://root:hunter2@localhost/db")
-    assert "hunter2" not in str(info.value)
+    assert str(info.value) == ("DATABASE_URL 'mysql://root:***@localhost/db' is not a PostgreSQL URL; "
+                               "use postgres://, postgresql:// or postgresql+psycopg://")
 
 
 def test_secrets_are_masked_in_repr_and_scrubbed_from_messages(tmp_path: Path) -> None:
@@ -232,3 +242,45 @@ def test_scrub_masks_passwords_it_was_never_told(text: str, masked: str) -> None
 
 def test_scrub_replaces_known_secrets_but_not_short_ones() -> None:
     assert scrub("key k-123456 and pin 123", ["k-123456", "123"]) == "key *** and pin 123"
+
+
+@pytest.mark.parametrize("given, normalized", [
+    ("postgres://u:p@ss@host/db", "postgresql+psycopg://u:p%40ss@host/db"),
+    ("postgres://u:a@evil:5432/x@host/db", "postgresql+psycopg://u:a%40evil%3A5432%2Fx@host/db"),
+    ("postgres://u:p?q#r@host/db", "postgresql+psycopg://u:p%3Fq%23r@host/db"),
+    ("postgres://u:p:q@host/db", "postgresql+psycopg://u:p%3Aq@host/db"),
+    ("postgres://u/x:p@host/db", "postgresql+psycopg://u%2Fx:p@host/db"),
+    ("postgres://u:p/x@host:5432/db?sslmode=require", "postgresql+psycopg://u:p%2Fx@host:5432/db?sslmode=require"),
+    ("postgres://u@host/db", "postgresql+psycopg://u@host/db"),
+    ("postgres://host/db", "postgresql+psycopg://host/db"),
+])
+def test_delimiters_in_the_user_info_are_encoded(given: str, normalized: str) -> None:
+    assert normalize_database_url(given) == normalized
+
+
+def test_env_file_errors_name_the_file_the_line_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"^env file '{tmp_path}' cannot be read: \[Errno 21\] Is a directory"):
+        read_env_file(tmp_path)
+    (tmp_path / "bad.env").write_text('A=1\nB="unclosed\n')
+    with pytest.raises(ConfigError) as info:
+        read_env_file(tmp_path / "bad.env")
+    assert str(info.value) == (f"env file '{tmp_path / 'bad.env'}', line 2: cannot be parsed; write KEY=value, "
+                               "quoting values with spaces or '#' and closing every quote")
+    (tmp_path / "latin1.env").write_bytes(b"A=\xe9\n")
+    with pytest.raises(ConfigError, match=rf"^env file '{tmp_path / 'latin1.env'}' cannot be read: 'utf-8' codec"):
+        read_env_file(tmp_path / "latin1.env")
+    (tmp_path / "utf8.env").write_text("A=é\nB='x y'\n", encoding="utf-8")
+    assert read_env_file(tmp_path / "utf8.env") == {"A": "é", "B": "x y"}
+
+
+def test_an_invalid_environment_name_is_named_with_the_rule() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_env_name("1dev")
+    assert str(info.value) == ("invalid environment name '1dev': use lowercase letters, digits, '-' or '_' "
+                               "(at most 40 characters, starting with a letter)")
+
+
+def test_the_other_environments_ignore_this_processes_isolation_variables(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MONGODB_DATABASE": "mine"})
+    assert p.environment("dev").mongo_database == "mine"
+    assert [e.mongo_database for e in p.environments()] == ["momentry", "momentry_dev"]

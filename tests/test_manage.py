@@ -178,9 +178,7 @@ def test_clone_with_a_limit_keeps_foreign_keys_whole(lib, database, populated) -
     assert database.query("SELECT DISTINCT video_id FROM dev.chunks") == [(video_id,)]
 
 
-def test_clone_through_the_cli_reports_counts(project, database) -> None:
-    for env in ("prod", "dev"):
-        assert project.cli("migrate", "--env", env).code == 0
+def test_clone_through_the_cli_reports_counts(migrated, project, database) -> None:
     database.execute(SAMPLE.format(s="public"))
     database.execute(SAMPLE.format(s="dev"))
     refused = project.cli("clone", "--from", "prod", "--to", "dev", "--tables", "videos,chunks")
@@ -207,9 +205,7 @@ def test_clone_through_the_cli_reports_counts(project, database) -> None:
     (["--from", "prod", "--to", "dev", "--tables", ","], "--tables names no table"),
     (["--from", "prod", "--to", "dev", "--tables", "videos"], "add chunks"),
 ])
-def test_clone_bad_input_exits_2_and_writes_nothing(project, database, args, message) -> None:
-    for env in ("prod", "dev"):
-        assert project.cli("migrate", "--env", env).code == 0
+def test_clone_bad_input_exits_2_and_writes_nothing(migrated, project, database, args, message) -> None:
     database.execute(SAMPLE.format(s="public"))
     before = counts(database, "dev"), counts(database, "public")
     result = project.cli("clone", *args)
@@ -267,11 +263,15 @@ def test_migrate_never_creates_what_an_unadopted_prod_already_has(project, datab
     assert database.dump_schema("public") == before
 
 
-def test_adopt_on_a_managed_schema_changes_nothing(project) -> None:
+def test_adopt_on_a_managed_schema_changes_nothing(project, database) -> None:
     assert project.cli("migrate", "--env", "dev").code == 0
+    before = database.dump_schema("dev"), database.query("SELECT * FROM dev.momentry_history ORDER BY id")
     result = project.cli("adopt", "--env", "dev", "--json")
     assert result.code == 0
-    assert json.loads(result.out)["stamped"] is False and "already managed" in project.cli("adopt", "--env", "dev").out
+    text = project.cli("adopt", "--env", "dev")
+    assert json.loads(result.out)["stamped"] is False
+    assert text.code == 0 and "already managed" in text.out
+    assert (database.dump_schema("dev"), database.query("SELECT * FROM dev.momentry_history ORDER BY id")) == before
 
 
 # --- env-file and envs -----------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_declared_environments_work_with_migrate_and_verify(project, database) -
     assert "videos" in database.tables("pr_42")
     result = project.cli("verify", "--env", "pr-42")
     assert result.code == 0, result.out
-    with pytest.raises(RefusedError):
+    with pytest.raises(RefusedError, match=r"^reset is refused for prod, whatever the flags"):
         command.resettable(load_project(project.root, project.environ), "prod")
 
 

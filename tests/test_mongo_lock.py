@@ -321,3 +321,30 @@ def test_a_renewal_that_keeps_failing_loses_the_lease_once_it_has_run_out(db) ->
             held.check()
         held.locks = renewals
     assert lock_doc(db) is None  # released: the document was still ours
+
+
+def test_a_holder_is_described_in_one_line() -> None:
+    t = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert mongo.describe_holder({"owner": "h:1:x", "acquired_at": t, "expires_at": t + dt.timedelta(seconds=30)}) == (
+        "h:1:x since 2026-01-02T03:04:05+00:00 (lease until 2026-01-02T03:04:35+00:00)")
+    assert mongo.describe_holder({}) == "? since ? (lease until ?)"
+
+
+def test_which_pids_count_as_gone() -> None:
+    assert [mongo._pid_gone(p) for p in ("12", None, 0, -1, 1.5, os.getpid())] == [False] * 6
+    assert mongo._pid_gone(dead_pid()) is True  # reaped
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        assert mongo._pid_gone(zombie.pid) is True  # exited, not yet reaped
+    finally:
+        zombie.wait()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert mongo._pid_gone(sleeper.pid) is False
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -87,19 +87,23 @@ def test_check_exit_codes_before_after_and_with_drift(project, database) -> None
 SECRETS = {"pg": "pgPassw0rd-xyz", "mongo": "m0ngoPass-xyz", "redis": "r3disPass-xyz", "qdrant": "qdrantKey-xyz"}
 
 
-@pytest.mark.parametrize("args", [
-    ["migrate", "--env", "dev"],
-    ["migrate", "--env", "dev", "--store", "mongo"],
-    ["migrate", "--env", "dev", "--store", "qdrant"],
-    ["status", "--env", "dev", "--json"],
-    ["check", "--env", "dev"],
-    ["verify", "--env", "dev", "--json"],
-    ["envs"],
-    ["envs", "--json"],
-    ["migrate", "--env", "nope"],
-    ["history", "--env", "dev"],
+PG_MASKED = "postgresql+psycopg://app:***@127.0.0.1:1/momentry"
+MONGO_MASKED = "mongodb://app:***@127.0.0.1:"
+
+
+@pytest.mark.parametrize("args, code, shown", [
+    (["migrate", "--env", "dev"], 2, f"error: postgres: cannot connect to {PG_MASKED}: "),
+    (["migrate", "--env", "dev", "--store", "mongo"], 1, f"error: mongo: cannot reach {MONGO_MASKED}"),
+    (["migrate", "--env", "dev", "--store", "qdrant"], 1, "qdrant: warning: QDRANT_API_KEY is sent over plain http"),
+    (["status", "--env", "dev", "--json"], 2, f"cannot connect to {PG_MASKED}: "),
+    (["check", "--env", "dev"], 2, f"error: postgres: cannot connect to {PG_MASKED}: "),
+    (["verify", "--env", "dev", "--json"], 1, f"mongo: cannot reach {MONGO_MASKED}"),
+    (["envs"], 0, f"db {PG_MASKED}"),
+    (["envs", "--json"], 0, f'"database_url": "{PG_MASKED}"'),
+    (["migrate", "--env", "nope"], 2, "error: unknown environment 'nope'; known: prod, dev"),
+    (["history", "--env", "dev"], 2, f"error: postgres: cannot connect to {PG_MASKED}: "),
 ])
-def test_secrets_never_appear_in_output(project, silent_server, args: list[str]) -> None:
+def test_secrets_never_appear_in_output(project, silent_server, args: list[str], code: int, shown: str) -> None:
     port, _ = silent_server
     env = {
         "DATABASE_URL": f"postgresql://app:{SECRETS['pg']}@127.0.0.1:1/momentry",
@@ -110,6 +114,8 @@ def test_secrets_never_appear_in_output(project, silent_server, args: list[str])
     }
     result = project.momentry_db("--project-dir", str(project.root), *args, env=env)
     output = result.out + result.err
+    assert result.code == code, output
+    assert shown in output, output
     for secret in SECRETS.values():
         assert secret not in output, (args, output)
     assert "Traceback" not in output

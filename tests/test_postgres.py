@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from momentry_db.models import metadata
 from momentry_db.tables import BOOKKEEPING_TABLES as BOOKKEEPING
 from momentry_db.tables import isolated_tables, shared_tables, view_names
 from tests.helpers import clean_environ
@@ -49,7 +50,9 @@ def test_dev_foreign_keys_stay_in_dev(migrated, database) -> None:
         JOIN pg_class d ON d.oid = c.confrelid JOIN pg_namespace dst ON dst.oid = d.relnamespace
         WHERE c.contype = 'f' AND src.nspname IN ('public', 'dev')""")
     dev_fks = [r for r in rows if r[1] == "dev"]
-    assert len(dev_fks) >= 10
+    isolated_fks = {c.name for t in metadata.tables.values() if t.name in isolated_tables()
+                    for c in t.foreign_key_constraints}
+    assert sorted(r[0] for r in dev_fks) == sorted(isolated_fks)
     assert all(r[2] == "dev" for r in dev_fks)
     assert all(r[2] == "public" for r in rows if r[1] == "public")
 
@@ -119,11 +122,14 @@ def test_status_reports_current_and_pending(project) -> None:
     assert "current 0001, head 0001; up to date" in after.out
 
 
-def test_second_migrate_has_nothing_to_do(project) -> None:
+def test_second_migrate_has_nothing_to_do(project, database) -> None:
     first = project.cli("migrate", "--env", "dev", "--store", "postgres", "--json")
+    before = database.dump_schema("dev"), database.query("SELECT * FROM dev.momentry_history ORDER BY id")
     second = project.cli("migrate", "--env", "dev", "--store", "postgres", "--json")
+    assert (first.code, second.code) == (0, 0)
     assert [s["name"] for s in json.loads(first.out)["applied"]] == ["0001"]
     assert json.loads(second.out)["applied"] == []
+    assert (database.dump_schema("dev"), database.query("SELECT * FROM dev.momentry_history ORDER BY id")) == before
 
 
 def test_concurrent_migrations_of_one_schema_apply_each_revision_once(project, database) -> None:

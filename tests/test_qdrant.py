@@ -102,15 +102,23 @@ def test_mutable_differences_on_a_server_become_in_place_updates() -> None:
                                                      default_segment_number=0, indexing_threshold=10000,
                                                      flush_interval_sec=5),
             wal_config=models.WalConfig(wal_capacity_mb=32, wal_segments_ahead=0)))
-    actions = [(a.kind, a.detail) for a in qdrant._mutable_actions(live, "phys", spec)]
-    assert actions == [
-        ("update_hnsw", "ef_construct 100 -> 128"),
-        ("update_optimizers", "indexing_threshold 10000 -> 20000"),
-        ("create_index", "processor (keyword)"),
-        ("delete_index", "video_id (keyword)"),
-        ("create_index", "video_id (integer)"),
-        ("delete_index", "stale (integer)"),
+    A = qdrant.Action
+    assert qdrant._mutable_actions(live, "phys", spec) == [
+        A("update_hnsw", "phys", "ef_construct 100 -> 128", (("ef_construct", 128),)),
+        A("update_optimizers", "phys", "indexing_threshold 10000 -> 20000", (("indexing_threshold", 20000),)),
+        A("create_index", "phys", "processor (keyword)", (("field", "processor"), ("schema", "keyword"))),
+        A("delete_index", "phys", "video_id (keyword)", (("field", "video_id"),)),
+        A("create_index", "phys", "video_id (integer)", (("field", "video_id"), ("schema", "integer"))),
+        A("delete_index", "phys", "stale (integer)", (("field", "stale"),)),
     ]
+    # and the other way: a live collection that matches the spec needs nothing
+    same = live.model_copy(update={
+        "payload_schema": {"processor": models.PayloadIndexInfo(data_type=models.PayloadSchemaType.KEYWORD, points=0),
+                           "video_id": models.PayloadIndexInfo(data_type=models.PayloadSchemaType.INTEGER, points=0)},
+        "config": live.config.model_copy(update={
+            "hnsw_config": live.config.hnsw_config.model_copy(update={"ef_construct": 128}),
+            "optimizer_config": live.config.optimizer_config.model_copy(update={"indexing_threshold": 20000})})})
+    assert qdrant._mutable_actions(same, "phys", spec) == []
 
 
 def test_an_immutable_change_is_refused_without_the_flag(proj, client, tmp_path: Path) -> None:
@@ -140,7 +148,7 @@ def test_the_alias_swap_keeps_the_logical_name_answering(proj, client, tmp_path:
 
     applied = qdrant.apply(t, specs, recreate=True, emit=probe)
     assert [s.name for s in applied] == ["recreate"]
-    assert len(seen) >= 3 and all(n == 600 for n in seen)
+    assert seen == [600] * 5, seen  # every event of the recreate, the copy batches included
     info = client.get_collection("momentry_dev_rule1")
     assert info.config.params.vectors.distance == models.Distance.DOT
     assert client.count("momentry_dev_rule1").count == 600
@@ -191,7 +199,7 @@ def test_a_bad_spec_names_the_file_and_the_field(tmp_path: Path, old: str, new: 
 def test_a_bad_spec_stops_the_run_before_any_store_is_touched(project, database, tmp_path: Path) -> None:
     bad = spec_file(tmp_path / "bad", BASE.replace("m = 16", 'm = "x"'))
     proj = load_project(project.root, project.environ)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"rule1.toml: hnsw.m: must be int, not str"):
         command.migrate(proj, "dev", sources=command.Sources(qdrant_specs=bad))
     assert database.tables("dev") == set()
     assert not (Path(project.environ["MOMENTRY_STATE_DIR"]) / "qdrant").exists()
@@ -620,3 +628,55 @@ def test_an_immutable_refusal_comes_before_any_store_writes(project, database) -
     assert database.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'dev'") == [(0,)]
     assert layout(project) == before
     assert "upgraded" not in refused.out
+
+
+def test_check_spec_names_looks_past_a_spec_that_does_not_clash(tmp_path: Path) -> None:
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    shipped = qdrant.load_specs()
+    sneaky = qdrant.CollectionSpec("dev_rule1", 1024, "Cosine")  # no source file: named by the spec's name
+    with pytest.raises(ConfigError) as info:
+        qdrant.check_spec_names([*shipped, sneaky], proj.environments())
+    assert str(info.value) == (
+        "qdrant specs: dev_rule1 gives prod the collection 'momentry_dev_rule1', which clashes with dev's "
+        "'momentry_dev_rule1' (qdrant_specs/rule1.toml); rename the spec so that every environment keeps its own "
+        "collections")
+    qdrant.check_spec_names([*shipped, qdrant.CollectionSpec("faces", 512, "Cosine")], proj.environments())
+
+
+def test_two_environments_own_collection_settings_are_left_to_verify(tmp_path: Path) -> None:
+    import dataclasses
+
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    prod, dev = proj.environments()
+    twin = dataclasses.replace(dev, name="twin", qdrant_collection=prod.qdrant_collection)
+    qdrant.check_spec_names(qdrant.load_specs(), [prod, twin])  # no spec's doing: verify reports the overlap
+
+
+VECTORS = '[vectors]\nsize = 1024\ndistance = "Cosine"\n'
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('name = "rule1"', 'name = ""', r"rule1.toml: name: must be a non-empty string$"),
+    (VECTORS, "", r"rule1.toml: vectors: missing$"),
+    (VECTORS, "vectors = 3\n", r"rule1.toml: vectors: must be a table$"),
+    ("[vectors]", "[vectorz]", r"rule1.toml: vectorz: unknown field; known: name, vectors, hnsw, optimizers, "
+                               r"payload_indexes$"),
+    ("[vectors]", "[vectors", r"rule1.toml: not valid TOML \(Expected ']' at the end of a table declaration"),
+])
+def test_a_spec_missing_a_part_names_it(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        specs_with(tmp_path, old, new)
+
+
+def test_a_whole_number_for_a_fraction_is_read_as_one(tmp_path: Path) -> None:
+    (spec,) = specs_with(tmp_path, "indexing_threshold = 20000", "indexing_threshold = 20000\ndeleted_threshold = 1")
+    optimizers = dict(spec.optimizers)
+    assert optimizers == {"default_segment_number": 2, "deleted_threshold": 1.0, "indexing_threshold": 20000}
+    assert type(optimizers["deleted_threshold"]) is float and type(optimizers["indexing_threshold"]) is int
+
+
+def test_the_fingerprint_covers_what_is_declared_not_where() -> None:
+    spec = qdrant.CollectionSpec("a", 1, "Dot")
+    assert spec.fingerprint() == "e35985467e46"
+    assert qdrant.CollectionSpec("a", 1, "Dot", source="elsewhere.toml").fingerprint() == "e35985467e46"
+    assert qdrant.CollectionSpec("a", 2, "Dot").fingerprint() != "e35985467e46"

@@ -71,5 +71,5 @@ def test_the_job_refuses_to_run_without_a_database_url(project) -> None:
     env = {k: v for k, v in project.environ.items() if k != "DATABASE_URL"}
     result = subprocess.run(["bash", str(SCRIPT)], cwd=project.root, capture_output=True, text=True,
                             env={**clean_environ(), **env})
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "DATABASE_URL must be set from the pipeline secret store" in result.stderr

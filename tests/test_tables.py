@@ -64,3 +64,10 @@ def test_include_object_keeps_one_scope(type_: str, name: str | None, scope: Sco
 @pytest.mark.parametrize("scope", list(Scope))
 def test_bookkeeping_tables_are_never_in_either_scope(name: str, scope: Scope) -> None:
     assert include_object(scope, strays=frozenset({name}))(None, name, "table", True, None) is False
+
+
+def test_include_object_asks_the_metadata_it_is_given() -> None:
+    meta = MetaData()
+    Table("videos", meta, Column("id", Integer, primary_key=True), info={SCOPE_KEY: Scope.SHARED})
+    assert include_object(Scope.SHARED, meta)(None, "videos", "table", True, None) is True
+    assert include_object(Scope.ISOLATED, meta)(None, "videos", "table", True, None) is False

@@ -180,3 +180,43 @@ def test_structure_differences_are_named_each_way() -> None:
         "t: column c only in dev",
     ]
     assert _structure_diff(public, public, "dev") == []
+
+
+@pytest.mark.parametrize("counted, check", [
+    (lambda url, prefix: 7, Check("redis", "keys under the prefix", PASS, "7 keys under mm:dev:")),
+    (None, Check("redis", "keys under the prefix", FAIL,
+                 "cannot reach redis://:***@127.0.0.1:1/0: connection refused to redis://:***@127.0.0.1:1/0")),
+])
+def test_redis_keys_are_counted_under_the_environments_own_prefix(monkeypatch, counted, check: Check) -> None:
+    from momentry_db.environments import SecretURL
+    from momentry_db.stores import redis as redis_store
+
+    url = "redis://:r3dis-pw@127.0.0.1:1/0"
+    calls = []
+
+    def count_keys(given_url: str, prefix: str) -> int:
+        calls.append((given_url, prefix))
+        if counted is None:
+            raise ConnectionError(f"connection refused to {url}")
+        return counted(given_url, prefix)
+
+    monkeypatch.setattr(redis_store, "count_keys", count_keys)
+    me = _env("me", "mm:dev:")
+    me.redis_url = SecretURL(url)
+    me.secrets = lambda: [me.redis_url]
+    result = VerifyResult("verify", "me")
+    check_redis(result, me, [_env("other", "mm:prod:")])
+    assert calls == [(url, "mm:dev:")]
+    assert result.checks[1] == check
+
+
+def test_a_passing_check_has_no_detail_unless_given() -> None:
+    result = VerifyResult("verify", "me")
+    result.add("s", "passes", [])
+    result.add("s", "n/a", status=NOT_CHECKABLE)
+    assert result.checks == [Check("s", "passes", PASS, ""), Check("s", "n/a", NOT_CHECKABLE, "")]
+
+
+def test_structure_values_are_shown_joined_by_spaces() -> None:
+    assert _structure_diff({"t": {"column a": ("integer", "NO")}}, {"t": {"column a": ("text", "YES")}}, "dev") == [
+        "t: column a differs (text YES in dev, integer NO in public)"]
