@@ -284,3 +284,38 @@ def test_the_other_environments_ignore_this_processes_isolation_variables(tmp_pa
     p = project(tmp_path, {"MONGODB_DATABASE": "mine"})
     assert p.environment("dev").mongo_database == "mine"
     assert [e.mongo_database for e in p.environments()] == ["momentry", "momentry_dev"]
+
+
+# check_url: each setting's host list, port and parameters, accepted or refused with the masked URL.
+@pytest.mark.parametrize("variable, url, refusal", [
+    ("MONGODB_URL", "mongodb://u:pw@h1:27017,h2:27017/?replicaSet=rs", None),
+    ("DATABASE_URL", "postgresql://u:pw@h/db?sslmode=&application_name=x", None),
+    ("REDIS_URL", "redis://:pw@h/0?socket_timeout=1", None),
+    ("QDRANT_URL", "http://h:6333", None),
+    ("DATABASE_URL", "postgresql://u:pw@h1:5432,h2:5432/db",
+     "DATABASE_URL 'postgresql://u:***@h1:5432,h2:5432/db' names several hosts; give one host and port"),
+    ("REDIS_URL", "mongodb://u:pw@h1,h2/", "REDIS_URL 'mongodb://u:***@h1,h2/' names several hosts; give one host and port"),
+    ("DATABASE_URL", "postgresql://u:pw@h:54x/db",
+     "DATABASE_URL 'postgresql://u:***@h:54x/db': port '54x' is not a number between 0 and 65535"),
+    ("DATABASE_URL", "postgresql://u:pw@h:99999/db",
+     "DATABASE_URL 'postgresql://u:***@h:99999/db': port '99999' is not a number between 0 and 65535"),
+    ("DATABASE_URL", "postgresql://u:pw@h/db?sslmode",
+     "DATABASE_URL 'postgresql://u:***@h/db?sslmode': the query string cannot be parsed; write ?name=value&name=value"),
+    ("QDRANT_URL", "http://h:6333/?api_key=k", "QDRANT_URL 'http://h:6333/?api_key=***': unknown parameter 'api_key'; "
+                                               "a Qdrant URL takes none (put the API key in QDRANT_API_KEY)"),
+    ("REDIS_URL", "redis://:pw@h/0?sockettimeout=1", "REDIS_URL 'redis://:***@h/0?sockettimeout=1': unknown parameter "
+                                                     "'sockettimeout'; remove it or use one redis-py knows"),
+    ("DATABASE_URL", "postgresql://u:pw@h/db?sslmod=x", "DATABASE_URL 'postgresql://u:***@h/db?sslmod=x': unknown "
+                                                        "parameter 'sslmod'; remove it or use one libpq knows"),
+    ("MONGODB_URL", "mongodb://u:pw@h/?replicaSett=x", "MONGODB_URL 'mongodb://u:***@h/?replicaSett=x': unknown "
+                                                       "parameter 'replicaSett'; remove it or use one pymongo knows"),
+])
+def test_connection_urls_are_checked_before_anything_connects(variable: str, url: str, refusal: str | None) -> None:
+    from momentry_db.settings import check_url
+
+    if refusal is None:
+        assert check_url(variable, url) == url
+    else:
+        with pytest.raises(ConfigError) as info:
+            check_url(variable, url)
+        assert str(info.value) == refusal
