@@ -319,3 +319,40 @@ def test_connection_urls_are_checked_before_anything_connects(variable: str, url
         with pytest.raises(ConfigError) as info:
             check_url(variable, url)
         assert str(info.value) == refusal
+
+
+CHECK = "check DATABASE_SCHEMA / MONGODB_DATABASE / QDRANT_COLLECTION / MOMENTRY_REDIS_PREFIX for staging"
+
+
+@pytest.mark.parametrize("setting, refusal", [
+    ("DATABASE_SCHEMA=dev", f"staging's schema 'dev' reaches environment dev's 'dev'; {CHECK}"),
+    ("MONGODB_DATABASE=momentry_dev",
+     f"staging's MongoDB database 'momentry_dev' reaches environment dev's 'momentry_dev'; {CHECK}"),
+    ("DATABASE_SCHEMA=staging_x", None),
+])
+def test_a_declared_environment_may_not_take_another_environments_names(tmp_path: Path, setting: str,
+                                                                       refusal: str | None) -> None:
+    (tmp_path / ".env.staging").write_text(setting + "\n")
+    p = project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "staging"})
+    if refusal is None:
+        assert p.environment("staging").schema == "staging_x"
+    else:
+        with pytest.raises(ConfigError) as info:
+            p.environment("staging")
+        assert str(info.value) == refusal
+
+
+def test_an_env_file_option_is_checked_and_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("MONGODB_DATABASE=momentry\n")
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path).environment("dev", env_file=tmp_path / ".env")
+    assert str(info.value) == (f"--env-file '{tmp_path / '.env'}' is environment prod's env file; give dev its own "
+                               "file (such as .env.development)")
+    with pytest.raises(ConfigError) as missing:
+        project(tmp_path).environment("dev", env_file=tmp_path / "nope.env")
+    assert str(missing.value) == f"env file '{tmp_path / 'nope.env'}' does not exist"
+    (tmp_path / "empty.env").write_text("")
+    (tmp_path / "blank.env").write_text("MONGODB_DATABASE=\n")
+    (tmp_path / "mine.env").write_text("MONGODB_DATABASE=momentry_mine\n")
+    assert [project(tmp_path).environment("dev", env_file=tmp_path / f).mongo_database
+            for f in ("empty.env", "blank.env", "mine.env")] == ["momentry_dev", "momentry_dev", "momentry_mine"]

@@ -680,3 +680,44 @@ def test_the_fingerprint_covers_what_is_declared_not_where() -> None:
     assert spec.fingerprint() == "e35985467e46"
     assert qdrant.CollectionSpec("a", 1, "Dot", source="elsewhere.toml").fingerprint() == "e35985467e46"
     assert qdrant.CollectionSpec("a", 2, "Dot").fingerprint() != "e35985467e46"
+
+
+def test_an_immutable_change_plans_a_recreate_that_says_what_becomes_of_each_collection(tmp_path: Path) -> None:
+    import dataclasses
+
+    client = QdrantClient(":memory:")
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    t = qdrant.QdrantTarget(proj.environment("dev"), client=client)
+    (spec,) = qdrant.load_specs()
+    qdrant.apply(t, [spec])
+    client.upsert("momentry_dev_rule1", points=[models.PointStruct(id=i, vector=[1.0] * 1024) for i in range(3)])
+    old = "momentry_dev_rule1__bfa460f7"
+
+    def recreate(new_spec: qdrant.CollectionSpec) -> tuple:
+        (action,) = [a for a in qdrant.plan_collection(client, t, new_spec).actions if a.kind == "recreate"]
+        return action.collection, action.detail, action.params
+
+    dot = dataclasses.replace(spec, distance="Dot")
+    assert recreate(dot) == (
+        "momentry_dev_rule1__8e37f30e",
+        "vectors 1024 Cosine -> 1024 Dot; alias momentry_dev_rule1 -> momentry_dev_rule1__8e37f30e (new; the 3 points "
+        f"of {old} are copied into it); {old} (3 points) is kept", (("copy", True),))
+    assert recreate(dataclasses.replace(spec, size=8)) == (
+        "momentry_dev_rule1__9e3f940c",
+        "vectors 1024 Cosine -> 8 Cosine; alias momentry_dev_rule1 -> momentry_dev_rule1__9e3f940c (new; vectors of "
+        f"{old} are 1024 wide, so its 3 points are not copied); {old} (3 points) is kept", (("copy", False),))
+    client.create_collection("momentry_dev_rule1__8e37f30e",
+                             vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
+    assert recreate(dot) == (
+        "momentry_dev_rule1__8e37f30e",
+        "vectors 1024 Cosine -> 1024 Dot; alias momentry_dev_rule1 -> momentry_dev_rule1__8e37f30e (kept from earlier, "
+        f"0 points; the 3 points of {old} are copied into it); {old} (3 points) is kept",
+        (("conflict", "qdrant: momentry_dev_rule1__8e37f30e already exists with vectors 4 Dot, not the spec's 1024 Dot; "
+                      "rename or remove it (momentry-db prune lists it)"), ("copy", True)))
+    client.create_collection("momentry_dev_x", vectors_config=models.VectorParams(size=1024, distance=models.Distance.COSINE))
+    assert recreate(dataclasses.replace(spec, name="x", distance="Dot")) == (
+        "momentry_dev_x__9ba5d1f0",
+        "vectors 1024 Cosine -> 1024 Dot; alias momentry_dev_x -> momentry_dev_x__9ba5d1f0 (new; the 0 points of "
+        "momentry_dev_x are copied into it); momentry_dev_x (0 points) is kept",
+        (("conflict", "qdrant: momentry_dev_x is a plain collection, not an alias, so it cannot be swapped atomically; "
+                      "migrate its points to an aliased collection first"), ("copy", True)))
