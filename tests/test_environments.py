@@ -356,3 +356,31 @@ def test_an_env_file_option_is_checked_and_read(tmp_path: Path) -> None:
     (tmp_path / "mine.env").write_text("MONGODB_DATABASE=momentry_mine\n")
     assert [project(tmp_path).environment("dev", env_file=tmp_path / f).mongo_database
             for f in ("empty.env", "blank.env", "mine.env")] == ["momentry_dev", "momentry_dev", "momentry_mine"]
+
+
+# userinfo_end: the '@' that ends the user info is the first after which the rest reads as a location.
+@pytest.mark.parametrize("rest, end", [
+    ("h/db", -1),
+    ("u:p@h/db", 3),
+    ("u:p@ss@h/db", 6),
+    ("u:a@b/c@h/db", 7),
+    ("u:p@x#y@h/db", 7),
+    ("u:p@h:5x@h2:5432/db", 8),
+    ("u:p@h:1,x:y@h2/db", 11),
+    ("u:p@h1:1,h2:2/db", 3),
+    ("u:p@h1:1,h2:2/db?application_name=me@x", 3),
+    ("u:p@h:5x/db?application_name=me@x", 31),
+    ("u:p@h/db?application_name=me@x", 3),
+    ("u:p@h/db?a=&b=me@x", 3),
+    ("u:p@h/db?bad&b=me@x", 17),
+    ("u:p@h?a=1@h2/db", 3),
+    ("u:p@h?bad@h2/db", 9),
+    ("u:p@h/db#frag?me@x", 16),
+    ("u:p@h/db?x=1#f@g", 14),
+    ("u:p@h#f/me@x", 10),
+    ("u:p@h/a/b@x", 9),
+])
+def test_where_the_user_info_ends(rest: str, end: int) -> None:
+    from momentry_db.environments import userinfo_end
+
+    assert userinfo_end(rest) == end

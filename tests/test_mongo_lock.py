@@ -95,14 +95,16 @@ def test_the_default_lease_frees_a_dead_runs_lock_within_30_seconds() -> None:
 
 
 def test_the_live_run_renews_its_lease_past_its_length(db, monkeypatch) -> None:
-    lease = dt.timedelta(seconds=0.6)
-    beats = threading.Event()
+    lease = dt.timedelta(seconds=1.5)  # the heartbeat renews every 0.5 s
+    beats = threading.Semaphore(0)
+    seen: list[dict] = []  # the lock as each heartbeat left it
     real_renew = mongo.Lease.renew
 
     def renew(self) -> bool:
         renewed = real_renew(self)
-        if threading.current_thread() is not threading.main_thread():
-            beats.set()  # the heartbeat, not a check() from the run
+        if threading.current_thread() is not threading.main_thread():  # the heartbeat, not a check()
+            seen.append(lock_doc(db))
+            beats.release()
         return renewed
 
     monkeypatch.setattr(mongo.Lease, "renew", renew)
@@ -110,12 +112,13 @@ def test_the_live_run_renews_its_lease_past_its_length(db, monkeypatch) -> None:
         first = lock_doc(db)
         assert first["owner"] == held.owner
         assert first["host"] == socket.gethostname() and first["pid"] == os.getpid()
-        assert beats.wait(10), "the heartbeat never renewed the lease"
+        assert [t.daemon for t in threading.enumerate() if t.name == f"mongo-lock-{held.owner}"] == [True]
+        assert beats.acquire(timeout=10) and beats.acquire(timeout=10), "the heartbeat did not keep renewing"
         second = lock_doc(db)
         assert second["owner"] == held.owner and second["acquired_at"] == first["acquired_at"]
-        assert second["renewed_at"] > second["acquired_at"]
-        assert second["expires_at"] > second["acquired_at"] + lease  # pushed past the first lease
-        assert second["expires_at"] > dt.datetime.now(dt.timezone.utc)
+        assert first["acquired_at"] < seen[0]["renewed_at"] < first["expires_at"]  # renewed within the lease
+        assert second["expires_at"] > first["expires_at"]  # and pushed past it
+        assert held.expires_at > first["expires_at"]
         with pytest.raises(LockTimeoutError, match=f"held by {held.owner} since"):
             with mongo.migration_lock(db, timeout=0, lease=lease):
                 pass
