@@ -384,3 +384,51 @@ def test_where_the_user_info_ends(rest: str, end: int) -> None:
     from momentry_db.environments import userinfo_end
 
     assert userinfo_end(rest) == end
+
+
+@pytest.mark.parametrize("secret, variants", [
+    ('a"b\\c d/e', ['a"b\\c d/e', 'a\\"b\\\\c d/e', 'a"b\\\\c d/e']),  # as given, JSON-escaped, repr-escaped
+    ("p@ss w0rd", ["p@ss w0rd", "w0rd"]),  # and the pieces of four characters or more
+    ("s3cr%40x", ["s3cr%40x", "s3cr@x", "s3cr"]),  # percent-decoded
+    ("abcd", ["abcd"]),
+    ("abc", []),  # too short to replace everywhere: masked by structure only
+])
+def test_the_forms_a_secret_may_be_printed_in(secret: str, variants: list[str]) -> None:
+    from momentry_db.environments import secret_variants
+
+    assert secret_variants(secret) == variants
+
+
+@pytest.mark.parametrize("value, parts", [
+    ("postgresql://u:pw@h/db", ["pw"]),
+    ("postgresql://u@h/db", []),
+    ("postgresql://u:@h/db", []),
+    ("postgresql://u/x@h/db", ["u/x"]),  # a user info with a delimiter and no ':' may be a password
+    ("postgresql://u:pw@h/db?password=p2&sslpassword=p3", ["pw", "p2", "p3"]),
+    ("host=h password=s3cr user=u", ["s3cr"]),
+    ("host=h user=u", []),
+    ("host=h password='a b' sslpassword=zz", ["a b", "zz", "'a b'"]),
+])
+def test_the_secrets_inside_a_connection_string(value: str, parts: list[str]) -> None:
+    from momentry_db.environments import secret_parts
+
+    assert secret_parts(value) == parts
+
+
+@pytest.mark.parametrize("url, masked", [
+    ("postgresql://user:pw@h/db", "postgresql://user:***@h/db"),
+    ("postgresql://a:b:c@h/db", "postgresql://a:***@h/db"),
+    ("postgresql://us/er:pw@h/db", "postgresql://***@h/db"),  # a user name with a delimiter is hidden whole
+    ("postgresql://us/er@h/db", "postgresql://***@h/db"),
+    ("postgresql://user@h/db", "postgresql://user@h/db"),
+])
+def test_mask_url_user_info(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_scrub_replaces_the_longest_known_secret_first() -> None:
+    from momentry_db.environments import SecretURL
+
+    assert scrub("abcdef abcd", ["abcd", "abcdef"]) == "*** ***"
+    assert scrub("to postgresql://u:longpass@h/db", [SecretURL("postgresql://u:longpass@h/db")]) == \
+        "to postgresql://u:***@h/db"
