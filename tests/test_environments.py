@@ -432,3 +432,40 @@ def test_scrub_replaces_the_longest_known_secret_first() -> None:
     assert scrub("abcdef abcd", ["abcd", "abcdef"]) == "*** ***"
     assert scrub("to postgresql://u:longpass@h/db", [SecretURL("postgresql://u:longpass@h/db")]) == \
         "to postgresql://u:***@h/db"
+
+
+def test_every_setting_is_resolved_from_its_own_variable(tmp_path: Path) -> None:
+    environ = {"MOMENTRY_DATA_ROOT": "/srv/m", "MOMENTRY_SERVER_PORT": "4000", "MOMENTRY_WORKER_ENABLED": "TRUE",
+               "MOMENTRY_PG_LOCK_TIMEOUT": "2s", "MOMENTRY_PG_STATEMENT_TIMEOUT": "1h", "QDRANT_URL": "https://q:6333",
+               "REDIS_URL": "redis://:pw@r:6379/1", "MONGODB_URL": "mongodb://u:pw@m:27017/"}
+    dev = project(tmp_path, environ).environment("dev")
+    assert (dev.output_dir, dev.backup_dir) == (Path("/srv/m/output_dev"), Path("/srv/m/backup/momentry_dev"))
+    assert (dev.server_port, dev.worker_enabled, dev.pg_lock_timeout, dev.pg_statement_timeout) == (4000, True, "2s", "1h")
+    assert (dev.qdrant_url.value, dev.redis_url.value, dev.mongodb_url.value, dev.qdrant_api_key) == (
+        "https://q:6333", "redis://:pw@r:6379/1", "mongodb://u:pw@m:27017/", None)
+    defaults = project(tmp_path).environment("dev")
+    assert (defaults.server_port, defaults.worker_enabled, defaults.pg_lock_timeout, defaults.pg_statement_timeout,
+            defaults.qdrant_url, defaults.qdrant_api_key) == (3003, False, "5s", "30min", None, None)
+    prod = project(tmp_path).environment("prod")
+    assert (prod.server_port, prod.worker_enabled) == (3002, True)
+    assert project(tmp_path, {"MOMENTRY_WORKER_ENABLED": "off", "MOMENTRY_OUTPUT_DIR": "/o"}
+                   ).environment("prod").worker_enabled is False
+    assert project(tmp_path, {"MOMENTRY_OUTPUT_DIR": "/o"}).environment("prod").output_dir == Path("/o")
+
+
+@pytest.mark.parametrize("environ, refusal", [
+    ({"MOMENTRY_SERVER_PORT": "x"}, "MOMENTRY_SERVER_PORT must be a number, not 'x'"),
+    ({"MOMENTRY_SERVER_PORT": "70000"}, "dev's server port 70000 is not between 1 and 65535"),
+    ({"MOMENTRY_PG_LOCK_TIMEOUT": "soon"}, "--pg-lock-timeout / MOMENTRY_PG_LOCK_TIMEOUT 'soon' is not a duration: "
+                                           "use a number with ms, s, min or h (0 = none)"),
+    ({"MOMENTRY_PG_STATEMENT_TIMEOUT": "soon"}, "--pg-statement-timeout / MOMENTRY_PG_STATEMENT_TIMEOUT 'soon' is not "
+                                                "a duration: use a number with ms, s, min or h (0 = none)"),
+    ({"QDRANT_URL": "http://q/?x=1"}, "QDRANT_URL 'http://q/?x=1': unknown parameter 'x'; a Qdrant URL takes none "
+                                      "(put the API key in QDRANT_API_KEY)"),
+    ({"REDIS_URL": "redis://r/0?x=1"}, "REDIS_URL 'redis://r/0?x=1': unknown parameter 'x'; remove it or use one "
+                                       "redis-py knows"),
+])
+def test_a_bad_setting_is_refused_naming_its_variable(tmp_path: Path, environ: dict[str, str], refusal: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path, environ).environment("dev")
+    assert str(info.value) == refusal
