@@ -459,14 +459,24 @@ def unlock(ctx: click.Context, env_name: str, store: str, yes: bool, as_json: bo
 
 @main.group()
 def embedded() -> None:
-    """Manage the embedded PostgreSQL server used when DATABASE_URL is not set."""
+    """Manage the embedded servers used when DATABASE_URL or MONGODB_URL is not set."""
+
+
+@embedded.command("status")
+@json_option
+@click.pass_context
+def embedded_status(ctx: click.Context, as_json: bool) -> None:
+    """List the embedded PostgreSQL and MongoDB servers: address, data directory, pid, state."""
+    from . import command
+
+    _run(ctx.find_root(), as_json, lambda project, emit: command.embedded_status(project))
 
 
 @embedded.command("stop")
 @json_option
 @click.pass_context
 def embedded_stop(ctx: click.Context, as_json: bool) -> None:
-    """Stop the embedded PostgreSQL server."""
+    """Stop the embedded PostgreSQL and MongoDB servers."""
     from . import command
 
     _run(ctx.find_root(), as_json, lambda project, emit: command.stop_embedded(project))

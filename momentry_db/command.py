@@ -173,9 +173,21 @@ def _mongo(env: Environment, run: _Run, sources: Sources) -> Iterator[Any]:
         yield None
         return
     try:
+        _embedded_mongo(target, run)
         yield target
     finally:
         target.close()
+
+
+def _embedded_mongo(target: Any, run: _Run) -> None:
+    """Start (or reuse) the embedded MongoDB server when ``target`` uses it, and say so."""
+    server = target.embedded_server()
+    if server is None:
+        return
+    where = _shown_path(server.home)
+    if server.replaced:
+        run.notice(f"mongo: the embedded server in {where} was stale ({server.replaced}); started a new one")
+    run.notice(f"mongo: MONGODB_URL is not set; using the embedded server in {where} ({server.address})")
 
 
 def _qdrant_target(env: Environment, run: _Run, sources: Sources, lock_timeout: float) -> Any:
@@ -336,13 +348,30 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
 
 
 def stop_embedded(project: Project) -> ActionResult:
-    """Stop the embedded PostgreSQL server of this project, if it runs."""
-    from .stores.embedded import stop_embedded as stop
+    """Stop this project's embedded servers (PostgreSQL and MongoDB) that run."""
+    from .stores import embedded_mongo
+    from .stores.embedded import stop_embedded as stop_postgres
 
-    stopped = stop(project.state_dir)
-    return ActionResult("embedded stop", "*", lines=["embedded server stopped" if stopped
-                                                     else "embedded server is not running"],
-                        data={"stopped": stopped})
+    outcomes = {"postgres": "stopped" if stop_postgres(project.state_dir) else "not running",
+                "mongo": embedded_mongo.stop(project.state_dir)}
+    said = {"stopped": "embedded server stopped", "not running": "embedded server is not running",
+            "stale": "embedded server was not running; its stale record was cleared"}
+    return ActionResult("embedded stop", "*", lines=[f"{store}: {said[o]}" for store, o in outcomes.items()],
+                        data={"stopped": [s for s, o in outcomes.items() if o == "stopped"], "servers": outcomes})
+
+
+def embedded_status(project: Project) -> ActionResult:
+    """List this project's embedded servers: address, data directory, pid and state."""
+    from .stores import embedded_mongo
+    from .stores.embedded import embedded_status as postgres_status
+
+    rows = [postgres_status(project.state_dir), embedded_mongo.status(project.state_dir)]
+    lines = [f"{row['server']:<9} {row['state']:<8} {row['address'] or '-'}  pid {row['pid'] or '-'}  "
+             f"data {_shown_path(Path(str(row['data_dir'])))}" + (f"  ({row['detail']})" if row["detail"] else "")
+             for row in rows]
+    if not project.embedded:
+        lines.append("MOMENTRY_EMBEDDED=off: commands do not start these servers")
+    return ActionResult("embedded status", "*", lines=lines, data={"servers": rows, "enabled": project.embedded})
 
 
 def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
@@ -372,8 +401,13 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
     if "mongo" in chosen:
         from .stores import mongo
 
-        checks.check_mongo(result, env, others, mongo.MongoTarget(env, client=sources.mongo_client),
-                           declared["mongo"])
+        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
+        try:
+            _embedded_mongo(mtarget, run)
+        except MomentryError as exc:
+            result.add("mongo", "server reachable", [str(exc)])
+        else:
+            checks.check_mongo(result, env, others, mtarget, declared["mongo"])
     if "qdrant" in chosen:
         checks.check_qdrant(result, env, others, _qdrant_target(env, run, sources, 30.0), declared["qdrant"])
     if "redis" in chosen:
@@ -439,6 +473,7 @@ def _reset_drops(env: Environment, chosen: list[str], every_store: bool, run: _R
 
         mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
         if mtarget.configured:
+            _embedded_mongo(mtarget, run)
             closing.callback(mtarget.close)
             drops.append(_Drop("mongo", mtarget.label, f"database {env.mongo_database}",
                                lambda: mongo.preflight_drop(mtarget),
@@ -631,6 +666,7 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
         if not src_m.configured:
             run.skip("mongo", "MONGODB_URL is not set")
         else:
+            _embedded_mongo(src_m, run)
             dst_m = mongo.MongoTarget(dest, client=src_m.connect().client)
             copied["mongo"] = mongo.clone(src_m, dst_m, limit, emit)
             src_m.close()
@@ -983,6 +1019,10 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
         elif others:
             _pg_run(postgres.upgrade_many, others, script_location=scripts, project=project)
             fan.pg(others)
+    if "mongo" in chosen and envs:
+        from .stores import mongo
+
+        _embedded_mongo(mongo.MongoTarget(envs[0], client=sources.mongo_client), run)  # its notice, once
     for env in envs:
         if "mongo" in chosen:
             from .stores import mongo
@@ -1084,7 +1124,8 @@ def _url_of(secret: Any) -> str | None:
 
 
 def mongo_configured(env: Environment, sources: Sources) -> bool:
-    return sources.mongo_client is not None or env.mongodb_url is not None
+    """Whether ``env`` has a MongoDB: a client given, MONGODB_URL, or the embedded server."""
+    return sources.mongo_client is not None or env.mongodb_url is not None or env.embedded
 
 
 def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, emit: Emit = _ignore,

@@ -208,7 +208,10 @@ class CliResult:
 
 _SETTINGS_VARS = ("DATABASE_URL", "DATABASE_SCHEMA", "MONGODB_URL", "MONGODB_DATABASE", "QDRANT_URL",
                   "QDRANT_API_KEY", "QDRANT_COLLECTION", "REDIS_URL", "MOMENTRY_REDIS_PREFIX",
-                  "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR")
+                  "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR", "MOMENTRY_EMBEDDED")
+# Tests start no embedded server unless they say so: each test has its own state dir, and a server
+# left running per test would add up to hundreds of processes.
+NO_EMBEDDED = {"MOMENTRY_EMBEDDED": "off"}
 
 
 # Read at import, before each test clears settings from the environment.
@@ -232,6 +235,26 @@ def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
+def stop_embedded_servers(state_dir: Path) -> None:
+    """Stop the embedded PostgreSQL and MongoDB servers under ``state_dir``, if any run."""
+    from momentry_db.stores import embedded_mongo
+    from momentry_db.stores.embedded import stop_embedded
+
+    if (state_dir / "mongo" / "server.json").exists():
+        embedded_mongo.stop(state_dir)
+    if (state_dir / "pg" / "postmaster.pid").exists():
+        stop_embedded(state_dir)
+
+
+@pytest.fixture(autouse=True)
+def _no_embedded_server_left(tmp_path: Path) -> Iterator[None]:
+    """A safety net: no embedded server a test started outlives it."""
+    yield
+    for marker in (*tmp_path.glob("*/mongo/server.json"), *tmp_path.glob("*/*/mongo/server.json"),
+                   *tmp_path.glob("*/pg/postmaster.pid"), *tmp_path.glob("*/*/pg/postmaster.pid")):
+        stop_embedded_servers(marker.parents[1])
+
+
 @pytest.fixture
 def project(tmp_path: Path, database: Database) -> Project:
     """A project whose environments point at this test's database."""
@@ -240,7 +263,8 @@ def project(tmp_path: Path, database: Database) -> Project:
     shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
     (root / "alembic.ini").write_text(
         (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
-    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(tmp_path / "state"),
+                          **NO_EMBEDDED})
 
 
 @pytest.fixture
@@ -360,12 +384,12 @@ def mongo_project(tmp_path: Path, mongo_url: str, mongo_db_name: str) -> Project
     root = tmp_path / "project"
     root.mkdir()
     return Project(root, {"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name,
-                          "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+                          "MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED})
 
 
 @pytest.fixture
 def bare_project(tmp_path: Path) -> Project:
-    """A project with its own state dir and no server configured (embedded and local defaults)."""
+    """A project with its own state dir and no server configured (local defaults; embedded servers off)."""
     root = tmp_path / "project"
     root.mkdir()
-    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED})

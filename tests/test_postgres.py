@@ -162,7 +162,7 @@ def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
 
 
 def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
-    """The README's first command: embedded PostgreSQL, Mongo skipped, Qdrant in local mode."""
+    """The README's first command: embedded PostgreSQL and MongoDB, Qdrant in local mode."""
     from conftest import _clean_environ  # the developer's shell must not leak in
 
     root = tmp_path / "fresh"
@@ -176,18 +176,21 @@ def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
     try:
         first = run("migrate", "--env", "dev")
         assert first.returncode == 0, first.stderr
-        assert first.stderr.count("using the embedded server") == 1
-        assert "mongo: skipped (MONGODB_URL is not set)" in first.stderr
+        assert first.stderr.count("using the embedded server") == 2  # PostgreSQL and MongoDB
+        assert "mongo: skipped" not in first.stderr
         assert "postgres dev (schema dev): upgraded to 0001" in first.stdout
+        assert "mongo dev (database momentry_dev): applied 0002_cache" in first.stdout
         assert "qdrant dev (collection momentry_dev_rule1): applied create" in first.stdout
         second = run("migrate", "--env", "dev")
         assert second.returncode == 0
         assert "done: dev is up to date; nothing applied" in second.stdout
         status = run("status", "--env", "dev", "--json")
         body = json.loads(status.stdout)
-        assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("qdrant", [])]
-        assert body["skipped"] == [{"store": "mongo", "reason": "MONGODB_URL is not set"}]
+        assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("mongo", []),
+                                                                         ("qdrant", [])]
+        assert body["skipped"] == []
         assert (tmp_path / "state" / "pg" / "PG_VERSION").exists()
+        assert (tmp_path / "state" / "mongo" / "data").is_dir()
     finally:
         run("embedded", "stop")
     from qdrant_client import QdrantClient

@@ -74,6 +74,10 @@ class PgTarget:
         if self._url is None:
             if self.env.database_url is not None:
                 self._url = self.env.database_url.reveal()
+            elif not self.env.embedded:
+                raise ConfigError("DATABASE_URL is not set and MOMENTRY_EMBEDDED=off turns the embedded "
+                                  "PostgreSQL off; set DATABASE_URL, or unset MOMENTRY_EMBEDDED to use the "
+                                  "embedded server")
             else:
                 from .embedded import embedded_url
 
