@@ -163,11 +163,11 @@ def _postgres_target(env: Environment, run: _Run) -> Any:
 
 
 @contextmanager
-def _mongo(env: Environment, run: _Run, sources: Sources) -> Iterator[Any]:
+def _mongo(env: Environment, run: _Run, sources: Sources, target: Any = None) -> Iterator[Any]:
     """The environment's MongoDB target, closed afterwards; None (with a notice) when not configured."""
     from .stores import mongo
 
-    target = mongo.MongoTarget(env, client=sources.mongo_client)
+    target = target or mongo.MongoTarget(env, client=sources.mongo_client)
     if not target.configured:
         run.skip("mongo", "MONGODB_URL is not set")
         yield None
@@ -180,7 +180,9 @@ def _mongo(env: Environment, run: _Run, sources: Sources) -> Iterator[Any]:
 
 
 def _embedded_mongo(target: Any, run: _Run) -> None:
-    """Start (or reuse) the embedded MongoDB server when ``target`` uses it, and say so."""
+    """Start (or reuse) the embedded MongoDB server when ``target`` uses it, and say so (once per target)."""
+    if target.server is not None:
+        return
     server = target.embedded_server()
     if server is None:
         return
@@ -302,9 +304,16 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         qdrant.check_apply(qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
                            declared["qdrant"], recreate=recreate_qdrant)
     if "postgres" in chosen:
+        target = _postgres_target(env, run)
+    if "mongo" in chosen:  # an embedded server that cannot start stops the run before any write
+        from .stores import mongo
+
+        first = mongo.MongoTarget(env, client=sources.mongo_client)
+        if first.configured:
+            _embedded_mongo(first, run)
+    if "postgres" in chosen:
         from .stores import postgres
 
-        target = _postgres_target(env, run)
         target.lock_wait = lock_timeout
         before = run.planned(postgres.plan(target, with_sql=with_sql, script_location=_scripts(project, sources),
                                            project=project))
@@ -319,7 +328,7 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
         from .stores import mongo
 
         with run.store_failure("mongo", env.mongo_database, keep_going, env.secrets()), \
-                _mongo(env, run, sources) as mtarget:
+                _mongo(env, run, sources, first) as mtarget:
             if mtarget is not None:
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
@@ -651,6 +660,12 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
     result = ActionResult("clone", dest.name)
     run = _Run(result, emit)  # type: ignore[arg-type]
     copied: dict[str, dict[str, int]] = {}
+    if "mongo" in chosen:  # an embedded server that cannot start stops the clone before any write
+        from .stores import mongo
+
+        src_m = mongo.MongoTarget(source, client=sources.mongo_client)
+        if src_m.configured:
+            _embedded_mongo(src_m, run)
     if "postgres" in chosen:
         from .stores import postgres
 
@@ -662,11 +677,9 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
     if "mongo" in chosen:
         from .stores import mongo
 
-        src_m = mongo.MongoTarget(source, client=sources.mongo_client)
         if not src_m.configured:
             run.skip("mongo", "MONGODB_URL is not set")
         else:
-            _embedded_mongo(src_m, run)
             dst_m = mongo.MongoTarget(dest, client=src_m.connect().client)
             copied["mongo"] = mongo.clone(src_m, dst_m, limit, emit)
             src_m.close()
@@ -965,11 +978,15 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
     _note_ignored_isolation_vars(project, run)
     fan = _Outcomes(envs)
 
+    if "postgres" in chosen and envs:
+        _postgres_target(envs[0], run)  # the embedded-server notice, once
+    if "mongo" in chosen and envs:  # its notice, once; a server that cannot start stops the run before any write
+        from .stores import mongo
+
+        _embedded_mongo(mongo.MongoTarget(envs[0], client=sources.mongo_client), run)
     if "postgres" in chosen:
         scripts = _scripts(project, sources)
         targets = [postgres.PgTarget(env, emit=emit, lock_wait=lock_timeout) for env in envs]
-        if targets:
-            _postgres_target(envs[0], run)  # the embedded-server notice, once
         head = tuple(sorted(postgres._script(scripts).get_heads()))
         versions = postgres.current_versions(targets)
         pending = [t for t in targets if versions[t.schema] != head]
@@ -1019,10 +1036,6 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
         elif others:
             _pg_run(postgres.upgrade_many, others, script_location=scripts, project=project)
             fan.pg(others)
-    if "mongo" in chosen and envs:
-        from .stores import mongo
-
-        _embedded_mongo(mongo.MongoTarget(envs[0], client=sources.mongo_client), run)  # its notice, once
     for env in envs:
         if "mongo" in chosen:
             from .stores import mongo

@@ -286,16 +286,20 @@ def test_a_missing_server_binary_says_how_to_install_it(embedded: Project, tmp_p
         "(MOMENTRY_EMBEDDED=off skips MongoDB instead)")
 
 
-def test_a_server_that_exits_while_starting_names_its_log(embedded: Project, state: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("argv", [("migrate", "--env", "dev"), ("migrate", "--all")])
+def test_a_server_that_exits_while_starting_names_its_log_and_nothing_is_written(
+        embedded: Project, state: Path, tmp_path: Path, database, monkeypatch: pytest.MonkeyPatch,
+        argv: tuple[str, ...]) -> None:
     _fake_binary(tmp_path, "echo 'storage is corrupt' >&2\nexit 3\n", monkeypatch)
-    result = embedded.cli("migrate", "--env", "dev", "--store", "mongo")
+    result = embedded.cli(*argv)
     assert result.code == 2
     log = state / "mongo" / "server.log"
-    assert result.err.strip() == (f"error: mongo: the embedded server exited while starting (exit code 3); see "
-                                  f"its log {log}, or set MONGODB_URL to another server")
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: mongo: the embedded server exited while starting (exit code 3); see its log {log}, or set "
+        "MONGODB_URL to another server")
     assert "storage is corrupt" in log.read_text()
     assert not (state / "mongo" / "server.json").exists()
+    assert (database.tables("public"), database.tables("dev")) == (set(), set())  # PostgreSQL untouched
 
 
 def test_a_port_taken_at_bind_time_is_retried_on_another(embedded: Project, state: Path, tmp_path: Path,
