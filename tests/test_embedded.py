@@ -151,6 +151,21 @@ def test_a_killed_server_is_reported_stale_and_replaced_by_the_next_command(embe
     assert "mongo dev (database momentry_dev): current 0002_cache, head 0002_cache; up to date" in result.out
 
 
+def test_a_server_that_no_longer_answers_is_stopped_and_replaced(embedded: Project, state: Path) -> None:
+    assert embedded.cli("migrate", "--env", "dev", "--store", "mongo").code == 0
+    old = _record(state)
+    os.kill(old["pid"], signal.SIGSTOP)  # alive, holding its port, answering nothing
+    result = embedded.cli("status", "--env", "dev", "--store", "mongo")
+    assert result.code == 0, result.err
+    assert result.err.splitlines()[0] == (
+        f"mongo: the embedded server in {state / 'mongo'} was stale (pid {old['pid']} does not answer on port "
+        f"{old['port']}); started a new one")
+    assert not _alive(old["pid"])
+    new = _record(state)
+    assert new["pid"] != old["pid"] and _alive(new["pid"])
+    assert "mongo dev (database momentry_dev): current 0002_cache, head 0002_cache; up to date" in result.out
+
+
 def test_a_record_whose_port_another_process_now_holds_is_replaced_on_another_port(
         embedded: Project, state: Path, silent_server) -> None:
     port, _ = silent_server

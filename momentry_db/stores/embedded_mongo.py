@@ -26,7 +26,7 @@ BINARY = "secantusd-py"
 HOST = "127.0.0.1"
 START_TIMEOUT = 20.0  # seconds for a new server to answer
 START_ATTEMPTS = 3  # a port taken between choosing it and binding it is retried on another
-PROBE_TIMEOUT_MS = 1000
+PROBE_TIMEOUT_MS = 3000  # generous: a busy server must not be taken for a hung one and replaced
 STOP_TIMEOUT = 10.0
 CACHE_SIZE = "256M"  # WiredTiger's cache; a development server needs little
 
@@ -84,7 +84,7 @@ def ensure(state_dir: Path) -> Server:
             if state == "running":
                 return Server(where, record["pid"], record["port"])
             replaced = reason
-            _retire(where, record)
+            _retire(where, record, hung=state == "hung")
         server = _start(where)
         return Server(where, server.pid, server.port, started=True, replaced=replaced)
 
@@ -97,7 +97,7 @@ def status(state_dir: Path) -> dict[str, object]:
                               "data_dir": str(where / "data"), "log": str(where / "server.log"), "detail": ""}
     if record is not None:
         state, reason = _probe(where, record)
-        row.update(state="running" if state == "running" else "stale", address=f"{HOST}:{record['port']}",
+        row.update(state=state if state == "running" else "stale", address=f"{HOST}:{record['port']}",
                    pid=record["pid"], detail=reason)
     return row
 
@@ -112,8 +112,8 @@ def stop(state_dir: Path) -> str:
         if record is None:
             return "not running"
         state, _ = _probe(where, record)
-        _retire(where, record)
-        return "stopped" if state == "running" else "stale"
+        _retire(where, record, hung=state == "hung")
+        return "stale" if state == "stale" else "stopped"
 
 
 # --- the state file and the start-up lock ------------------------------------------------------
@@ -150,8 +150,8 @@ def _start_lock(where: Path) -> Iterator[None]:
 
 
 def _probe(where: Path, record: dict[str, int]) -> tuple[str, str]:
-    """("running", "") when the recorded pid is the server answering on the recorded port;
-    otherwise ("stale", why)."""
+    """("running", "") when the recorded pid is the server answering on the recorded port; ("hung", why)
+    when that server runs but answers nothing; otherwise ("stale", why)."""
     pid, port = record["pid"], record["port"]
     answering = _answering_pid(port)
     if answering == pid and _is_ours(pid, where):
@@ -159,7 +159,7 @@ def _probe(where: Path, record: dict[str, int]) -> tuple[str, str]:
     if not _alive(pid):
         why = f"pid {pid} is not running"
     elif _is_ours(pid, where):
-        why = f"pid {pid} does not answer on port {port}"
+        return "hung", f"pid {pid} does not answer on port {port}"  # the port is still its own
     else:
         why = f"pid {pid} is no longer the embedded server"
     if answering is not None and answering != pid:
@@ -213,20 +213,22 @@ def _is_ours(pid: int, where: Path) -> bool:
     return any(BINARY in arg for arg in argv) and str(where / "data") in argv
 
 
-def _retire(where: Path, record: dict[str, int]) -> None:
-    """Stop the recorded server if it is still ours, and forget it."""
+def _retire(where: Path, record: dict[str, int], *, hung: bool = False) -> None:
+    """Stop the recorded server if it is still ours (kill it when it answers nothing), and forget it."""
     pid = record["pid"]
     if _alive(pid) and _is_ours(pid, where):
-        _terminate(pid)
+        _terminate(pid, kill=hung)
     (where / "server.json").unlink(missing_ok=True)
 
 
-def _terminate(pid: int) -> None:
+def _terminate(pid: int, *, kill: bool = False) -> None:
+    """Stop a server: TERM, then KILL after STOP_TIMEOUT; KILL at once for one that answers nothing
+    (every committed write is synced, so nothing committed is lost)."""
     import psutil
 
     try:
         process = psutil.Process(pid)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             process.wait(STOP_TIMEOUT)
         except psutil.TimeoutExpired:
