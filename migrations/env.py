@@ -31,7 +31,9 @@ if targets is None:  # a plain `alembic` call
         secrets = project.secrets()
         config.attributes["momentry_project"] = project
         postgres.check_revisions(context.script)  # a broken or branched history stops before any connection
-        targets = postgres.targets_from_x_args(project, context.get_x_argument(as_dictionary=True))
+        x_args = context.get_x_argument(as_dictionary=True)
+        targets = postgres.targets_from_x_args(project, x_args)
+        postgres.refuse_unconfirmed_downgrade(context, targets, x_args)
         postgres.run_env(context, targets)
     except MomentryError as exc:
         print(f"error: {scrub(str(exc), secrets)}", file=sys.stderr)

@@ -416,13 +416,14 @@ def lint(ctx: click.Context, env_name: str, as_json: bool, env_file: Path | None
 @main.command()
 @env_option
 @click.option("--to", "revision", required=True, metavar="REV", help="Revision to go down to (base for none).")
-@click.option("--yes", is_flag=True, help="Consent to downgrading prod without being asked.")
+@click.option("--yes", is_flag=True,
+              help="Consent without being asked (needed for prod, and wherever a table holds rows).")
 @lock_timeout_option
 @json_option
 @click.pass_context
 def downgrade(ctx: click.Context, env_name: str, revision: str, yes: bool, lock_timeout: float,
               as_json: bool) -> None:
-    """Downgrade one environment's PostgreSQL schema; prod needs explicit consent."""
+    """Downgrade one environment's PostgreSQL schema; prod, or tables holding rows, need consent."""
     from . import command
 
     _run(ctx, as_json, lambda project, emit: command.downgrade(

@@ -298,11 +298,13 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
     run = _Run(result, emit)
+    qdrant_failed = None
     if apply and "qdrant" in chosen:  # every refusal before the first write, in any store
         from .stores import qdrant
 
-        qdrant.check_apply(qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
-                           declared["qdrant"], recreate=recreate_qdrant)
+        qdrant_failed = qdrant.check_apply(
+            qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
+            declared["qdrant"], recreate=recreate_qdrant)
     if "postgres" in chosen:
         target = _postgres_target(env, run)
     if "mongo" in chosen:  # an embedded server that cannot start stops the run before any write
@@ -333,12 +335,14 @@ def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequenc
                 run.planned(mongo.plan(mtarget, declared["mongo"]))
                 if apply:
                     result.applied.extend(mongo.apply(mtarget, declared["mongo"], emit=emit,
-                                                      lock_timeout=lock_timeout))
+                                                      lock_timeout=lock_timeout, notice=run.notice))
     if "qdrant" in chosen:
         from .stores import qdrant
 
         with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
             qtarget = _qdrant_target(env, run, sources, lock_timeout)
+            if qdrant_failed is not None:  # found before the other stores ran; not tried twice
+                raise qdrant_failed
             cached = qdrant.cached_plans(qtarget, declared["qdrant"])
             if cached is not None:  # local mode, unchanged since the last run: nothing to open
                 for plan in cached:
@@ -416,7 +420,9 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
         except MomentryError as exc:
             result.add("mongo", "server reachable", [str(exc)])
         else:
-            checks.check_mongo(result, env, others, mtarget, declared["mongo"])
+            primary = next((o for o in others if o.primary), None) if not env.primary else None
+            checks.check_mongo(result, env, others, mtarget, declared["mongo"],
+                               primary=mongo.MongoTarget(primary, client=sources.mongo_client) if primary else None)
     if "qdrant" in chosen:
         checks.check_qdrant(result, env, others, _qdrant_target(env, run, sources, 30.0), declared["qdrant"])
     if "redis" in chosen:
@@ -843,6 +849,7 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
         env = project.environment(env_name, env_file=env_file, overrides=overrides)
         drift = [f"postgres {env.name} (schema {env.schema}): {d}"
                  for d in postgres.compare_live(postgres.PgTarget(env))]
+    drift += _mongo_drift(project, st, result, env_name, env_file, overrides, emit, sources)
     result.ok = not pending and not drift
     result.lines += [f"pending: {s.store} {s.env} ({s.target}): {s.name} {s.description}".rstrip() for s in pending]
     result.lines += [f"drift: {d}" for d in drift[:20]] + ([f"drift: and {len(drift) - 20} more"] if len(drift) > 20 else [])
@@ -851,6 +858,33 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     result.data = {"pending": [s.to_json() for s in pending], "drift": drift,
                    "targets": [t.to_json() for t in st.targets]}
     return result
+
+
+def _mongo_drift(project: Project, st: RunResult, result: ActionResult, env_name: str, env_file: Path | None,
+                 overrides: Mapping[str, str | None] | None, emit: Emit, sources: Sources) -> list[str]:
+    """Check's Mongo part: the live database against the shape recorded at its head."""
+    from .stores import mongo, mongo_shape
+
+    plans = [t for t in st.targets if t.store == "mongo"]
+    if not plans:  # not chosen, or skipped with its reason already given
+        return []
+    if plans[0].pending:
+        result.notices.append("mongo: drift is compared once the database is at head; migrate, then check again")
+        emit("notice", result.notices[-1])
+        return []
+    if not plans[0].current:
+        return []
+    env = project.environment(env_name, env_file=env_file, overrides=overrides)
+    head, where = plans[0].current[-1], f"mongo {env.name} (database {env.mongo_database})"
+    target = mongo.MongoTarget(env, client=sources.mongo_client)
+    try:
+        drift = mongo_shape.drift_from_record(target.connect(), head, mongo.BOOKKEEPING)
+    finally:
+        target.close()
+    if drift is None:
+        return [f"{where}: not checkable: no shape recorded at {head} (migrated before shapes were recorded); "
+                f"run momentry-db migrate --env {env.name} to record the live one as its baseline"]
+    return [f"{where}: {d}" for d in drift]
 
 
 def lint(project: Project, env_name: str, *, env_file: Path | None = None,
@@ -875,7 +909,11 @@ def lint(project: Project, env_name: str, *, env_file: Path | None = None,
 
 def downgrade(project: Project, env_name: str, revision: str, *, consent: Consent = _refuse,
               emit: Emit = _ignore, sources: Sources = Sources(), lock_timeout: float = 30.0) -> ActionResult:
-    """Downgrade one environment's schema to a revision; prod needs explicit consent."""
+    """Downgrade one environment's schema to a revision.
+
+    Prod always needs explicit consent; another environment needs it when any of its
+    tables holds rows, since a downgrade may drop them.
+    """
     from .errors import RefusedError
     from .stores import postgres
 
@@ -887,6 +925,12 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     run = _Run(result, emit)  # type: ignore[arg-type]
     target = _postgres_target(env, run)
     target.lock_wait = lock_timeout
+    populated = [] if env.primary else postgres.tables_with_rows(target)
+    if populated and not consent(f"downgrade {env.name} (schema {env.schema}) to {revision}; tables holding rows "
+                                 f"may be dropped: {', '.join(populated)}"):
+        raise RefusedError(f"downgrade of {env.name} (schema {env.schema}) may drop tables holding rows "
+                           f"({', '.join(populated[:5])}{', ...' if len(populated) > 5 else ''}); confirm on a "
+                           "terminal, or pass --yes; nothing was changed")
     undone = postgres.downgrade(target, revision, script_location=_scripts(project, sources), project=project)
     result.lines += [f"postgres {env.name} (schema {env.schema}): downgraded {r}" for r in undone]
     result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
@@ -1008,9 +1052,12 @@ def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: S
             fan.pg(primary)
         if others:  # compile each revision path once for the schemas that stand at the same revision
             starts: dict[tuple[str, ...], list[Any]] = {}
-            for t in others:
-                starts.setdefault(versions[t.schema] or (), []).append(t)
             left: list[Any] = []
+            for t in others:
+                if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
+                    left.append(t)
+                else:
+                    starts.setdefault(versions[t.schema] or (), []).append(t)
             for start, group in starts.items():
                 left += _pg_run(postgres.upgrade_compiled, group, start, script_location=scripts) or []
             fan.pg([t for t in others if t not in left])

@@ -257,17 +257,38 @@ class SecretURL(Secret):
         return parts[0] if parts else None
 
 
-_SECRET_KEYS = r"(?:ssl)?password|passwd|api[-_]?key|apikey|token"
-# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace.
-_QUERY_SECRET = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#]*)", re.IGNORECASE)
-_QUERY_SECRET_IN_TEXT = re.compile(rf"([?&](?:{_SECRET_KEYS})=)([^&#\s]*)", re.IGNORECASE)
-# A libpq key/value setting: 'quoted, with \' and \\ escapes' or unquoted up to whitespace.
-_DSN_SECRET = re.compile(rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\.|[^'\\])*'?|(?:\\.|[^\s\\])*\\?)",
-                         re.IGNORECASE)
+# A parameter that holds a secret: its name ends in password, passwd, secret, token or key, in any
+# case (sslpassword, ssl_password, tlsCertificateKeyFilePassword, api_key, apikey, access_token).
+_SECRET_NAME = r"[\w.-]*?(?:password|passwd|secret|token|key)"
+# A URL parameter: in a whole URL the value runs to '&' or '#'; in free text also to whitespace,
+# or to the quote that closes the string the URL is shown in ("...password=x", or '...' in a repr),
+# a quote followed by whitespace, the end or a closing mark, which stays.
+_TEXT_END = r"(?![\"'](?:[\s,:;)\]}]|$))"
+_QUERY_SECRET = re.compile(rf"([?&]{_SECRET_NAME}=)([^&#]*)", re.IGNORECASE)
+_QUERY_SECRET_IN_TEXT = re.compile(rf"([?&]{_SECRET_NAME}=)((?:{_TEXT_END}[^&#\s])*)", re.IGNORECASE)
+# A NAME:VALUE pair inside a parameter's value, as in authMechanismProperties=AWS_SESSION_TOKEN:...,
+# the ':' possibly percent-encoded; the value runs to the next ','.
+_PAIR_SECRET = re.compile(rf"((?:(?<=[=,])|(?<=%2[cC])){_SECRET_NAME}(?::|%3[aA]))([^,&#]*)", re.IGNORECASE)
+_PAIR_SECRET_IN_TEXT = re.compile(
+    rf"((?:(?<=[=,])|(?<=%2[cC])){_SECRET_NAME}(?::|%3[aA]))((?:{_TEXT_END}[^,&#\s])*)", re.IGNORECASE)
+# A libpq key/value setting: 'quoted, with \' and \\ escapes' or unquoted up to whitespace;
+# in both a backslash escapes the next character, a newline included.
+_DSN_SECRET = re.compile(rf"((?<![?&\w.-]){_SECRET_NAME}\s*=\s*)('(?:\\.|[^'\\])*'?|(?:\\.|[^\s\\])*\\?)",
+                         re.IGNORECASE | re.DOTALL)
 # In a message the DSN may be shown through repr(), which doubles each backslash.
 _DSN_SECRET_IN_TEXT = re.compile(
-    rf"((?<![?&\w])(?:{_SECRET_KEYS})\s*=\s*)('(?:\\+.|[^'\\])*'?|(?:\\+.|[^\s\\'\"])+)", re.IGNORECASE)
-_SCHEME = re.compile(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*:(?::*/+)?")
+    rf"((?<![?&\w.-]){_SECRET_NAME}\s*=\s*)('(?:\\+.|[^'\\])*'?|(?:\\+.|[^\s\\'\"])+)",
+    re.IGNORECASE | re.DOTALL)
+# Where a URL parser may end a piece of the user info: the URL delimiters, whitespace, and the
+# backslash, which urllib3 (Qdrant's client) and WHATWG parsers treat as a '/'.
+_PIECE_DELIMITERS = re.compile(r"[/@:?#\s\\]+")
+# The libpq settings that hold a secret.
+_LIBPQ_SECRETS = ("password", "sslpassword")
+# A URL's scheme and the slashes after it ('rediss:://' too: a stray ':' must not hide a password).
+_SCHEME = re.compile(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*::*//+")
+# A setting written without a scheme, user:password@host: a user with no '=' or space (which would
+# make it a libpq key/value DSN) then ':'.
+_NO_SCHEME = re.compile(r"\s*[^\s=:]*:")
 # A URL inside a message: scheme, then user info up to the last '@' before whitespace.
 _USERINFO_IN_TEXT = re.compile(r"(?<![\w+.-])([a-zA-Z][a-zA-Z0-9+.-]*::*/+)(\S*)@")
 _MIN_REPLACED = 4  # shorter secrets are masked by structure only, never replaced everywhere
@@ -275,14 +296,19 @@ _MIN_REPLACED = 4  # shorter secrets are masked by structure only, never replace
 
 def _split_url(url: str) -> tuple[str, str, str] | None:
     """Split a URL into (scheme and slashes, user info, rest from the '@'), by the last '@'.
+    A setting written ``user:password@host``, with no scheme, splits with an empty scheme.
 
     The user info runs to the last '@', so a password holding an unencoded '/', '@',
     ':', '?', '#' or a space is never mistaken for a host, path or query.
     """
     scheme = _SCHEME.match(url)
-    if scheme is None:
+    if scheme is not None:
+        head = url[:scheme.end()]
+    elif _NO_SCHEME.match(url):  # user:password@host with no scheme: the user info is all before the '@'
+        head = url[:len(url) - len(url.lstrip())]
+    else:
         return None
-    head, rest = url[:scheme.end()], url[scheme.end():]
+    rest = url[len(head):]
     at = rest.rfind("@")
     if at < 0:
         return None
@@ -297,10 +323,35 @@ def _masked_userinfo(info: str) -> str:
 
 
 def _unquote_dsn(value: str) -> str:
-    """A libpq value as libpq reads it: quotes removed, backslash escapes resolved."""
-    if value.startswith("'"):
-        value = value[1:-1] if len(value) > 1 and value.endswith("'") and not value.endswith("\\'") else value[1:]
-    return re.sub(r"\\(.)", r"\1", value)
+    """A libpq value as libpq reads it (conninfo_parse): in a quoted value a backslash escapes the
+    next character and the first unescaped quote ends it; unquoted, a backslash escapes the next
+    character and a trailing lone backslash is dropped."""
+    quoted = value.startswith("'")
+    out: list[str] = []
+    i = 1 if quoted else 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\":
+            if i + 1 < len(value):
+                out.append(value[i + 1])
+            i += 2
+            continue
+        if quoted and char == "'":
+            break
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _libpq_secrets(value: str) -> list[str] | None:
+    """The secret settings of a DSN as libpq itself reads them, or None if libpq refuses the string."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(value)
+    except Exception:  # not a DSN libpq accepts (an unknown option, an unterminated quote): parse by hand
+        return None
+    return [str(params[key]) for key in _LIBPQ_SECRETS if params.get(key)]
 
 
 def secret_parts(value: str) -> list[str]:
@@ -313,35 +364,91 @@ def secret_parts(value: str) -> list[str]:
             found.append(password)
         elif not colon and re.search(r"[/?#@\s]", split[1]):
             found.append(split[1])
-        found += [m.group(2) for m in _QUERY_SECRET.finditer(split[2]) if m.group(2)]
+        found += _parameter_secrets(split[2])
     else:
-        found += [m.group(2) for m in _QUERY_SECRET.finditer(value) if m.group(2)]
+        found += _libpq_secrets(value) or []
+        found += _parameter_secrets(value)
         found += [_unquote_dsn(m.group(2)) for m in _DSN_SECRET.finditer(value) if m.group(2)]
         found += [m.group(2) for m in _DSN_SECRET.finditer(value) if m.group(2)]
     return [f for f in dict.fromkeys(found) if f]
 
 
+def _parameter_secrets(query: str) -> list[str]:
+    """The values of secret parameters, and of secret NAME:VALUE pairs inside a parameter's value."""
+    return [m.group(2) for pattern in (_QUERY_SECRET, _PAIR_SECRET) for m in pattern.finditer(query) if m.group(2)]
+
+
+def _mask_parameters(query: str) -> str:
+    for pattern in (_QUERY_SECRET, _PAIR_SECRET):
+        query = pattern.sub(lambda m: m.group(1) + "***", query)
+    return query
+
+
 def secret_variants(secret: str) -> list[str]:
     """A secret as it may appear in output: as given, percent-decoded, escaped for JSON or repr,
-    and the pieces a parser may cut it into at URL delimiters or spaces."""
+    and the pieces a parser may cut it into at URL delimiters, backslashes or spaces."""
     import json
     from urllib.parse import unquote
 
     forms = [secret, unquote(secret), json.dumps(secret)[1:-1], repr(secret)[1:-1]]
     for form in list(forms):
-        forms += re.split(r"[/@:?#\s]+", form)
+        forms += _PIECE_DELIMITERS.split(form)
     return [f for f in dict.fromkeys(forms) if len(f) >= _MIN_REPLACED]
 
 
 def mask_url(url: str) -> str:
     """Mask a connection string's secrets, from the raw text: the password in the user info
-    (everything from the first ':' to the last '@'), password= parameters and DSN settings."""
+    (everything from the first ':' to the last '@', with or without a scheme), parameters whose
+    name ends in password, passwd, secret, token or key (and such NAME:VALUE pairs inside a
+    parameter's value), and DSN settings.
+
+    The user info runs to the last '@' even where a driver would read it shorter (see
+    ``userinfo_end``): masking hides the password under every reading of the text.
+    """
     split = _split_url(url)
     if split is not None:
         head, info, rest = split
-        return head + _masked_userinfo(info) + _QUERY_SECRET.sub(lambda m: m.group(1) + "***", rest)
-    url = _QUERY_SECRET.sub(lambda m: m.group(1) + "***", url)
-    return _DSN_SECRET.sub(lambda m: m.group(1) + "***", url)
+        return head + _masked_userinfo(info) + _mask_parameters(rest)
+    return _DSN_SECRET.sub(lambda m: m.group(1) + "***", _mask_parameters(url))
+
+
+def userinfo_end(rest: str) -> int:
+    """Where a URL's user info ends as a driver is to read it: the index in ``rest`` (the URL after
+    ``scheme://``) of the '@' that ends it, or -1 if it has none.
+
+    The standard reading ends the authority at the first '/', '?' or '#', but a pasted password may
+    hold those and '@' unencoded. The reading kept is the first in which what follows the '@' reads
+    as a location: hosts with numeric ports, then a path and fragment with no '@', then a query of
+    name=value pairs. So ``u:S3c/re@t@db/m`` reaches host db with password ``S3c/re@t``,
+    ``u:a@evil:5432/x@db/m`` reaches db, and ``u:pw@db/m?application_name=me@x`` keeps host db.
+    Where no reading fits, the last '@'.
+    """
+    if "@" not in rest:
+        return -1
+    for at in [-1, *(i for i, char in enumerate(rest) if char == "@")]:
+        if _reads_as_location(rest[at + 1:]):
+            return at
+    return rest.rfind("@")
+
+
+def _reads_as_location(text: str) -> bool:
+    from urllib.parse import parse_qsl, urlsplit
+
+    location, _, fragment = text.partition("#")
+    location, _, query = location.partition("?")
+    authority = location.partition("/")[0]
+    if "@" in location or "@" in fragment:
+        return False
+    for host in authority.split(","):
+        try:
+            urlsplit(f"//{host}").port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            return False
+    try:
+        parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -408,6 +515,7 @@ def scrub(text: str, secrets: Iterable[str | Secret]) -> str:
             text = _whole(secret).sub(lambda _, r=replacements[secret]: r, text)
     text = _USERINFO_IN_TEXT.sub(lambda m: m.group(1) + _masked_userinfo(m.group(2)) + "@", text)
     text = _QUERY_SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", text)
+    text = _PAIR_SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", text)
     return _DSN_SECRET_IN_TEXT.sub(lambda m: m.group(1) + "***", text)
 
 

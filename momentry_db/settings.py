@@ -263,9 +263,10 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     worker = lookup("MOMENTRY_WORKER_ENABLED")
     worker_enabled = primary if worker is None else worker.strip().lower() in {"1", "true", "yes", "on"}
 
-    pg_lock_timeout = validate_pg_duration(lookup("MOMENTRY_PG_LOCK_TIMEOUT") or "5s", "MOMENTRY_PG_LOCK_TIMEOUT")
+    pg_lock_timeout = validate_pg_duration(lookup("MOMENTRY_PG_LOCK_TIMEOUT") or "5s",
+                                           "--pg-lock-timeout / MOMENTRY_PG_LOCK_TIMEOUT")
     pg_statement_timeout = validate_pg_duration(lookup("MOMENTRY_PG_STATEMENT_TIMEOUT") or "30min",
-                                                "MOMENTRY_PG_STATEMENT_TIMEOUT")
+                                                "--pg-statement-timeout / MOMENTRY_PG_STATEMENT_TIMEOUT")
     database_url = lookup("DATABASE_URL")
     api_key = lookup("QDRANT_API_KEY")
     return Environment(
@@ -347,32 +348,30 @@ _REDIS_PARAMS = {"client_name", "decode_responses", "encoding", "encoding_errors
                  "password"}
 
 
+_SCHEMES = {"MONGODB_URL": ("mongodb://", "mongodb+srv://"), "QDRANT_URL": ("http://", "https://"),
+            "REDIS_URL": ("redis://", "rediss://", "unix://")}
+
+
 def check_url(variable: str, url: str | None) -> str | None:
-    """Check a connection URL's port, host list and parameters before anything connects."""
+    """Check a connection URL's scheme, port, host list and parameters before anything connects.
+
+    The host is read after the user info as ``userinfo_end`` reads it, the reading the driver gets.
+    """
     from urllib.parse import urlsplit
 
-    from .environments import mask_url
+    from .environments import mask_url, userinfo_end
 
     if not url:
         return url
+    if variable == "DATABASE_URL" and not url.startswith(_PG_SCHEMES):
+        normalize_database_url(url)  # refuses it, naming the schemes
     shown = f"{variable} {mask_url(url)!r}"
-    parts = urlsplit(url)
-    try:
-        _check_authority(variable, shown, parts.scheme, parts.netloc.rpartition("@")[2], parts.query)
-    except ConfigError:
-        # A password may hold an unencoded '/', '?', '#' or '@' (the driver reads up to the last
-        # '@'); read the URL that way before calling it malformed.
-        scheme, _, rest = url.partition("://")
-        if "@" not in rest:
-            raise
-        alt = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
-        try:
-            _check_authority(variable, shown, scheme, alt.netloc, alt.query)
-        except ConfigError:
-            pass
-        else:
-            return url
-        raise
+    if variable in _SCHEMES and not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*::*//", url):
+        *others, last = _SCHEMES[variable]
+        raise ConfigError(f"{shown} has no scheme; use {', '.join(others)} or {last}")
+    scheme, sep, rest = url.partition("://")
+    parts = urlsplit(f"{scheme}://{rest[userinfo_end(rest) + 1:]}" if sep else url)
+    _check_authority(variable, shown, parts.scheme, parts.netloc.rpartition("@")[2], parts.query)
     return url
 
 
@@ -423,13 +422,20 @@ _PARAM_SOURCE = {"DATABASE_URL": "libpq", "MONGODB_URL": "pymongo", "REDIS_URL":
 
 
 def _escape_at_in_userinfo(rest: str) -> str:
-    """Percent-encode an '@' inside the user info, which ends at the authority's last '@'.
+    """Percent-encode the URL delimiters inside the user info, which ends where ``userinfo_end`` says.
 
-    SQLAlchemy ends the password at the first '@', so ``u:p@ss@host/db`` would otherwise
-    reach host ``ss@host``, and show part of the password in the error.
+    SQLAlchemy ends the password at the first '@' and the authority at the first '/', so
+    ``u:p@ss@host/db`` would otherwise reach host ``ss@host``, and ``u:a@evil:5432/x@host/db``
+    host ``evil``, with part of the password shown in the error. Every '@', '/', '?' and '#' in
+    the user info, and each ':' after the one that ends the user name, is encoded.
     """
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    userinfo, at, _ = authority.rpartition("@")
-    if not at or "@" not in userinfo:
+    from .environments import userinfo_end
+
+    at = userinfo_end(rest)
+    if at < 0:
         return rest
-    return userinfo.replace("@", "%40") + rest[len(userinfo):]
+    user, colon, password = rest[:at].partition(":")
+    encode = {"@": "%40", "/": "%2F", "?": "%3F", "#": "%23", ":": "%3A"}
+    user = re.sub(r"[@/?#]", lambda m: encode[m.group()], user)
+    password = re.sub(r"[@/?#:]", lambda m: encode[m.group()], password)
+    return user + colon + password + rest[at:]

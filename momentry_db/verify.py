@@ -187,7 +187,8 @@ def _distinct(result: VerifyResult, store: str, label: str, env: Environment, ot
 
 
 def check_mongo(result: VerifyResult, env: Environment, others: list[Environment], target: Any,
-                migrations: list[Any]) -> None:
+                migrations: list[Any], primary: Any = None) -> None:
+    """Database name, head, the shape recorded at the head, and (given ``primary``) the primary's shape."""
     from .stores import mongo
 
     _distinct(result, "mongo", "database", env, others, lambda e: e.mongo_database)
@@ -205,11 +206,47 @@ def check_mongo(result: VerifyResult, env: Environment, others: list[Environment
             result.add("mongo", f"database {env.mongo_database} matches its migrations",
                        [f"pending: {', '.join(s.name for s in plan.pending)}"] if plan.pending else [],
                        ok_detail=f"at {', '.join(plan.current) or 'none'}")
+            if plan.current:
+                _mongo_shape(result, env, db, plan.current[-1], migrations, primary)
         del db
     except Exception as exc:  # an unreachable server is a failed check, not a crash
         result.add("mongo", "server reachable", [scrub(str(exc), env.secrets())])
     finally:
         target.close()
+        if primary is not None:
+            primary.close()
+
+
+def _mongo_shape(result: VerifyResult, env: Environment, db: Any, head: str, migrations: list[Any],
+                 primary: Any) -> None:
+    from .stores import mongo, mongo_shape
+
+    name = f"database {env.mongo_database} has the shape recorded at its head"
+    drift = mongo_shape.drift_from_record(db, head, mongo.BOOKKEEPING)
+    if drift is None:
+        result.add("mongo", name, status=NOT_CHECKABLE,
+                   detail=f"no shape recorded at {head} (migrated before shapes were recorded); run "
+                          f"momentry-db migrate --env {env.name} to record the live one as its baseline")
+    else:
+        result.add("mongo", name, drift, ok_detail=f"at {head}")
+    if primary is None:
+        return
+    theirs = primary.env
+    name = f"database {env.mongo_database} has {theirs.name}'s shape ({theirs.mongo_database})"
+    if not primary.configured:
+        result.add("mongo", name, status=NOT_CHECKABLE, detail=f"{theirs.name}'s MONGODB_URL is not set")
+        return
+    their_db = primary.connect()
+    their_plan = mongo.plan(primary, migrations)
+    if their_plan.current[-1:] != (head,):
+        result.add("mongo", name, status=NOT_CHECKABLE,
+                   detail=f"{theirs.name} is at {', '.join(their_plan.current) or 'none'}, {env.name} at {head}; "
+                          f"migrate both to compare")
+        return
+    result.add("mongo", name, mongo_shape.compare(mongo_shape.live_shape(their_db, mongo.BOOKKEEPING),
+                                                   mongo_shape.live_shape(db, mongo.BOOKKEEPING),
+                                                   env.mongo_database, f"{theirs.name}'s {theirs.mongo_database}"),
+               ok_detail=f"both at {head}")
 
 
 def check_qdrant(result: VerifyResult, env: Environment, others: list[Environment], target: Any,

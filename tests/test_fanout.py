@@ -319,7 +319,11 @@ def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, data
 
 
 class _BrokenMongo:
-    """A MongoDB client that fails in a way no store error describes."""
+    """A MongoDB client that fails in a way no store error describes.
+
+    A fake, because no real server can be made to fail this way on demand: the test needs an
+    exception that is not a pymongo error, raised from every call.
+    """
 
     def __getattr__(self, name: str):
         if name == "close":
@@ -331,6 +335,7 @@ class _BrokenMongo:
 
 
 def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, database) -> None:
+    """A fake Mongo client: no real server raises a non-pymongo error from every call on demand."""
     from momentry_db import command
     from momentry_db.settings import load_project
 
@@ -344,3 +349,16 @@ def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, datab
         ("mongo", "dev", "failed", [], "mongo dev (momentry_dev): unexpected RuntimeError: socket closed by peer"),
         ("qdrant", "prod", "upgraded", ["create"], None), ("qdrant", "dev", "upgraded", ["create"], None)]
     assert result.lines[-1] == "done: 2 environment(s), 6 target(s): 4 upgraded, 0 up to date, 2 failed"
+
+
+def test_a_schema_downgraded_to_base_is_brought_back_by_the_fan_out(many, database) -> None:
+    """Its alembic_version table is there but empty: not the same start as a schema never migrated."""
+    assert many.cli("migrate", "--all", "--store", "postgres").code == 0
+    assert many.cli("downgrade", "--env", "dev", "--to", "base").code == 0
+
+    again = many.cli("migrate", "--all", "--store", "postgres", "--json")
+
+    assert again.code == 0, again.out
+    assert outcomes(again)[("postgres", "dev")] == "upgraded"
+    assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
+    assert database.tables("dev") == isolated_tables() | BOOKKEEPING_TABLES

@@ -337,3 +337,12 @@ def test_clone_from_a_source_behind_the_destination_names_what_to_migrate(projec
     assert line == ("error: postgres prod (schema public): clone failed: prod is at revision 0001, behind 0002; "
                     "run momentry-db migrate --env prod first, then clone again")
     assert database.query("SELECT source_path FROM dev.videos") == [("kept.mp4",)]
+
+
+def test_a_bad_pg_timeout_names_the_option_and_the_variable(project, database) -> None:
+    result = project.cli("migrate", "--env", "dev", "--pg-lock-timeout", "5sec")
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [
+        "error: --pg-lock-timeout / MOMENTRY_PG_LOCK_TIMEOUT '5sec' is not a duration: use a number with ms, s, "
+        "min or h (0 = none)"]
+    assert database.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'dev'") == [(0,)]

@@ -6,7 +6,6 @@ import json
 import uuid
 from pathlib import Path
 
-import mongomock_ng
 import pytest
 import sqlalchemy as sa
 from qdrant_client import QdrantClient, models
@@ -57,20 +56,27 @@ def state(project) -> Path:
 
 
 @pytest.fixture
-def fake_mongo():
-    return mongomock_ng.MongoClient()
+def mongo_server(project, fresh_mongo_url: str):
+    """A client on a MongoDB server of this test's own, which the project's environments use by their
+    default database names."""
+    from pymongo import MongoClient
+
+    project.environ["MONGODB_URL"] = fresh_mongo_url
+    client = MongoClient(fresh_mongo_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture
-def populated(project, lib, database, state, fake_mongo):
+def populated(mongo_server, project, lib, database, state):
     """prod and dev migrated in every store, with data in each."""
-    sources = command.Sources(mongo_client=fake_mongo)
+    sources = command.Sources()
     for env in ("prod", "dev"):
         command.migrate(lib, env, sources=sources)
     database.execute(SAMPLE.format(s="public"))
     database.execute(SAMPLE.format(s="dev"))
     for db in ("momentry", "momentry_dev"):
-        fake_mongo[db].cache.insert_many([{"key": f"k{i}"} for i in range(4)])
+        mongo_server[db].cache.insert_many([{"key": f"k{i}"} for i in range(4)])
     add_points(state, "momentry_rule1", 30)
     add_points(state, "momentry_dev_rule1", 5)
     return sources
@@ -97,7 +103,7 @@ def test_reset_without_yes_and_without_a_terminal_is_refused(project, database) 
     assert counts(database, "dev")["videos"] == 3
 
 
-def test_reset_dev_leaves_every_prod_store_untouched(lib, database, state, fake_mongo, populated) -> None:
+def test_reset_dev_leaves_every_prod_store_untouched(mongo_server, lib, database, state, populated) -> None:
     prod_rows = counts(database, "public")
     prod_dump = database.dump_schema("public")
     result = command.reset(lib, "dev", sources=populated)
@@ -106,9 +112,9 @@ def test_reset_dev_leaves_every_prod_store_untouched(lib, database, state, fake_
     assert database.dump_schema("public") == prod_dump
     assert counts(database, "dev") == {"videos": 0, "chunks": 0, "frames": 0}
     assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
-    assert fake_mongo["momentry"].cache.count_documents({}) == 4
-    assert fake_mongo["momentry_dev"].cache.count_documents({}) == 0
-    assert fake_mongo["momentry_dev"].cache.index_information()["key"]["unique"] is True  # migrated again
+    assert mongo_server["momentry"].cache.count_documents({}) == 4
+    assert mongo_server["momentry_dev"].cache.count_documents({}) == 0
+    assert mongo_server["momentry_dev"].cache.index_information()["key"]["unique"] is True  # migrated again
     assert qdrant_count(state, "momentry_rule1") == 30
     assert qdrant_count(state, "momentry_dev_rule1") == 0
 
@@ -156,13 +162,13 @@ def test_reset_refuses_when_something_outside_dev_depends_on_it(project, databas
 # --- clone -----------------------------------------------------------------------------------
 
 
-def test_clone_copies_exact_counts_and_respects_foreign_keys(lib, database, state, fake_mongo, populated) -> None:
+def test_clone_copies_exact_counts_and_respects_foreign_keys(mongo_server, lib, database, state, populated) -> None:
     result = command.clone(lib, "prod", "dev", sources=populated)
     copied = result.data["copied"]
     prod = counts(database, "public", ("videos", "chunks", "frames", "face_identities"))
     assert {t: copied["postgres"][t] for t in prod} == prod
     assert counts(database, "dev", tuple(prod)) == prod
-    assert copied["mongo"]["cache"] == 4 and fake_mongo["momentry_dev"].cache.count_documents({}) == 4
+    assert copied["mongo"]["cache"] == 4 and mongo_server["momentry_dev"].cache.count_documents({}) == 4
     assert copied["qdrant"]["momentry_dev_rule1"] == 30 and qdrant_count(state, "momentry_dev_rule1") == 30
     orphans = database.query("SELECT count(*) FROM dev.chunks c LEFT JOIN dev.videos v ON v.id = c.video_id "
                              "WHERE v.id IS NULL")

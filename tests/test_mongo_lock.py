@@ -137,6 +137,20 @@ def test_a_run_that_lost_its_lock_stops_before_the_next_step(target, db, tmp_pat
     assert lock_doc(db)["owner"] == "thief:1:x"  # and its lock was left alone
 
 
+def test_a_lock_released_under_a_run_stops_it_before_its_next_step_at_once(target, db, tmp_path: Path) -> None:
+    """An unlock --yes from elsewhere is seen before the next step, not at the next heartbeat."""
+    release = 'db["momentry_migrate_lock"].delete_one({"_id": "migrate"})'
+    d = write(tmp_path / "m", {"0001_a": migration("0001_a", [], release),
+                               "0002_b": migration("0002_b", ["0001_a"])})
+    with pytest.raises(StoreError) as info:
+        mongo.apply(target, mongo.load_migrations(d))  # the default 30 s lease: no heartbeat in between
+    assert str(info.value) == (f"mongo dev (database {db.name}): migration 0002_b failed: lost the migration lock "
+                               "(it was released by another process (momentry-db unlock?)); not started. Rerun "
+                               "migrate once the other run is done")
+    assert applied(db) == {"0001_a"}
+    assert [x["name"] for x in db.ran.find()] == ["0001_a"]
+
+
 def test_a_lock_whose_process_on_this_host_is_gone_is_taken_over_at_once(target, db) -> None:
     plant_lock(db, owner=f"{socket.gethostname()}:1:dead", host=socket.gethostname(), pid=dead_pid())
     started = time.monotonic()

@@ -19,6 +19,7 @@ from momentry_db import command
 from momentry_db.errors import RefusedError
 from momentry_db.settings import load_project
 from momentry_db.stores.postgres import LOCK_CLASS
+from momentry_db.tables import BOOKKEEPING_TABLES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,3 +313,54 @@ def test_downgrade_and_stamp_say_what_they_did(project, database) -> None:
     assert "postgres dev (schema dev): downgraded 0001" in down.out and "upgraded" not in down.out
     rows = database.query("SELECT direction, outcome FROM dev.momentry_history ORDER BY id")
     assert rows == [("upgrade", "applied"), ("downgrade", "applied")]
+
+
+def _rows(database, schema: str) -> list[tuple]:
+    return database.query(f"SELECT source_path FROM {schema}.videos ORDER BY source_path")
+
+
+def test_downgrade_of_an_environment_whose_tables_hold_rows_needs_consent(project, database) -> None:
+    assert project.cli("migrate", "--env", "dev").code == 0
+    database.execute("INSERT INTO dev.videos (source_path) VALUES ('kept.mp4')")
+
+    refused = project.cli("downgrade", "--env", "dev", "--to", "base")
+
+    assert refused.code == 2
+    assert refused.err.strip().splitlines() == [
+        "error: downgrade of dev (schema dev) may drop tables holding rows (videos); confirm on a terminal, "
+        "or pass --yes; nothing was changed"]
+    assert _rows(database, "dev") == [("kept.mp4",)]
+    assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
+    confirmed = project.cli("downgrade", "--env", "dev", "--to", "base", "--yes")
+    assert confirmed.code == 0, confirmed.err
+    assert database.tables("dev") == BOOKKEEPING_TABLES
+
+
+def test_plain_alembic_downgrade_never_fans_out_and_needs_confirm_where_rows_would_go(project, database) -> None:
+    assert project.alembic("upgrade", "head").code == 0
+    database.execute("INSERT INTO public.videos (source_path) VALUES ('prod.mp4')")
+    database.execute("INSERT INTO dev.videos (source_path) VALUES ('dev.mp4')")
+    public_before = database.dump_schema("public")
+
+    everywhere = project.alembic("downgrade", "base")
+    public = project.alembic("-x", "schema=public", "downgrade", "base")
+    dev = project.alembic("-x", "schema=dev", "downgrade", "base")
+    wrong = project.alembic("-x", "schema=dev", "-x", "confirm=public", "downgrade", "base")
+
+    assert [r.code for r in (everywhere, public, dev, wrong)] == [2, 2, 2, 2]
+    assert everywhere.err.strip().splitlines()[-1] == (
+        "error: alembic downgrade runs on one schema: name it with -x schema=NAME (and -x confirm=NAME where "
+        "tables hold rows, and for public)")
+    assert public.err.strip().splitlines()[-1] == (
+        "error: alembic downgrade of schema public may drop data; tables holding rows: videos; "
+        "add -x confirm=public to go ahead; nothing was changed")
+    assert dev.err.strip().splitlines()[-1] == (
+        "error: alembic downgrade of schema dev may drop data; tables holding rows: videos; "
+        "add -x confirm=dev to go ahead; nothing was changed")
+    assert database.dump_schema("public") == public_before
+    assert (_rows(database, "public"), _rows(database, "dev")) == ([("prod.mp4",)], [("dev.mp4",)])
+
+    confirmed = project.alembic("-x", "schema=dev", "-x", "confirm=dev", "downgrade", "base")
+    assert confirmed.code == 0, confirmed.err
+    assert database.tables("dev") == BOOKKEEPING_TABLES
+    assert database.dump_schema("public") == public_before

@@ -246,6 +246,17 @@ def test_unreachable_qdrant_fails_in_one_line(project, silent_server) -> None:
     assert time.monotonic() - started < 20
 
 
+def test_a_silent_qdrant_is_waited_on_once_by_migrate(project, silent_server) -> None:
+    """The up-front refusal check and the apply share one attempt: one timeout, not two."""
+    port, accepted = silent_server
+    result = project.cli("migrate", "--env", "dev", "--store", "qdrant",
+                         env={"QDRANT_URL": f"http://127.0.0.1:{port}"})
+    assert result.code == 1
+    assert [x for x in result.err.splitlines() if x.startswith("error:")] == [
+        f"error: qdrant: cannot reach http://127.0.0.1:{port}: timed out"]
+    assert len(accepted) == 1
+
+
 @pytest.mark.qdrant
 def test_payload_indexes_and_hnsw_on_a_real_server(real_servers, tmp_path: Path) -> None:
     proj = load_project(tmp_path, {"QDRANT_URL": real_servers["QDRANT_URL"],

@@ -8,13 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mongomock_ng
 import psycopg
 import pytest
 from qdrant_client import QdrantClient, models
 
 from momentry_db import command
-from momentry_db.errors import RefusedError, StoreError
+from momentry_db.errors import StoreError
 from momentry_db.settings import load_project
 
 SAMPLE = """
@@ -137,46 +136,67 @@ def test_postgres_lock_held_by_another_run_refuses(dev, database) -> None:
     assert snapshot(dev, database) == before
 
 
-def test_mongo_lock_held_by_another_run_refuses(dev, database) -> None:
+def test_mongo_lock_held_by_another_run_refuses(dev, database, mongo_url: str, mongo_db_name: str) -> None:
     import datetime as dt
 
-    client = mongomock_ng.MongoClient()
-    client["momentry_dev"].cache.insert_many([{"key": f"k{i}"} for i in range(4)])
+    from pymongo import MongoClient
+
+    client = MongoClient(mongo_url, tz_aware=True)
+    db = client[mongo_db_name]
+    db.cache.insert_many([{"key": f"k{i}"} for i in range(4)])
     now = dt.datetime.now(dt.timezone.utc)
-    client["momentry_dev"].momentry_migrate_lock.insert_one(
+    db.momentry_migrate_lock.insert_one(
         {"_id": "migrate", "owner": "ci:42:abc", "acquired_at": now, "expires_at": now + dt.timedelta(minutes=5)})
     before = snapshot(dev, database)
-    lib = load_project(dev.root, dev.environ)
-    with pytest.raises(RefusedError, match="mongo .*lock held by ci:42:abc.*nothing was dropped"):
-        command.reset(lib, "dev", sources=command.Sources(mongo_client=client))
+    result = dev.cli("reset", "--env", "dev", "--yes",
+                     env={"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name})
+    assert result.code == 2, result.err
+    (error,) = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: reset dev refused: mongo dev (database {mongo_db_name}): "
+                            "migration lock held by ci:42:abc since ")
+    assert error.endswith("; retry when it finishes; nothing was dropped, fix this and run reset again")
     assert snapshot(dev, database) == before
-    assert client["momentry_dev"].cache.count_documents({}) == 4
+    assert db.cache.count_documents({}) == 4
+    assert db.momentry_migrate_lock.count_documents({}) == 1
+    client.close()
 
 
 # --- a drop that still fails: the message says what was dropped and what was not -------------
 
 
-class _DropFails(mongomock_ng.MongoClient):
-    def drop_database(self, name, *args, **kwargs):
-        from pymongo.errors import OperationFailure
+def _client_whose_drop_is_not_authorized(url: str):
+    """A real client on the test server whose drop_database is refused as an unauthorized login's is.
 
-        raise OperationFailure("not authorized on momentry_dev to execute command { dropDatabase: 1 }")
+    SecantusDB has no users or roles, so the refusal a production login gets is injected here;
+    everything else this client does reaches the real server.
+    """
+    from pymongo import MongoClient
+    from pymongo.errors import OperationFailure
+
+    class DropNotAuthorized(MongoClient):
+        def drop_database(self, name, *args, **kwargs):
+            raise OperationFailure(f"not authorized on {name} to execute command {{ dropDatabase: 1 }}")
+
+    return DropNotAuthorized(url, tz_aware=True)
 
 
-def test_a_drop_failing_midway_names_what_was_and_was_not_dropped(dev, database) -> None:
-    client = _DropFails()
-    client["momentry_dev"].cache.insert_one({"key": "k"})
-    lib = load_project(dev.root, dev.environ)
+def test_a_drop_failing_midway_names_what_was_and_was_not_dropped(dev, database, mongo_url: str,
+                                                                  mongo_db_name: str) -> None:
+    """The refused drop is injected (SecantusDB has no roles to refuse it); all else is the real server."""
+    client = _client_whose_drop_is_not_authorized(mongo_url)
+    client[mongo_db_name].cache.insert_one({"key": "k"})
+    lib = load_project(dev.root, {**dev.environ, "MONGODB_DATABASE": mongo_db_name})
     with pytest.raises(StoreError) as caught:
         command.reset(lib, "dev", sources=command.Sources(mongo_client=client))
     message = str(caught.value)
-    assert message.startswith("mongo dev (database momentry_dev): drop failed: ")
+    assert message.startswith(f"mongo dev (database {mongo_db_name}): drop failed: ")
     assert "not authorized" in message
-    assert "already dropped: postgres schema dev; not dropped: mongo database momentry_dev, " \
-           "qdrant collection momentry_dev_rule1" in message
+    assert (f"already dropped: postgres schema dev; not dropped: mongo database {mongo_db_name}, "
+            "qdrant collection momentry_dev_rule1") in message
     assert database.query("SELECT 1 FROM pg_namespace WHERE nspname = 'dev'") == []
-    assert client["momentry_dev"].cache.count_documents({}) == 1
+    assert client[mongo_db_name].cache.count_documents({}) == 1
     assert dev_points(dev) == DEV_POINTS
+    client.close()
 
 
 # --- only schemas momentry-db manages are dropped --------------------------------------------

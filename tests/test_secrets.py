@@ -8,7 +8,7 @@ import re
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from momentry_db.environments import mask_url, scrub
@@ -25,7 +25,10 @@ FAST = settings(max_examples=40, deadline=None,
 
 CLOSED = "127.0.0.1:1"  # nothing listens: connections are refused at once
 SCHEMES = {"DATABASE_URL": "postgresql", "MONGODB_URL": "mongodb", "QDRANT_URL": "http", "REDIS_URL": "redis"}
-URL_FORMS = ("raw", "encoded", "no user", "parameter")
+# Parameters whose value is a secret; AWS_SESSION_TOKEN is a NAME:VALUE pair in authMechanismProperties.
+SECRET_PARAMS = ("sslpassword", "tlsCertificateKeyFilePassword", "ssl_password", "api_key", "apikey",
+                 "access_token", "client_secret", "AWS_SESSION_TOKEN")
+URL_FORMS = ("raw", "encoded", "no user", "no scheme", "parameter", *(f"parameter {p}" for p in SECRET_PARAMS))
 
 
 def chunks(password: str) -> list[str]:
@@ -47,7 +50,13 @@ def url(var: str, form: str, password: str) -> str:
         return f"{scheme}://app:{quote(password, safe='')}@{CLOSED}{path}"
     if form == "no user":
         return f"{scheme}://:{password}@{CLOSED}{path}"
-    return f"{scheme}://{CLOSED}{path}?sslmode=disable&password={quote(password, safe='')}"
+    if form == "no scheme":  # user:password@host, as people paste it without the scheme
+        return f"app:{password}@{CLOSED}{path}"
+    name = form.partition(" ")[2] or "password"
+    if name == "AWS_SESSION_TOKEN":
+        return (f"{scheme}://{CLOSED}{path}?authMechanism=MONGODB-AWS"
+                f"&authMechanismProperties=SERVICE_NAME:x,AWS_SESSION_TOKEN:{quote(password, safe='')}")
+    return f"{scheme}://{CLOSED}{path}?sslmode=disable&{name}={quote(password, safe='')}"
 
 
 def dsn(password: str, quoted: bool) -> str:
@@ -86,19 +95,41 @@ def test_mask_url_hides_a_password_of_any_characters_in_every_url_form(password:
     assert secret_parts(value)  # the password is found, for the known-secret backstop
     message = f"cannot connect to {value}: refused ({value!r})"
     assert shown(password, scrub(message, secret_values(var, value))) == []
-    if not re.search(r"\s", value):  # a URL in free text ends at whitespace
+    # In free text a URL ends at whitespace, and only a scheme tells a URL from other words; a
+    # setting written without one is hidden as a known secret (above) and refused as input.
+    if not re.search(r"\s", value) and form != "no scheme":
         assert shown(password, scrub(message, [])) == []
 
 
 @FAST
 @given(password=PASSWORD, quoted=st.booleans())
+@example(password="AA00A/\\", quoted=True)  # a quoted value ending in an escaped backslash: '...\\'
+@example(password="AA00A/\\", quoted=False)
+@example(password="AA00A'\\ BB11B\\", quoted=True)
 def test_mask_url_hides_a_dsn_password_with_libpq_quoting(password: str, quoted: bool) -> None:
-    from momentry_db.environments import secret_parts
+    from psycopg.conninfo import conninfo_to_dict
+
+    from momentry_db.environments import _unquote_dsn, secret_parts
 
     value = dsn(password, quoted)
     assert mask_url(value) == "host=127.0.0.1 port=1 user=app password=*** dbname=momentry"
-    assert password in secret_parts(value)  # read the way libpq reads it
+    read = conninfo_to_dict(value)["password"]  # libpq itself is the oracle
+    assert read == password
+    assert secret_parts(value)[0] == read
+    raw = value.split("password=", 1)[1].rsplit(" dbname=", 1)[0]
+    assert _unquote_dsn(raw) == read  # the hand parser, used when libpq refuses the string, agrees
+    assert read in secret_parts(value + " apikey=x")  # libpq refuses the unknown option
     assert shown(password, scrub(f"DATABASE_URL {value!r} is not a URL", [])) == []
+
+
+@pytest.mark.parametrize("value", ["postgresql://h:1/db?sslmode=disable&password=AA00A%2F%2F",
+                                   "postgresql://h:1/db?password=AA00A\"BB11B", "redis://h:1/0?token=AA00A'"])
+def test_scrub_keeps_the_quotes_a_url_is_shown_in(value: str) -> None:
+    masked = mask_url(value)
+    as_json = json.dumps({"url": value, "next": 1}, indent=2)
+    assert json.loads(scrub(as_json, [])) == {"url": masked, "next": 1}
+    assert json.loads(scrub(json.dumps({"url": masked}), [])) == {"url": masked}
+    assert scrub(f"DATABASE_URL '{value}' is not a URL", []) == f"DATABASE_URL '{masked}' is not a URL"
 
 
 def test_a_password_with_an_at_sign_reaches_the_driver_whole() -> None:
@@ -189,6 +220,12 @@ def quick_mongo(monkeypatch: pytest.MonkeyPatch) -> None:
 @given(password=PASSWORD, key=CHUNK, args=st.sampled_from(COMMANDS), as_json=st.booleans(),
        db_form=DB_FORMS, forms=st.fixed_dictionaries({v: FORM for v in SCHEMES if v != "DATABASE_URL"}),
        database_url_flag=st.booleans())
+# Qdrant's URL parser (urllib3) ends the user info at a backslash and quotes the piece before it.
+@example(password="AA00A\\/", key="AA00A", args=["verify", "--env", "dev"], as_json=False, db_form="raw",
+         forms={"MONGODB_URL": "raw", "QDRANT_URL": "raw", "REDIS_URL": "raw"}, database_url_flag=False)
+# The structural pass over JSON output ran a password= parameter on over the closing '",'.
+@example(password="AA00A//", key="AA00A", args=["envs"], as_json=True, db_form="parameter",
+         forms={"MONGODB_URL": "raw", "QDRANT_URL": "raw", "REDIS_URL": "raw"}, database_url_flag=False)
 def test_no_command_shows_a_password_in_any_form(project, quick_mongo, password: str, key: str,
                                                 args: list[str], as_json: bool, db_form: str,
                                                 forms: dict[str, str], database_url_flag: bool) -> None:
@@ -229,3 +266,149 @@ def test_momentry_db_subprocess_masks_a_dsn_option(project) -> None:
                                  "--database-url", "host=127.0.0.1 password=Zk9-secret-Q dbname=x")
     assert result.code == 2
     assert "Zk9" not in result.out + result.err and "password=***" in result.err
+
+
+# --- settings written without a scheme -----------------------------------------------------------
+
+
+NO_SCHEME = [
+    ("DATABASE_URL", "u:Zq9SECRETa@127.0.0.1:5432/attack_a",
+     ("DATABASE_URL 'u:***@127.0.0.1:5432/attack_a' is not a PostgreSQL URL; "
+      "use postgres://, postgresql:// or postgresql+psycopg://")),
+    ("MONGODB_URL", "u:Zq9SECRETh@127.0.0.1:27555",
+     "MONGODB_URL 'u:***@127.0.0.1:27555' has no scheme; use mongodb:// or mongodb+srv://"),
+    ("QDRANT_URL", "u:Zq9SECRETe@127.0.0.1:6333",
+     "QDRANT_URL 'u:***@127.0.0.1:6333' has no scheme; use http:// or https://"),
+    ("REDIS_URL", "u:Zq9SECRETf@127.0.0.1:6379/14",
+     "REDIS_URL 'u:***@127.0.0.1:6379/14' has no scheme; use redis://, rediss:// or unix://"),
+]
+
+
+@pytest.mark.parametrize("variable,value,expected", NO_SCHEME)
+def test_a_setting_with_no_scheme_is_masked_from_its_raw_text(variable: str, value: str, expected: str) -> None:
+    from momentry_db.environments import secret_parts
+    from momentry_db.settings import secret_values
+
+    masked = value.replace(value[value.index(":") + 1:value.rindex("@")], "***")
+    assert mask_url(value) == masked
+    assert secret_parts(value) == [value[value.index(":") + 1:value.rindex("@")]]
+    assert scrub(f"cannot reach {value}", secret_values(variable, value)) == f"cannot reach {masked}"
+
+
+@pytest.mark.parametrize("variable,value,expected", NO_SCHEME)
+@pytest.mark.parametrize("args", [["envs"], ["verify", "--env", "dev"], ["status", "--env", "dev"]])
+def test_a_setting_with_no_scheme_is_refused_masked(project, variable: str, value: str, expected: str,
+                                                    args: list[str]) -> None:
+    text = project.cli(*args, env={variable: value})
+    assert (text.code, text.err, text.out) == (2, f"error: {expected}\n", "")
+    as_json = project.cli(*args, "--json", env={variable: value})
+    assert as_json.code == 2
+    assert json.loads(as_json.out)["error"]["message"] == expected
+    assert "Zq9SECRET" not in as_json.out + as_json.err
+
+
+def test_plain_alembic_refuses_a_database_url_with_no_scheme_masked(project) -> None:
+    result = project.alembic("-x", "schema=dev", "upgrade", "head",
+                             env={"DATABASE_URL": "u:Zq9SECRETa@127.0.0.1:5432/attack_a"})
+    assert result.code == 2
+    assert "DATABASE_URL 'u:***@127.0.0.1:5432/attack_a' is not a PostgreSQL URL" in result.err
+    assert "Zq9SECRET" not in result.out + result.err
+
+
+# --- parameters that hold a secret ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,masked,secrets", [
+    ("mongodb://127.0.0.1:27555/?directConnection=true&tlsCertificateKeyFilePassword=Zq9SECRETb",
+     "mongodb://127.0.0.1:27555/?directConnection=true&tlsCertificateKeyFilePassword=***", ["Zq9SECRETb"]),
+    ("redis://127.0.0.1:6379/14?password=x&ssl_password=Zq9SECRETj",
+     "redis://127.0.0.1:6379/14?password=***&ssl_password=***", ["x", "Zq9SECRETj"]),
+    (("mongodb://AKIAXX:Zq9SECRETc@127.0.0.1:27555/?authMechanism=MONGODB-AWS"
+      "&authMechanismProperties=AWS_SESSION_TOKEN:Zq9SECRETd"),
+     "mongodb://AKIAXX:***@127.0.0.1:27555/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:***",
+     ["Zq9SECRETc", "Zq9SECRETd"]),
+    ("mongodb://h:1/?authMechanismProperties=SERVICE_NAME:db,AWS_SESSION_TOKEN%3AZq9SECRETd",
+     "mongodb://h:1/?authMechanismProperties=SERVICE_NAME:db,AWS_SESSION_TOKEN%3A***", ["Zq9SECRETd"]),
+    ("postgresql://h:1/db?sslpassword=Zq9SECRETk&sslmode=require", "postgresql://h:1/db?sslpassword=***&sslmode=require",
+     ["Zq9SECRETk"]),
+    ("http://h:1/?API_KEY=Zq9SECRETl&apikey=Zq9SECRETm&access_token=Zq9SECRETn&client_secret=Zq9SECRETo",
+     "http://h:1/?API_KEY=***&apikey=***&access_token=***&client_secret=***",
+     ["Zq9SECRETl", "Zq9SECRETm", "Zq9SECRETn", "Zq9SECRETo"]),
+])
+def test_every_parameter_named_for_a_secret_is_masked(value: str, masked: str, secrets: list[str]) -> None:
+    from momentry_db.environments import secret_parts
+
+    assert mask_url(value) == masked
+    assert set(secret_parts(value)) == set(secrets)
+    assert scrub(f"cannot reach {value} ({value!r})", []) == f"cannot reach {masked} ({masked!r})"
+    assert json.loads(scrub(json.dumps({"url": value}), [])) == {"url": masked}
+
+
+SECRET_PARAMETERS = {
+    "MONGODB_URL": "mongodb://AKIAXX:Zq9SECRETc@127.0.0.1:1/?authMechanism=MONGODB-AWS"
+                   "&authMechanismProperties=AWS_SESSION_TOKEN:Zq9SECRETd&tlsCertificateKeyFilePassword=Zq9SECRETb",
+    "REDIS_URL": "redis://127.0.0.1:1/14?password=x&ssl_password=Zq9SECRETj",
+}
+
+
+def test_envs_masks_every_secret_parameter(project) -> None:
+    result = project.cli("envs", "--json", env=SECRET_PARAMETERS)
+    assert result.code == 0, result.err
+    dev = {r["name"]: r for r in json.loads(result.out)["environments"]}["dev"]
+    assert (dev["mongodb_url"], dev["redis_url"]) == (
+        ("mongodb://AKIAXX:***@127.0.0.1:1/?authMechanism=MONGODB-AWS"
+         "&authMechanismProperties=AWS_SESSION_TOKEN:***&tlsCertificateKeyFilePassword=***"),
+        "redis://127.0.0.1:1/14?password=***&ssl_password=***")
+    assert "Zq9SECRET" not in result.out + result.err
+
+
+@pytest.mark.parametrize("args", [["verify", "--env", "dev"], ["status", "--env", "dev", "--json"]])
+def test_commands_never_show_a_secret_parameter(project, quick_mongo, args: list[str]) -> None:
+    result = project.cli(*args, env=SECRET_PARAMETERS)
+    assert result.code in (1, 2), result.err
+    assert "Zq9SECRET" not in result.out + result.err
+    assert "Traceback" not in result.out + result.err
+
+
+# --- a PostgreSQL password holding '@' and '/' or '?' ---------------------------------------------
+
+
+@pytest.mark.parametrize("given,user,password,host,port,database", [
+    ("postgresql://postgres:S3c/re@tXY@127.0.0.1:5432/attack_a", "postgres", "S3c/re@tXY", "127.0.0.1", 5432,
+     "attack_a"),
+    ("postgresql://u:a@evil.example:5432/x@127.0.0.1:5432/db", "u", "a@evil.example:5432/x", "127.0.0.1", 5432, "db"),
+    ("postgres://u:p?w#x:y@db.example:5433/m", "u", "p?w#x:y", "db.example", 5433, "m"),
+    ("postgresql://u:1234/x@h/db", "u", "1234/x", "h", None, "db"),
+    ("postgresql://u:12#x@h/db", "u", "12#x", "h", None, "db"),
+    ("postgresql://u:p@ss?w@h:7/db", "u", "p@ss?w", "h", 7, "db"),
+    ("postgresql://app:S3c@r:et@db.example:5433/momentry", "app", "S3c@r:et", "db.example", 5433, "momentry"),
+    ("postgresql://u:pw@db/m?application_name=me@x", "u", "pw", "db", None, "m"),
+    ("postgresql://db/m?application_name=me@x", None, None, "db", None, "m"),
+    ("postgresql://u:p@[::1]:5432/db", "u", "p", "::1", 5432, "db"),
+    ("postgresql://u:S3c%2Fret@h/db", "u", "S3c/ret", "h", None, "db"),
+])
+def test_the_driver_gets_the_intended_host_and_whole_password(given: str, user, password, host, port,
+                                                              database) -> None:
+    from sqlalchemy.engine import make_url
+
+    from momentry_db.settings import check_url
+
+    parsed = make_url(normalize_database_url(check_url("DATABASE_URL", given)))
+    assert (parsed.username, parsed.password, parsed.host, parsed.port, parsed.database) == (
+        user, password, host, port, database)
+
+
+@pytest.mark.parametrize("password", ["S3c/re@tXY", "a@evil.example:5432/x", "Zq9?re@tXY"])
+def test_a_password_with_at_and_slash_reaches_the_right_host(project, password: str) -> None:
+    value = f"postgresql://postgres:{password}@127.0.0.1:1/attack_a"
+    result = project.cli("status", "--env", "dev", "--store", "postgres", env={"DATABASE_URL": value})
+    assert result.code == 2
+    reached = 'connection to server at "127.0.0.1", port 1 failed: Connection refused'  # not evil.example
+    assert result.err == ("error: postgres: cannot connect to postgresql+psycopg://postgres:***@127.0.0.1:1/"
+                          f"attack_a: connection failed: {reached}\n")
+    for piece in ("S3c", "tXY", "evil", "Zq9"):
+        assert piece not in result.out + result.err
+    alembic = project.alembic("-x", "schema=dev", "upgrade", "head", env={"DATABASE_URL": value})
+    assert alembic.code == 2 and reached in alembic.err, alembic.err
+    for piece in ("S3c", "tXY", "evil", "Zq9"):
+        assert piece not in alembic.out + alembic.err

@@ -26,6 +26,7 @@ from ..environments import Environment, scrub
 from ..errors import ConfigError, LockTimeoutError, StoreError, StoreUnreachableError
 from ..locks import HeldLock
 from ..plan import Step, TargetPlan
+from . import mongo_shape
 
 if TYPE_CHECKING:
     from pymongo import MongoClient
@@ -36,6 +37,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "mongo_migrations"
 STATE_COLLECTION = "pymongo_migrate"  # pymongo-migrate's default
 LOCK_COLLECTION = "momentry_migrate_lock"
 HISTORY_COLLECTION = "momentry_migrate_history"
+SHAPE_COLLECTION = mongo_shape.SHAPE_COLLECTION
+BOOKKEEPING = (STATE_COLLECTION, LOCK_COLLECTION, HISTORY_COLLECTION, SHAPE_COLLECTION)
 LOCK_ID = "migrate"
 TIMEOUT_MS = 5000
 # A live run renews its lease every third of it, so a dead run's lock is free within LOCK_LEASE.
@@ -261,8 +264,8 @@ class Lease:
     """A held migration lock, renewed by a daemon thread while the run is alive.
 
     Renewal is a compare-and-set on the owner: when it finds the lock gone or held by
-    another run (an unlock, or a takeover after a missed renewal), the lease is lost
-    and ``check`` raises, so the run stops before its next step.
+    another run (an unlock, or a takeover after a missed renewal), the lease is lost.
+    ``check`` renews before each step, so the run stops before its next step.
     """
 
     def __init__(self, locks: Any, owner: str, lease: dt.timedelta, expires_at: dt.datetime) -> None:
@@ -299,7 +302,12 @@ class Lease:
         return True
 
     def check(self) -> None:
-        """Raise LockLost when the lease is no longer this run's."""
+        """Confirm on the server that the lock is still this run's (renewing it); raise LockLost if not.
+
+        The heartbeat alone would notice an unlock or a takeover only at its next beat,
+        so a step could start under a lock that another run already holds.
+        """
+        self.renew()
         if self.lost is not None:
             raise LockLost(self.lost)
 
@@ -380,8 +388,11 @@ def _iso(value: Any) -> str:
 
 def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *,
           emit: Callable[[str, Any], None] | None = None, lock_timeout: float = 30.0,
-          lease: dt.timedelta = LOCK_LEASE) -> list[Step]:
-    """Apply every pending migration under the lock, recording each right after it succeeds.
+          lease: dt.timedelta = LOCK_LEASE, notice: Callable[[str], None] | None = None) -> list[Step]:
+    """Apply every pending migration under the lock, recording each and its shape right after it succeeds.
+
+    A head with no recorded shape (applied before shapes were recorded) gets the live
+    shape as its baseline, announced through ``notice``.
 
     A migration that raises, or calls sys.exit, is recorded as failed and stops the run
     with a StoreError naming it; an interrupt (Ctrl-C) is recorded too, then stops the
@@ -431,16 +442,20 @@ def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *
             state.replace_one({"name": migration.name},
                               {"name": migration.name, "applied": dt.datetime.now(dt.timezone.utc)},
                               upsert=True)
+            mongo_shape.record(db, migration.name, mongo_shape.live_shape(db, BOOKKEEPING))
             history.insert_one({"env": target.env.name, "store": STORE, "step": migration.name,
                                 "started_at": started, "duration_s": time.monotonic() - clock,
                                 "outcome": "applied"})
             applied.append(step)
             if emit is not None:
                 emit("upgraded", step)
+        head = next((m.name for m in reversed(migrations) if m.name in done), None)
+        if not applied and head is not None and mongo_shape.recorded(db, head) is None:
+            mongo_shape.record(db, head, mongo_shape.live_shape(db, BOOKKEEPING))
+            if notice is not None:
+                notice(f"mongo {target.label}: no shape was recorded at {head} (migrated before shapes were "
+                       "recorded); recorded the live indexes and validators as its baseline")
     return applied
-
-
-BOOKKEEPING = (STATE_COLLECTION, LOCK_COLLECTION, HISTORY_COLLECTION)
 
 
 def preflight_drop(target: MongoTarget) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environments import Environment, scrub, validate_schema
-from ..errors import ConfigError, LockTimeoutError, MomentryError, StoreError, UnreachableError
+from ..errors import ConfigError, LockTimeoutError, MomentryError, RefusedError, StoreError, UnreachableError
 from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
@@ -172,6 +172,21 @@ def connect(target: PgTarget) -> Connection:
         raise UnreachableError(f"postgres: cannot connect to {where}: {reason}") from None
 
 
+def tables_with_rows(target: PgTarget) -> list[str]:
+    """The schema's tables (bookkeeping aside) that hold at least one row, by name."""
+    from sqlalchemy import text
+
+    from ..tables import BOOKKEEPING_TABLES
+
+    with connect(target) as conn:
+        names = conn.execute(text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relkind IN ('r', 'p') ORDER BY c.relname"),
+            {"schema": target.schema}).scalars().all()
+        return [name for name in names if name not in BOOKKEEPING_TABLES and conn.execute(text(
+            f"SELECT EXISTS (SELECT 1 FROM {quote_ident(target.schema)}.{quote_ident(name)})")).scalar()]
+
+
 # --- targets -------------------------------------------------------------------------------
 
 
@@ -183,9 +198,10 @@ def targets_for(envs: Iterable[Environment]) -> list[PgTarget]:
 
 def targets_from_x_args(project: Project, x_args: dict[str, str]) -> list[PgTarget]:
     """Targets for a plain ``alembic`` call: ``-x schema=NAME``, or every environment."""
-    unknown = set(x_args) - {"schema"}
+    unknown = set(x_args) - {"schema", "confirm"}
     if unknown:
-        raise ConfigError(f"unknown -x option(s): {', '.join(sorted(unknown))}; only schema=NAME is accepted")
+        raise ConfigError(f"unknown -x option(s): {', '.join(sorted(unknown))}; "
+                          "only schema=NAME and confirm=NAME are accepted")
     schema = x_args.get("schema")
     envs = project.environments()
     if schema is None:
@@ -196,6 +212,27 @@ def targets_from_x_args(project: Project, x_args: dict[str, str]) -> list[PgTarg
             return targets_for([env])
     known = ", ".join(f"{e.schema} ({e.name})" for e in envs)
     raise ConfigError(f"-x schema={schema} is not the schema of a configured environment; known: {known}")
+
+
+def refuse_unconfirmed_downgrade(context: EnvironmentContext, targets: Sequence[PgTarget],
+                                 x_args: dict[str, str]) -> None:
+    """Plain ``alembic downgrade`` runs on one named schema, and with consent where it can lose data.
+
+    A downgrade may drop tables, so it never fans out over every environment, and it
+    needs ``-x confirm=SCHEMA`` on public or on a schema whose tables hold rows.
+    """
+    cmd = getattr(context.config.cmd_opts, "cmd", None)
+    if context.is_offline_mode() or not cmd or getattr(cmd[0], "__name__", "") != "downgrade":
+        return
+    if "schema" not in x_args:
+        raise RefusedError("alembic downgrade runs on one schema: name it with -x schema=NAME "
+                           "(and -x confirm=NAME where tables hold rows, and for public)")
+    (target,) = targets
+    populated = tables_with_rows(target)
+    if (target.primary or populated) and x_args.get("confirm") != target.schema:
+        held = f"; tables holding rows: {', '.join(populated[:5])}" if populated else ""
+        raise RefusedError(f"alembic downgrade of schema {target.schema} may drop data{held}; "
+                           f"add -x confirm={target.schema} to go ahead; nothing was changed")
 
 
 # --- env.py: one run per target -------------------------------------------------------------

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environments import QDRANT_LOGICAL_COLLECTION, Environment, names_clash, scrub, validate_collection
-from ..errors import ConfigError, LockTimeoutError, RefusedError, StoreError, StoreUnreachableError
+from ..errors import (ConfigError, LockTimeoutError, MomentryError, RefusedError, StoreError,
+                      StoreUnreachableError)
 from ..locks import HeldLock
 from ..plan import Step, TargetPlan
 
@@ -261,7 +262,8 @@ class QdrantTarget:
         api_key = self.env.qdrant_api_key.reveal() if self.env.qdrant_api_key else None
         with warnings.catch_warnings():  # plain-http API keys are reported as a notice instead
             warnings.simplefilter("ignore")
-            client = QdrantClient(url=self.env.qdrant_url.reveal(), api_key=api_key, timeout=TIMEOUT_S)
+            client = QdrantClient(url=self.env.qdrant_url.reveal(), api_key=api_key, timeout=TIMEOUT_S,
+                                  check_compatibility=False)  # a second request, and a second timeout
         try:
             client.get_collections()
         except Exception as exc:
@@ -581,21 +583,23 @@ def _refuse_unsafe(target: QdrantTarget, plans: list[CollectionPlan], recreate: 
         raise RefusedError(conflicts[0])
 
 
-def check_apply(target: QdrantTarget, specs: list[CollectionSpec], *, recreate: bool) -> None:
+def check_apply(target: QdrantTarget, specs: list[CollectionSpec], *, recreate: bool) -> MomentryError | None:
     """Raise what apply would refuse, reading only, so a run can refuse before any store writes.
 
-    An unchanged local store (its stamp still holds) needs no look; a store that cannot
-    be reached is left for apply to report as its own failure.
+    An unchanged local store (its stamp still holds) needs no look. A store that cannot
+    be opened is not a refusal: its error is returned, for the run to report as this
+    store's failure without waiting on the server a second time.
     """
     if cached_plans(target, specs) is not None:
-        return
+        return None
     try:
         with target.session() as client, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # local mode warns that payload indexes have no effect
             plans = [plan_collection(client, target, spec) for spec in specs]
-    except (StoreUnreachableError, LockTimeoutError, StoreError):
-        return
+    except (StoreUnreachableError, LockTimeoutError, StoreError) as exc:
+        return exc
     _refuse_unsafe(target, plans, recreate)
+    return None
 
 
 def _run_action(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, action: Action,
