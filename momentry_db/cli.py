@@ -18,15 +18,13 @@ from .errors import EXIT_FAILURE, MomentryError
 ENV_HELP = "Environment name: prod, dev, or one declared in momentry-db.toml / MOMENTRY_EXTRA_ENVS."
 
 
-def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
-         announce_plans: bool = False) -> None:
+def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any]) -> None:
     """Run a command function, render its result, and map errors to exit codes."""
     from .environments import scrub
     from .report import Reporter
     from .settings import load_project
 
     reporter = Reporter(as_json=as_json)
-    reporter.announce_plans = announce_plans
     secrets: list[Any] = []
     result = None
     try:
@@ -218,21 +216,16 @@ def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, para
 
     if not env_names and not all_envs:
         raise click.UsageError("give --env NAME (repeatable) or --all")
-    if all_envs or len(env_names) > 1 or parallel > 1:
-        if dry_run or recreate_qdrant or env_file or database_url or pg_lock_timeout or pg_statement_timeout:
-            raise click.UsageError("with several environments, use the environment and files for settings; "
-                                   "--dry-run, --recreate-qdrant, --env-file, --database-url and the "
-                                   "--pg-* options take one --env")
-        _run(ctx, as_json, lambda project, emit: command.migrate_many(
-            project, None if all_envs else env_names, stores=stores, parallel=parallel, emit=emit,
-            lock_timeout=lock_timeout, consent=_consent(accept_risky)))
-        return
-    env_name = env_names[0]
+    if (all_envs or len(set(env_names)) > 1) and (
+            dry_run or recreate_qdrant or env_file or database_url or pg_lock_timeout or pg_statement_timeout):
+        raise click.UsageError("with several environments, use the environment and files for settings; "
+                               "--dry-run, --recreate-qdrant, --env-file, --database-url and the "
+                               "--pg-* options take one --env")
     _run(ctx, as_json, lambda project, emit: command.migrate(
-        project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
+        project, None if all_envs else env_names, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
         env_file=env_file, overrides=_overrides(database_url, pg_lock_timeout, pg_statement_timeout),
-        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky), keep_going=True),
-        announce_plans=True)
+        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky), keep_going=True,
+        parallel=parallel))
 
 
 @main.command()

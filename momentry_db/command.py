@@ -14,7 +14,7 @@ from typing import Any
 
 from .environments import Environment
 from .errors import ConfigError
-from .plan import Step, TargetPlan
+from .plan import Step, TargetOutcome, TargetPlan, unplanned
 from .settings import Project
 
 STORES = ("postgres", "mongo", "qdrant")
@@ -38,72 +38,62 @@ class Sources:
 
 @dataclass
 class RunResult:
-    """What a migrate, plan or status run found and did, per store and target."""
+    """What a migrate, plan or status run found and did: one outcome per store and environment."""
 
     command: str
-    env: str
-    targets: list[TargetPlan] = field(default_factory=list)
-    applied: list[Step] = field(default_factory=list)
+    envs: list[str]
+    targets: list[TargetOutcome] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     dry_run: bool = False
-    failures: list[dict[str, str]] = field(default_factory=list)  # a store that failed; the next ones still ran
+    parallel: int = 1
+
+    @property
+    def env(self) -> str:
+        return ",".join(self.envs)
+
+    @property
+    def applied(self) -> list[Step]:
+        """Every step this run applied, store by store, environment by environment."""
+        return [s for t in self.targets for s in t.applied]
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return all(t.ok for t in self.targets)
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        first = "would apply" if self.dry_run else "pending" if self.command == "status" else "upgraded"
+        return (first, "up to date", "failed", "refused")
+
+    def summary(self) -> dict[str, int]:
+        return {state: sum(1 for t in self.targets if t.outcome == state) for state in self.states}
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "command": self.command,
-            "env": self.env,
-            "ok": self.ok,
-            "dry_run": self.dry_run,
+            "command": self.command, "envs": list(self.envs), "ok": self.ok, "dry_run": self.dry_run,
+            "parallel": self.parallel, "summary": self.summary(),
             "targets": [t.to_json() for t in self.targets],
             "applied": [s.to_json() for s in self.applied],
-            "failures": self.failures,
-            "skipped": self.skipped,
-            "notices": self.notices,
+            "skipped": self.skipped, "notices": self.notices,
         }
 
 
 class _Run:
-    """Shared plumbing of migrate and status: notices, skips and plans per store."""
+    """Shared plumbing of every command: notices (each said once) and skipped stores."""
 
-    def __init__(self, result: RunResult, emit: Emit) -> None:
+    def __init__(self, result: Any, emit: Emit) -> None:
         self.result, self.emit = result, emit
 
     def notice(self, text: str) -> None:
+        if text in self.result.notices:
+            return
         self.result.notices.append(text)
         self.emit("notice", text)
 
     def skip(self, store: str, reason: str) -> None:
         self.result.skipped.append({"store": store, "reason": reason})
         self.notice(f"{store}: skipped ({reason})")
-
-    def planned(self, plan: TargetPlan) -> TargetPlan:
-        self.result.targets.append(plan)
-        self.emit("planned", plan)
-        return plan
-
-    @contextmanager
-    def store_failure(self, store: str, target: str, keep_going: bool, secrets: Sequence[str]) -> Iterator[None]:
-        """With ``keep_going``, a failure inside this store becomes its outcome and the next store runs.
-
-        Refusals and bad input (exit 2) still stop the run: they come before the store writes.
-        """
-        from .environments import scrub
-        from .errors import EXIT_FAILURE, MomentryError
-
-        try:
-            yield
-        except MomentryError as exc:
-            if not keep_going or exc.exit_code != EXIT_FAILURE:
-                raise
-            message = scrub(str(exc), list(secrets))
-            self.result.failures.append({"store": store, "env": self.result.env, "target": target,  # type: ignore[attr-defined]
-                                         "type": type(exc).__name__, "error": message})
-            self.emit("failed", message)
 
 
 def _stores(selected: Sequence[str] | None) -> list[str]:
@@ -263,100 +253,136 @@ def _refuse(question: str) -> bool:
     return False
 
 
-def migrate(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def migrate(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
             dry_run: bool = False, recreate_qdrant: bool = False, env_file: Path | None = None,
             overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
-            sources: Sources = Sources(), lock_timeout: float = 30.0,
-            consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
-    """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant.
+            sources: Sources = Sources(), lock_timeout: float = 30.0, consent: Consent = _refuse,
+            keep_going: bool = False, parallel: int = 1) -> RunResult:
+    """Plan and apply every pending step for one environment or several: postgres, then mongo, then qdrant.
 
-    On prod, pending PostgreSQL revisions are linted first; risky DDL runs only when
-    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky). A failure
-    inside a store raises, unless ``keep_going``: then it is recorded in
-    ``result.failures`` and the next store still runs (the CLI does this).
+    ``env_names`` is one name, several, or None for every configured environment (prod
+    first). One environment is the one-element case of many: the same steps, the same
+    result. Every target (each store of each environment) gets its own outcome. On prod,
+    pending PostgreSQL revisions are linted first; risky DDL runs only when ``consent``
+    agrees. A failure inside a store raises, unless ``keep_going``: then it becomes that
+    target's outcome and the others still run (the CLI does this). A refusal stops a run
+    over one environment before any write; over several, it is that target's outcome.
     """
-    result = RunResult("migrate", env_name, dry_run=dry_run)
-    return _work(project, env_name, result, stores=stores, apply=not dry_run, with_sql=dry_run,
-                 recreate_qdrant=recreate_qdrant, env_file=env_file, overrides=overrides, emit=emit,
-                 sources=sources, lock_timeout=lock_timeout, consent=consent, keep_going=keep_going)
+    return _migration_run(project, "migrate", env_names, stores=stores, apply=not dry_run,
+                          dry_run=dry_run, recreate_qdrant=recreate_qdrant, env_file=env_file,
+                          overrides=overrides, emit=emit, sources=sources, lock_timeout=lock_timeout,
+                          consent=consent, keep_going=keep_going, parallel=parallel)
 
 
-def status(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def status(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
            env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
-           emit: Emit = _ignore, sources: Sources = Sources()) -> RunResult:
-    """Report the current and pending steps of one environment, per store."""
-    return _work(project, env_name, RunResult("status", env_name), stores=stores, apply=False,
-                 with_sql=False, env_file=env_file, overrides=overrides, emit=emit, sources=sources)
+           emit: Emit = _ignore, sources: Sources = Sources(), keep_going: bool = False) -> RunResult:
+    """Report the current and pending steps of one environment or several, per store."""
+    return _migration_run(project, "status", env_names, stores=stores, apply=False, dry_run=False,
+                          env_file=env_file, overrides=overrides, emit=emit, sources=sources,
+                          keep_going=keep_going)
 
 
-def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequence[str] | None,
-          apply: bool, with_sql: bool, env_file: Path | None, overrides: Mapping[str, str | None] | None,
-          emit: Emit, sources: Sources, recreate_qdrant: bool = False,
-          lock_timeout: float = 30.0, consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    result.env = env.name
+def _environments(project: Project, env_names: str | Sequence[str] | None, env_file: Path | None,
+                  overrides: Mapping[str, str | None] | None) -> tuple[list[Environment], bool]:
+    """The environments a run covers, prod first, and whether they are several (or --all)."""
+    if isinstance(env_names, str):
+        env_names = [env_names]
+    names = list(dict.fromkeys(env_names)) if env_names else list(project.registry.names)
+    if env_names and len(names) == 1:
+        return [project.environment(names[0], env_file=env_file, overrides=overrides)], False
+    if env_file is not None or overrides:
+        raise ConfigError("with several environments, use the environment and files for settings; "
+                          "--env-file, --database-url and the --pg-* options take one --env")
+    envs = sorted((project.environment(n, one_of_many=True) for n in names), key=lambda e: not e.primary)
+    return envs, True
+
+
+@dataclass
+class _Migration:
+    """One run over environments and stores: its options, and how a target's error becomes its outcome."""
+
+    project: Project
+    envs: list[Environment]
+    run: _Run
+    sources: Sources
+    declared: dict[str, Any]
+    apply: bool
+    dry_run: bool
+    keep_going: bool
+    lock_timeout: float = 30.0
+    consent: Consent = _refuse
+    recreate_qdrant: bool = False
+    parallel: int = 1
+    early: dict[tuple[str, str], BaseException] = field(default_factory=dict)  # found before any write
+
+    @property
+    def emit(self) -> Emit:
+        return self.run.emit
+
+    @property
+    def scripts(self) -> Path | None:
+        return _scripts(self.project, self.sources)
+
+    def planned(self, plan: TargetPlan) -> TargetOutcome:
+        self.emit("planned", plan)
+        if not plan.pending:
+            return TargetOutcome(plan, "up to date")
+        return TargetOutcome(plan, "would apply" if self.dry_run else "pending")
+
+    def done(self, plan: TargetPlan, applied: Sequence[Step]) -> TargetOutcome:
+        return TargetOutcome(plan, "upgraded" if applied else "up to date", tuple(applied))
+
+    def failed(self, plan: TargetPlan, exc: BaseException, env: Environment) -> TargetOutcome:
+        """``exc`` as this target's outcome, or raised: without keep_going, and for a refusal or
+        bad input when the run covers one environment (it stops before any write)."""
+        from .environments import scrub
+        from .errors import EXIT_FAILURE, MomentryError, RefusedError
+
+        if not self.keep_going:
+            raise exc
+        if isinstance(exc, MomentryError):
+            if len(self.envs) == 1 and exc.exit_code != EXIT_FAILURE:
+                raise exc
+            message = str(exc)
+        else:
+            lines = str(exc).strip().splitlines()
+            message = f"{_where(plan)}: unexpected {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+        message = scrub(message, env.secrets())
+        self.emit("failed", message)
+        return TargetOutcome(plan, "refused" if isinstance(exc, RefusedError) else "failed", (), message)
+
+
+_TARGET_KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}
+
+
+def _where(plan: TargetPlan) -> str:
+    return f"{plan.store} {plan.env} ({_TARGET_KIND.get(plan.store, 'target')} {plan.target})"
+
+
+def _migration_run(project: Project, command: str, env_names: str | Sequence[str] | None, *,
+                   stores: Sequence[str] | None, apply: bool, dry_run: bool, env_file: Path | None = None,
+                   overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
+                   sources: Sources = Sources(), recreate_qdrant: bool = False, lock_timeout: float = 30.0,
+                   consent: Consent = _refuse, keep_going: bool = False, parallel: int = 1) -> RunResult:
+    if parallel < 1:
+        raise ConfigError("--parallel must be 1 or more")
+    envs, several = _environments(project, env_names, env_file, overrides)
     chosen = _stores(stores)
     declared = _load_declarations(chosen, sources, project)
+    result = RunResult(command, [e.name for e in envs], dry_run=dry_run, parallel=parallel)
     run = _Run(result, emit)
-    qdrant_failed = None
-    if apply and "qdrant" in chosen:  # every refusal before the first write, in any store
-        from .stores import qdrant
-
-        qdrant_failed = qdrant.check_apply(
-            qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
-            declared["qdrant"], recreate=recreate_qdrant)
-    if "postgres" in chosen:
-        target = _postgres_target(env, run)
-    if "mongo" in chosen:  # an embedded server that cannot start stops the run before any write
-        from .stores import mongo
-
-        first = mongo.MongoTarget(env, client=sources.mongo_client)
-        if first.configured:
-            _embedded_mongo(first, run)
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        target.lock_wait = lock_timeout
-        before = run.planned(postgres.plan(target, with_sql=with_sql, script_location=_scripts(project, sources),
-                                           project=project))
-        if apply and env.primary:
-            _consent_to_risks(target, before, consent, _scripts(project, sources))
-        if apply and before.pending:
-            _refuse_unmanaged(env, before)
-            with run.store_failure("postgres", env.schema, keep_going, env.secrets()):
-                postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
-                result.applied.extend(s for s in before.pending if s.name in target.applied)
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        with run.store_failure("mongo", env.mongo_database, keep_going, env.secrets()), \
-                _mongo(env, run, sources, first) as mtarget:
-            if mtarget is not None:
-                run.planned(mongo.plan(mtarget, declared["mongo"]))
-                if apply:
-                    result.applied.extend(mongo.apply(mtarget, declared["mongo"], emit=emit,
-                                                      lock_timeout=lock_timeout, notice=run.notice))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
-            qtarget = _qdrant_target(env, run, sources, lock_timeout)
-            if qdrant_failed is not None:  # found before the other stores ran; not tried twice
-                raise qdrant_failed
-            cached = qdrant.cached_plans(qtarget, declared["qdrant"])
-            if cached is not None:  # local mode, unchanged since the last run: nothing to open
-                for plan in cached:
-                    run.planned(plan)
-                return result
-            with qtarget.session() as client:
-                qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
-                plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
-                if apply:
-                    result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
-                                                       emit=emit))
-            qtarget.client = None
-            if apply or not any(p.pending for p in plans):
-                qdrant.write_stamp(qtarget, declared["qdrant"])
+    if several:
+        _note_ignored_isolation_vars(project, run)
+    work = _Migration(project, envs, run, sources, declared, apply=apply, dry_run=dry_run, keep_going=keep_going,
+                      lock_timeout=lock_timeout, consent=consent, recreate_qdrant=recreate_qdrant,
+                      parallel=parallel)
+    runners = {"postgres": _PostgresRun, "mongo": _MongoRun, "qdrant": _QdrantRun}
+    chosen_runners = [runners[store](work) for store in chosen]
+    for runner in chosen_runners:  # every refusal, in any store, before the first write
+        runner.preflight()
+    for runner in chosen_runners:
+        result.targets.extend(runner.run())
     return result
 
 
@@ -600,7 +626,7 @@ def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consen
     deleted: list[str] = []
     changed: list[str] = []
     with target.session() as client:
-        target.client = client
+        target = target.bound(client)
         live, old = qdrant.old_collections(client, env, specs)
         points = sum(o.points for o in old)
         if old and yes:
@@ -609,7 +635,6 @@ def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consen
                 raise RefusedError("prune of prod needs a typed confirmation: type 'prod' when asked on a "
                                    "terminal, or pass --confirm prod; nothing was deleted")
             deleted, changed = qdrant.prune(client, target, old)
-        target.client = None
     for alias, physical in live.items():
         result.lines.append(f"qdrant {env.name}: {alias} -> {physical}: live, kept" if physical else
                             f"qdrant {env.name}: {alias} is missing: its collections are left alone; run "
@@ -994,182 +1019,222 @@ def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequenc
     return result
 
 
-def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: Sequence[str] | None = None,
-                 parallel: int = 1, emit: Emit = _ignore, sources: Sources = Sources(),
-                 lock_timeout: float = 30.0, consent: Consent = _refuse) -> ActionResult:
-    """Migrate many environments in one process: public first, then the rest, K at a time.
+class _PostgresRun:
+    """PostgreSQL's part of a run: read every schema's version, plan the ones behind, then upgrade them
+    public first, compiled where schemas stand at the same revision, else through Alembic (in worker
+    processes with ``parallel`` > 1)."""
 
-    The revision map is loaded once; a target whose version is already head is skipped
-    after one query; with ``parallel`` > 1 the other schemas run in worker processes,
-    one connection each. Every target (each store of each environment) reports its own
-    outcome: upgraded, up to date, failed or refused. One target's failure never stops
-    the others, and none is left half-applied (one transaction per schema). Refusals of
-    bad input (unknown names, unreadable files, an unreachable PostgreSQL) come before
-    anything is written and stop the run.
-    """
-    from .errors import ConfigError as _ConfigError
-    from .stores import postgres
+    def __init__(self, work: _Migration) -> None:
+        from .stores import postgres
 
-    names = list(env_names) if env_names else list(project.registry.names)
-    if parallel < 1:
-        raise _ConfigError("--parallel must be 1 or more")
-    envs = sorted((project.environment(n, one_of_many=True) for n in dict.fromkeys(names)),
-                  key=lambda e: not e.primary)
-    chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)
-    result = ActionResult("migrate", ",".join(e.name for e in envs))
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    _note_ignored_isolation_vars(project, run)
-    fan = _Outcomes(envs)
+        self.work, self.pg = work, postgres
+        self.targets: list[Any] = []
 
-    if "postgres" in chosen and envs:
-        _postgres_target(envs[0], run)  # the embedded-server notice, once
-    if "mongo" in chosen and envs:  # its notice, once; a server that cannot start stops the run before any write
+    def preflight(self) -> None:
+        w = self.work
+        if w.envs:
+            _postgres_target(w.envs[0], w.run)  # the embedded-server notice, once
+        self.targets = [self.pg.PgTarget(env, emit=w.emit, lock_wait=w.lock_timeout) for env in w.envs]
+
+    def run(self) -> list[TargetOutcome]:
+        w, pg = self.work, self.pg
+        outcomes: dict[str, TargetOutcome] = {}
+        plans: dict[str, TargetPlan] = {}
+        if w.apply:
+            versions = pg.current_versions(self.targets)
+            head = pg.heads(w.scripts)
+        for t in self.targets:
+            if w.apply and versions[t.schema] == head:  # at head after one query: nothing to plan
+                outcomes[t.schema] = w.planned(TargetPlan("postgres", t.env.name, t.schema, head, head))
+                continue
+            try:
+                plan = pg.plan(t, with_sql=w.dry_run, script_location=w.scripts, project=w.project)
+                if w.apply and plan.pending:
+                    _refuse_unmanaged(t.env, plan)
+                    if t.primary:
+                        _consent_to_risks(t, plan, w.consent, w.scripts)
+            except Exception as exc:  # noqa: BLE001 - this target's outcome
+                outcomes[t.schema] = w.failed(unplanned("postgres", t.env.name, t.schema), exc, t.env)
+                continue
+            outcomes[t.schema] = w.planned(plan)
+            plans[t.schema] = plan
+        pending = [t for t in self.targets if t.schema in plans and plans[t.schema].pending]
+        if w.apply and pending:
+            results = self._upgrade(pending, versions)
+            for t in pending:
+                applied, error = results[t.schema]
+                plan = plans[t.schema]
+                if error is None:
+                    outcomes[t.schema] = w.done(plan, [s for s in plan.pending if s.name in applied])
+                else:
+                    outcomes[t.schema] = w.failed(plan, error, t.env)
+        return [outcomes[t.schema] for t in self.targets]
+
+    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
+        """Upgrade each target: (revisions applied, the error that stopped it) per schema."""
+        w, pg = self.work, self.pg
+        done: dict[str, tuple[list[str], Any]] = {}
+        primary = [t for t in pending if t.primary]
+        others = [t for t in pending if not t.primary]
+        if primary:  # public first
+            self._alembic(primary)
+        starts: dict[tuple[str, ...], list[Any]] = {}
+        left: list[Any] = []
+        for t in others:  # compile each revision path once for the schemas at the same revision
+            if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
+                left.append(t)
+            else:
+                starts.setdefault(versions[t.schema] or (), []).append(t)
+        for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
+            left += (self._guarded(pg.upgrade_compiled, group, start, script_location=w.scripts) or []
+                     if len(group) > 1 else group)
+        if left and w.parallel > 1:
+            done.update(self._workers(left))
+        elif left:
+            self._alembic(left)
+        for t in pending:
+            if t.schema not in done:
+                done[t.schema] = (list(t.applied), t.error)
+        return done
+
+    def _alembic(self, targets: list[Any]) -> None:
+        self._guarded(self.pg.upgrade_many, targets, script_location=self.work.scripts, project=self.work.project)
+
+    def _guarded(self, fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
+        """What stops a fan-out step early becomes the outcome of each target not yet done."""
+        try:
+            return fn(targets, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
+            for t in targets:
+                if t.error is None and not t.applied:
+                    t.error = self.pg.failure(t, exc)
+            return None
+
+    def _workers(self, targets: list[Any]) -> dict[str, tuple[list[str], Any]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .errors import MomentryError
+
+        w, pg = self.work, self.pg
+        parallel = w.parallel
+        chunks = [targets[i::parallel] for i in range(min(parallel, len(targets)))]
+        done: dict[str, tuple[list[str], Any]] = {}
+        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(pg.upgrade_chunk, [t.env for t in chunk], w.scripts, w.lock_timeout)
+                       for chunk in chunks]
+            for chunk, future in zip(chunks, futures):
+                try:
+                    rows = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
+                    for t in chunk:
+                        done[t.schema] = ([], pg.failure(t, exc))
+                    continue
+                for schema, applied, error in rows:
+                    done[schema] = (applied, MomentryError(error) if error else None)
+        return done
+
+
+class _MongoRun:
+    """MongoDB's part of a run: plan, then apply, each environment's database in turn."""
+
+    def __init__(self, work: _Migration) -> None:
+        self.work = work
+        self.first: Any = None
+
+    def preflight(self) -> None:
         from .stores import mongo
 
-        _embedded_mongo(mongo.MongoTarget(envs[0], client=sources.mongo_client), run)
-    if "postgres" in chosen:
-        scripts = _scripts(project, sources)
-        targets = [postgres.PgTarget(env, emit=emit, lock_wait=lock_timeout) for env in envs]
-        head = tuple(sorted(postgres._script(scripts).get_heads()))
-        versions = postgres.current_versions(targets)
-        pending = [t for t in targets if versions[t.schema] != head]
-        for t in targets:
-            if t not in pending:
-                fan.add("postgres", t.env, t.schema, [])
-        primary: list[Any] = []
-        for t in (t for t in pending if t.primary):  # public first, after its lint and consent
+        w = self.work
+        if w.envs:  # an embedded server that cannot start stops the run before any write
+            self.first = mongo.MongoTarget(w.envs[0], client=w.sources.mongo_client)
+            if self.first.configured:
+                _embedded_mongo(self.first, w.run)
+
+    def run(self) -> list[TargetOutcome]:
+        from .stores import mongo
+
+        w = self.work
+        migrations = w.declared["mongo"]
+        outcomes: list[TargetOutcome] = []
+        for i, env in enumerate(w.envs):
+            target = self.first if i == 0 else mongo.MongoTarget(env, client=w.sources.mongo_client)
+            if not target.configured:
+                continue
+            plan = unplanned("mongo", env.name, env.mongo_database)
             try:
-                plan = postgres.plan(t, script_location=scripts, project=project)
-                _refuse_unmanaged(t.env, plan)
-                _consent_to_risks(t, plan, consent, scripts)
-                primary.append(t)
-            except Exception as exc:  # noqa: BLE001 - prod's outcome; the other schemas do not need public
-                fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc, "plan"))
-        others = [t for t in pending if not t.primary]
-        if primary:
-            _pg_run(postgres.upgrade_many, primary, script_location=scripts, project=project)
-            fan.pg(primary)
-        if others:  # compile each revision path once for the schemas that stand at the same revision
-            starts: dict[tuple[str, ...], list[Any]] = {}
-            left: list[Any] = []
-            for t in others:
-                if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
-                    left.append(t)
-                else:
-                    starts.setdefault(versions[t.schema] or (), []).append(t)
-            for start, group in starts.items():
-                left += _pg_run(postgres.upgrade_compiled, group, start, script_location=scripts) or []
-            fan.pg([t for t in others if t not in left])
-            others = left
-        if others and parallel > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            chunks = [others[i::parallel] for i in range(min(parallel, len(others)))]
-            by_schema = {t.schema: t for t in others}
-            with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = [pool.submit(postgres.upgrade_chunk, [t.env for t in chunk], scripts, lock_timeout)
-                           for chunk in chunks]
-                for chunk, future in zip(chunks, futures):
-                    try:
-                        done = future.result()
-                    except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
-                        for t in chunk:
-                            fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc))
-                        continue
-                    for schema, applied, error in done:
-                        fan.add("postgres", by_schema[schema].env, schema, applied, error)
-        elif others:
-            _pg_run(postgres.upgrade_many, others, script_location=scripts, project=project)
-            fan.pg(others)
-    for env in envs:
-        if "mongo" in chosen:
-            from .stores import mongo
-
-            mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-            if mtarget.configured:
-                try:
-                    steps = mongo.apply(mtarget, declared["mongo"], lock_timeout=lock_timeout)
-                    fan.add("mongo", env, env.mongo_database, [s.name for s in steps])
-                except Exception as exc:  # noqa: BLE001 - this target's outcome
-                    fan.failed("mongo", env, env.mongo_database, exc)
-                finally:
-                    mtarget.close()
-        if "qdrant" in chosen:
-            from .stores import qdrant
-
-            try:
-                qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
-                steps = qdrant.apply(qtarget, declared["qdrant"])
-                fan.add("qdrant", env, env.qdrant_collection, [s.name for s in steps])
+                plan = mongo.plan(target, migrations)
+                outcome = w.planned(plan)
+                if w.apply:
+                    outcome = w.done(plan, mongo.apply(target, migrations, emit=w.emit, lock_timeout=w.lock_timeout,
+                                                       notice=w.run.notice))
+                outcomes.append(outcome)
             except Exception as exc:  # noqa: BLE001 - this target's outcome
-                fan.failed("qdrant", env, env.qdrant_collection, exc)
-    if "mongo" in chosen and not any(mongo_configured(e, sources) for e in envs):
-        run.skip("mongo", "MONGODB_URL is not set")
-    fan.report(result, parallel)
-    return result
+                outcomes.append(w.failed(plan, exc, env))
+            finally:
+                target.close()
+        if w.envs and not any(mongo_configured(e, w.sources) for e in w.envs):
+            w.run.skip("mongo", "MONGODB_URL is not set")
+        return outcomes
 
 
-def _pg_run(fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a PostgreSQL fan-out step; what stops it early becomes the outcome of each target not yet done."""
-    from .stores import postgres
+class _QdrantRun:
+    """Qdrant's part of a run: one plan per declared collection, applied in one session per environment."""
 
-    try:
-        return fn(targets, *args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
-        for t in targets:
-            if t.error is None and not t.applied:
-                t.error = postgres.failure(t, exc)
-        return None
+    def __init__(self, work: _Migration) -> None:
+        self.work = work
 
+    def preflight(self) -> None:
+        from .errors import MomentryError
+        from .stores import qdrant
 
-class _Outcomes:
-    """One outcome per store and target of a fan-out, reported in store order, then environment order."""
+        w = self.work
+        if not w.apply:
+            return
+        for env in w.envs:  # an immutable change without --recreate-qdrant is refused before any write
+            target = qdrant.QdrantTarget(env, client=w.sources.qdrant_client, lock_timeout=w.lock_timeout)
+            try:
+                found = qdrant.check_apply(target, w.declared["qdrant"], recreate=w.recreate_qdrant)
+            except MomentryError as exc:
+                if len(w.envs) == 1 or not w.keep_going:
+                    raise
+                found = exc
+            if found is not None:  # reported as this target's outcome, without waiting on the server again
+                w.early[("qdrant", env.name)] = found
 
-    STATES = ("upgraded", "up to date", "failed", "refused")
+    def run(self) -> list[TargetOutcome]:
+        from .stores import qdrant
 
-    def __init__(self, envs: Sequence[Environment]) -> None:
-        self.order = {e.name: i for i, e in enumerate(envs)}
-        self.rows: list[dict[str, Any]] = []
-
-    def add(self, store: str, env: Environment, target: str, applied: list[str], error: str | None = None,
-            refused: bool = False) -> None:
-        state = "refused" if refused else "failed" if error else ("upgraded" if applied else "up to date")
-        self.rows.append({"store": store, "env": env.name, "target": target, "outcome": state,
-                          "applied": applied, "error": error})
-
-    def failed(self, store: str, env: Environment, target: str, exc: BaseException) -> None:
-        from .environments import scrub
-        from .errors import MomentryError, RefusedError
-
-        if isinstance(exc, MomentryError):
-            message = str(exc)
-        else:
-            lines = str(exc).strip().splitlines()
-            message = f"{store} {env.name} ({target}): unexpected {type(exc).__name__}" + (
-                f": {lines[0]}" if lines else "")
-        self.add(store, env, target, [], scrub(message, env.secrets()), refused=isinstance(exc, RefusedError))
-
-    def pg(self, targets: Sequence[Any]) -> None:
-        from .errors import RefusedError
-
-        for t in targets:
-            self.add("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None,
-                     refused=isinstance(t.error, RefusedError))
-
-    def report(self, result: ActionResult, parallel: int) -> None:
-        rows = sorted(self.rows, key=lambda o: (STORES.index(o["store"]), self.order[o["env"]]))
-        for o in rows:
-            result.lines.append(f"{o['store']} {o['env']} ({o['target']}): {o['outcome']}"
-                                + (f" ({', '.join(o['applied'])})" if o["applied"] else "")
-                                + (f": {o['error']}" if o["error"] else ""))
-        counts = {k: sum(1 for o in rows if o["outcome"] == k) for k in self.STATES}
-        result.ok = not counts["failed"] and not counts["refused"]
-        result.lines.append(f"done: {len(self.order)} environment(s), {len(rows)} target(s): "
-                            f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, "
-                            f"{counts['failed']} failed" + (f", {counts['refused']} refused" if counts["refused"] else ""))
-        result.data = {"targets": rows, "summary": counts, "parallel": parallel}
+        w = self.work
+        specs = w.declared["qdrant"]
+        outcomes: list[TargetOutcome] = []
+        for env in w.envs:
+            try:
+                target = _qdrant_target(env, w.run, w.sources, w.lock_timeout)
+                if ("qdrant", env.name) in w.early:
+                    raise w.early[("qdrant", env.name)]
+                cached = qdrant.cached_plans(target, specs)
+                if cached is not None:  # local mode, unchanged since the last run: nothing to open
+                    outcomes += [w.planned(p) for p in cached]
+                    continue
+                applied: list[Step] = []
+                with target.session() as client:
+                    bound = target.bound(client)  # one connection (and one local-mode lock) for plan and apply
+                    plans = qdrant.plan(bound, specs)
+                    for p in plans:
+                        w.emit("planned", p)
+                    if w.apply:
+                        applied = qdrant.apply(bound, specs, recreate=w.recreate_qdrant, emit=w.emit)
+                if w.apply or not any(p.pending for p in plans):
+                    qdrant.write_stamp(target, specs)
+                for p in plans:
+                    mine = [s for s in applied if s.target == p.target]
+                    outcomes.append(w.done(p, mine) if w.apply else
+                                    TargetOutcome(p, "up to date" if not p.pending else
+                                                  "would apply" if w.dry_run else "pending"))
+            except Exception as exc:  # noqa: BLE001 - this target's outcome
+                outcomes.append(w.failed(unplanned("qdrant", env.name, env.qdrant_collection), exc, env))
+        return outcomes
 
 
 def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:

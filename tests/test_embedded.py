@@ -96,13 +96,17 @@ def test_the_first_command_migrates_mongo_on_a_server_it_starts_and_the_next_reu
     assert "mongo: skipped" not in first.stderr
     assert "mongo dev (database momentry_dev): applied 0001_chunks" in first.stdout
     assert "mongo dev (database momentry_dev): applied 0002_cache" in first.stdout
-    assert "done: 4 step(s) applied to dev (postgres 1, mongo 2, qdrant 1)" in first.stdout
+    assert first.stdout.splitlines()[-4:] == [
+        "postgres dev (schema dev): upgraded (0001)",
+        "mongo dev (database momentry_dev): upgraded (0001_chunks, 0002_cache)",
+        "qdrant dev (collection momentry_dev_rule1): upgraded (create)",
+        "done: 1 environment(s), 3 target(s): 3 upgraded, 0 up to date, 0 failed"]
     assert _shape(server["port"], "momentry_dev") == EXPECTED_SHAPE
     assert (state / "mongo" / "data").is_dir()
 
     second = run("migrate", "--env", "dev")
     assert second.returncode == 0, second.stderr
-    assert "done: dev is up to date; nothing applied" in second.stdout
+    assert "done: 1 environment(s), 3 target(s): 0 upgraded, 3 up to date, 0 failed" in second.stdout
     assert _record(state) == server  # the same server, reused
     assert _notice(state, server["port"]) in second.stderr.splitlines()
     assert "stale" not in second.stderr

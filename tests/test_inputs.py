@@ -298,7 +298,7 @@ def test_usage_errors_with_json_print_a_json_error_document(project, args, messa
     assert result.code == 2
     doc = json.loads(result.out)
     assert set(doc) == {"version", "ok", "error"}
-    assert doc["version"] == 1 and doc["ok"] is False
+    assert doc["version"] == 2 and doc["ok"] is False
     assert doc["error"]["type"] == "UsageError" and doc["error"]["exit_code"] == 2
     assert doc["error"]["message"].startswith(message)
     assert "\n" not in doc["error"]["message"]

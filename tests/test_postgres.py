@@ -183,7 +183,7 @@ def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
         assert "qdrant dev (collection momentry_dev_rule1): applied create" in first.stdout
         second = run("migrate", "--env", "dev")
         assert second.returncode == 0
-        assert "done: dev is up to date; nothing applied" in second.stdout
+        assert "done: 1 environment(s), 3 target(s): 0 upgraded, 3 up to date, 0 failed" in second.stdout
         status = run("status", "--env", "dev", "--json")
         body = json.loads(status.stdout)
         assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("mongo", []),

@@ -526,6 +526,11 @@ def _script(script_location: Path | None) -> Any:
     return script
 
 
+def heads(script_location: Path | None) -> tuple[str, ...]:
+    """The head revisions of the revision files (loading them checks each file)."""
+    return tuple(sorted(_script(script_location).get_heads()))
+
+
 def check_revisions(script: Any) -> None:
     """Refuse revision files that fail to import, and a history that is not one line, before any connection."""
     import warnings

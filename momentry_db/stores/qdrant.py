@@ -196,6 +196,12 @@ class QdrantTarget:
     client: QdrantClient | None = None  # injected by tests
     lock_timeout: float = 30.0  # local mode: how long to wait for another run's storage lock
 
+    def bound(self, client: QdrantClient) -> QdrantTarget:
+        """This target on an open client: one connection (and one local-mode lock) for several calls."""
+        import dataclasses
+
+        return dataclasses.replace(self, client=client)
+
     @property
     def local(self) -> bool:
         return self.env.qdrant_url is None
