@@ -6,18 +6,17 @@ Progress is reported through ``emit(event, payload)``; nothing here prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .environments import Environment
 from .errors import ConfigError
-from .plan import Step, TargetOutcome, TargetPlan, unplanned
+from .plan import Step, TargetOutcome
 from .settings import Project
+from .stores.base import Consent, shown_path
 
-STORES = ("postgres", "mongo", "qdrant")
 Emit = Callable[[str, Any], None]
 
 
@@ -96,157 +95,21 @@ class _Run:
         self.notice(f"{store}: skipped ({reason})")
 
 
-def _stores(selected: Sequence[str] | None) -> list[str]:
-    chosen = list(selected) if selected else list(STORES)
-    for store in chosen:
-        if store not in STORES:
-            raise ConfigError(f"unknown store {store!r}; known: {', '.join(STORES)}")
-    return [s for s in STORES if s in chosen]  # always postgres, then mongo, then qdrant
+def _stores(selected: Sequence[str] | None) -> list[Any]:
+    from .stores.base import chosen
+
+    return chosen(selected)
 
 
-def _scripts(project: Project, sources: Sources) -> Path | None:
-    """Where the Alembic revisions are: given by the caller, the project's alembic.ini, or the package's."""
-    return sources.alembic_scripts or project.alembic_scripts
+def _context(project: Project, sources: Sources, run: _Run, lock_timeout: float = 30.0) -> Any:
+    from .stores.base import Context
+
+    return Context(project, sources, run, lock_timeout)
 
 
-def _refuse_unmanaged(env: Environment, plan: TargetPlan) -> None:
-    """Never create what a schema built outside momentry-db already holds: that is adopt's job."""
-    from .errors import RefusedError
-    from .stores import postgres
-
-    if plan.pending and any(n.startswith(postgres.UNMANAGED) for n in plan.notes):
-        raise RefusedError(f"postgres {env.name} (schema {env.schema}) already holds "
-                           f"{plan.notes[0].split(': ', 1)[1]} but no alembic_version; run "
-                           f"momentry-db adopt --env {env.name} instead of creating them again")
-
-
-def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: Path | None) -> None:
-    """Lint prod's pending SQL; risky statements need explicit consent."""
-    from .errors import RefusedError
-    from .lint import lint_sql
-    from .stores import postgres
-
-    env = target.env
-    if not plan.pending or (not plan.current and not plan.notes):
-        return  # nothing pending, or none of our tables yet: no data to lock, no client to break
-    sql = plan.sql or postgres.offline_sql(target, f"{plan.current[0]}:head" if plan.current else "head",
-                                           script_location=scripts)
-    findings = lint_sql(sql, f"postgres {env.name} (schema {env.schema})")
-    if not findings:
-        return
-    summary = "; ".join(str(f) for f in findings[:5]) + (f"; and {len(findings) - 5} more" if len(findings) > 5 else "")
-    if not consent(f"{len(findings)} risky statement(s) in the pending revisions for {env.name}: {summary}"):
-        raise RefusedError(f"{env.name}: lint found {len(findings)} risky statement(s) in the pending revisions "
-                           f"({findings[0]}); review them with momentry-db lint --env {env.name}, then rerun "
-                           "with --accept-risky")
-
-
-def _postgres_target(env: Environment, run: _Run) -> Any:
-    from .stores import postgres
-
-    target = postgres.PgTarget(env, emit=run.emit)
-    target.url()
-    if target.embedded:
-        run.notice(f"postgres: DATABASE_URL is not set; using the embedded server in "
-                   f"{_shown_path(env.state_dir / 'pg')} (database momentry)")
-    return target
-
-
-@contextmanager
-def _mongo(env: Environment, run: _Run, sources: Sources, target: Any = None) -> Iterator[Any]:
-    """The environment's MongoDB target, closed afterwards; None (with a notice) when not configured."""
-    from .stores import mongo
-
-    target = target or mongo.MongoTarget(env, client=sources.mongo_client)
-    if not target.configured:
-        run.skip("mongo", "MONGODB_URL is not set")
-        yield None
-        return
-    try:
-        _embedded_mongo(target, run)
-        yield target
-    finally:
-        target.close()
-
-
-def _embedded_mongo(target: Any, run: _Run) -> None:
-    """Start (or reuse) the embedded MongoDB server when ``target`` uses it, and say so (once per target)."""
-    if target.server is not None:
-        return
-    server = target.embedded_server()
-    if server is None:
-        return
-    where = _shown_path(server.home)
-    if server.replaced:
-        run.notice(f"mongo: the embedded server in {where} was stale ({server.replaced}); started a new one")
-    run.notice(f"mongo: MONGODB_URL is not set; using the embedded server in {where} ({server.address})")
-
-
-def _qdrant_target(env: Environment, run: _Run, sources: Sources, lock_timeout: float) -> Any:
-    from .stores import qdrant
-
-    target = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
-    if target.local and sources.qdrant_client is None:
-        run.notice(f"qdrant: QDRANT_URL is not set; using local mode in {_shown_path(env.state_dir / 'qdrant')}")
-    if target.key_over_plain_http:
-        run.notice("qdrant: warning: QDRANT_API_KEY is sent over plain http; use https for remote servers")
-    return target
-
-
-def _shown_path(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _load_declarations(chosen: list[str], sources: Sources, project: Project | None = None) -> dict[str, Any]:
-    """Read every store's migrations and specs first, so a bad file stops the run before any write.
-
-    They come from the caller, else the project directory's mongo_migrations/ and
-    qdrant_specs/, else the ones beside the package.
-    """
-    def pick(given: Path | None, name: str, default: Path) -> Path:
-        if given is not None:
-            return given
-        if project is not None and (project.root / name).is_dir():
-            return project.root / name
-        return default
-
-    loaded: dict[str, Any] = {}
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        # loading checks the revision files: one that fails to import, or a branched history, stops here
-        postgres._script(sources.alembic_scripts or (project.alembic_scripts if project is not None else None))
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        loaded["mongo"] = mongo.load_migrations(pick(sources.mongo_migrations, "mongo_migrations",
-                                                     mongo.MIGRATIONS_DIR))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        loaded["qdrant"] = qdrant.load_specs(pick(sources.qdrant_specs, "qdrant_specs", qdrant.SPECS_DIR))
-        if project is not None:
-            qdrant.check_spec_names(loaded["qdrant"], _resolvable(project))
-    return loaded
-
-
-def _resolvable(project: Project) -> list[Environment]:
-    """Every environment whose settings resolve; one that does not fails when it is used itself."""
-    from .errors import MomentryError
-
-    found = []
-    for name in project.registry.names:
-        try:
-            found.append(project.environment(name, one_of_many=True))
-        except MomentryError:
-            continue
-    return found
-
-
-Consent = Callable[[str], bool]
+def _load_declarations(stores: list[Any], ctx: Any) -> dict[str, Any]:
+    """Read every store's declarations first, so a bad file stops the run before any write."""
+    return {store.name: store.load(ctx) for store in stores}
 
 
 def _refuse(question: str) -> bool:
@@ -298,91 +161,29 @@ def _environments(project: Project, env_names: str | Sequence[str] | None, env_f
     return envs, True
 
 
-@dataclass
-class _Migration:
-    """One run over environments and stores: its options, and how a target's error becomes its outcome."""
-
-    project: Project
-    envs: list[Environment]
-    run: _Run
-    sources: Sources
-    declared: dict[str, Any]
-    apply: bool
-    dry_run: bool
-    keep_going: bool
-    lock_timeout: float = 30.0
-    consent: Consent = _refuse
-    recreate_qdrant: bool = False
-    parallel: int = 1
-    early: dict[tuple[str, str], BaseException] = field(default_factory=dict)  # found before any write
-
-    @property
-    def emit(self) -> Emit:
-        return self.run.emit
-
-    @property
-    def scripts(self) -> Path | None:
-        return _scripts(self.project, self.sources)
-
-    def planned(self, plan: TargetPlan) -> TargetOutcome:
-        self.emit("planned", plan)
-        if not plan.pending:
-            return TargetOutcome(plan, "up to date")
-        return TargetOutcome(plan, "would apply" if self.dry_run else "pending")
-
-    def done(self, plan: TargetPlan, applied: Sequence[Step]) -> TargetOutcome:
-        return TargetOutcome(plan, "upgraded" if applied else "up to date", tuple(applied))
-
-    def failed(self, plan: TargetPlan, exc: BaseException, env: Environment) -> TargetOutcome:
-        """``exc`` as this target's outcome, or raised: without keep_going, and for a refusal or
-        bad input when the run covers one environment (it stops before any write)."""
-        from .environments import scrub
-        from .errors import EXIT_FAILURE, MomentryError, RefusedError
-
-        if not self.keep_going:
-            raise exc
-        if isinstance(exc, MomentryError):
-            if len(self.envs) == 1 and exc.exit_code != EXIT_FAILURE:
-                raise exc
-            message = str(exc)
-        else:
-            lines = str(exc).strip().splitlines()
-            message = f"{_where(plan)}: unexpected {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
-        message = scrub(message, env.secrets())
-        self.emit("failed", message)
-        return TargetOutcome(plan, "refused" if isinstance(exc, RefusedError) else "failed", (), message)
-
-
-_TARGET_KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}
-
-
-def _where(plan: TargetPlan) -> str:
-    return f"{plan.store} {plan.env} ({_TARGET_KIND.get(plan.store, 'target')} {plan.target})"
-
-
 def _migration_run(project: Project, command: str, env_names: str | Sequence[str] | None, *,
                    stores: Sequence[str] | None, apply: bool, dry_run: bool, env_file: Path | None = None,
                    overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
                    sources: Sources = Sources(), recreate_qdrant: bool = False, lock_timeout: float = 30.0,
                    consent: Consent = _refuse, keep_going: bool = False, parallel: int = 1) -> RunResult:
+    from .stores.base import MigrationWork
+
     if parallel < 1:
         raise ConfigError("--parallel must be 1 or more")
     envs, several = _environments(project, env_names, env_file, overrides)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)
     result = RunResult(command, [e.name for e in envs], dry_run=dry_run, parallel=parallel)
     run = _Run(result, emit)
+    work = MigrationWork(project, sources, run, lock_timeout, envs=envs, apply=apply, dry_run=dry_run,
+                         keep_going=keep_going, consent=consent, recreate_qdrant=recreate_qdrant, parallel=parallel)
+    work.declared = _load_declarations(chosen, work)
     if several:
         _note_ignored_isolation_vars(project, run)
-    work = _Migration(project, envs, run, sources, declared, apply=apply, dry_run=dry_run, keep_going=keep_going,
-                      lock_timeout=lock_timeout, consent=consent, recreate_qdrant=recreate_qdrant,
-                      parallel=parallel)
-    runners = {"postgres": _PostgresRun, "mongo": _MongoRun, "qdrant": _QdrantRun}
-    chosen_runners = [runners[store](work) for store in chosen]
-    for runner in chosen_runners:  # every refusal, in any store, before the first write
-        runner.preflight()
-    for runner in chosen_runners:
-        result.targets.extend(runner.run())
+    parts = [store.migration(work) for store in chosen]
+    for part in parts:  # every refusal, in any store, before the first write
+        part.preflight()
+    for part in parts:
+        result.targets.extend(part.run())
     return result
 
 
@@ -406,7 +207,7 @@ def embedded_status(project: Project) -> ActionResult:
 
     rows = [postgres_status(project.state_dir), embedded_mongo.status(project.state_dir)]
     lines = [f"{row['server']:<9} {row['state']:<8} {row['address'] or '-'}  pid {row['pid'] or '-'}  "
-             f"data {_shown_path(Path(str(row['data_dir'])))}" + (f"  ({row['detail']})" if row["detail"] else "")
+             f"data {shown_path(Path(str(row['data_dir'])))}" + (f"  ({row['detail']})" if row["detail"] else "")
              for row in rows]
     if not project.embedded:
         lines.append("MOMENTRY_EMBEDDED=off: commands do not start these servers")
@@ -418,43 +219,24 @@ def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = No
            emit: Emit = _ignore, sources: Sources = Sources()) -> Any:
     """Prove one environment's isolation from every other, store by store."""
     from . import verify as checks
-    from .errors import MomentryError
+    from .stores.base import NAMES
 
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     others = [project.environment(name, one_of_many=True) for name in project.registry.names if name != env.name]
-    checkable = (*STORES, "redis", "dirs")
+    checkable = (*NAMES, "redis", "dirs")
     unknown = [s for s in stores or () if s not in checkable]
     if unknown:
         raise ConfigError(f"unknown store {unknown[0]!r}; verify knows: {', '.join(checkable)}")
-    chosen = [s for s in checkable if not stores or s in stores]
-    declared = _load_declarations(chosen, sources, project)
+    picked = [s for s in checkable if not stores or s in stores]
     result = checks.VerifyResult("verify", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    if "postgres" in chosen:
-
-        try:
-            target = _postgres_target(env, run)
-            checks.check_postgres(result, env, target, script_location=_scripts(project, sources))
-        except MomentryError as exc:
-            result.add("postgres", "server reachable", [str(exc)])
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-        try:
-            _embedded_mongo(mtarget, run)
-        except MomentryError as exc:
-            result.add("mongo", "server reachable", [str(exc)])
-        else:
-            primary = next((o for o in others if o.primary), None) if not env.primary else None
-            checks.check_mongo(result, env, others, mtarget, declared["mongo"],
-                               primary=mongo.MongoTarget(primary, client=sources.mongo_client) if primary else None)
-    if "qdrant" in chosen:
-        checks.check_qdrant(result, env, others, _qdrant_target(env, run, sources, 30.0), declared["qdrant"])
-    if "redis" in chosen:
-        checks.check_redis(result, env, others)
-    if "dirs" in chosen:
-        checks.check_directories(result, env, others)
+    ctx = _context(project, sources, _Run(result, emit))
+    chosen = _stores([s for s in picked if s in NAMES]) if any(s in NAMES for s in picked) else []
+    declared = _load_declarations(chosen, ctx)
+    for store in chosen:
+        store.verify(ctx, result, env, others, declared[store.name])
+    for name, extra in (("redis", checks.check_redis), ("dirs", checks.check_directories)):
+        if name in picked:
+            extra(result, env, others)
     for check in result.checks:
         emit("check", check)
     return result
@@ -487,61 +269,23 @@ def resettable(project: Project, env_name: str) -> Environment:
     return env
 
 
-@dataclass(frozen=True)
-class _Drop:
-    """One store's part of a reset: what it removes, how to check it can, and how to remove it."""
-
-    store: str
-    label: str  # "dev (schema dev)", as the store's errors name its target
-    what: str  # "schema dev", for the already-dropped / not-dropped lists
-    check: Callable[[], Any]
-    drop: Callable[[], Any]
-
-
-def _reset_drops(env: Environment, chosen: list[str], every_store: bool, run: _Run, sources: Sources,
-                 declared: dict[str, Any], closing: Any) -> list[_Drop]:
+def _reset_drops(env: Environment, stores: list[Any], every_store: bool, ctx: Any,
+                 declared: dict[str, Any], closing: Any) -> list[Any]:
     """What a reset of ``env`` removes, store by store, in the order it removes them."""
-    drops: list[_Drop] = []
-    if "postgres" in chosen:
-        from .stores import postgres
+    from .stores.base import Drop
 
-        target = _postgres_target(env, run)
-        drops.append(_Drop("postgres", f"{env.name} (schema {env.schema})", f"schema {env.schema}",
-                           lambda: postgres.preflight_drop(target),
-                           lambda: env.schema if postgres.drop_schema(target) else None))
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-        if mtarget.configured:
-            _embedded_mongo(mtarget, run)
-            closing.callback(mtarget.close)
-            drops.append(_Drop("mongo", mtarget.label, f"database {env.mongo_database}",
-                               lambda: mongo.preflight_drop(mtarget),
-                               lambda: env.mongo_database if mongo.drop_database(mtarget) else None))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        qtarget = _qdrant_target(env, run, sources, 30.0)
-        names = ", ".join(env.qdrant_collection_for(spec.name) for spec in declared["qdrant"])
-
-        def drop_collections() -> list[str]:
-            with qtarget.session() as client:
-                return qdrant.drop(client, env, declared["qdrant"])
-
-        drops.append(_Drop("qdrant", f"{env.name} (collection {names})", f"collection {names}",
-                           lambda: qdrant.preflight_drop(qtarget, declared["qdrant"]), drop_collections))
+    drops = [d for d in (store.drop(ctx, env, declared[store.name], closing) for store in stores) if d is not None]
     if env.redis_url is not None and every_store:
         from .stores import redis as redis_store
 
         url = env.redis_url
-        drops.append(_Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
-                           lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
-                           lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
+        drops.append(Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
+                          lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
+                          lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
     return drops
 
 
-def _preflight(env: Environment, drops: list[_Drop]) -> None:
+def _preflight(env: Environment, drops: list[Any]) -> None:
     """Check every store a reset will touch before touching any; refuse with every problem found."""
     from .environments import scrub
     from .errors import MomentryError, RefusedError
@@ -560,7 +304,7 @@ def _preflight(env: Environment, drops: list[_Drop]) -> None:
                            f"fix {'this' if len(problems) == 1 else 'these'} and run reset again")
 
 
-def _drop_all(env: Environment, drops: list[_Drop]) -> dict[str, Any]:
+def _drop_all(env: Environment, drops: list[Any]) -> dict[str, Any]:
     """Drop store by store; a failure names what was already dropped and what was not."""
     from .environments import scrub
     from .errors import MomentryError, StoreError
@@ -593,11 +337,11 @@ def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
 
     env = resettable(project, env_name)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
     result = ActionResult("reset", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations(chosen, ctx)  # check every declaration before dropping anything
     with ExitStack() as closing:
-        drops = _reset_drops(env, chosen, not stores, run, sources, declared, closing)
+        drops = _reset_drops(env, chosen, not stores, ctx, declared, closing)
         _preflight(env, drops)
         dropped = _drop_all(env, drops)
     for store, what in dropped.items():
@@ -617,12 +361,14 @@ def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consen
     asks for the environment's name to be typed, or takes --confirm prod).
     """
     from .errors import RefusedError
-    from .stores import qdrant
+    from .stores import qdrant, qdrant_store
+    from .stores.base import store
 
     env = project.environment(env_name)
-    specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
     result = ActionResult("prune", env.name)
-    target = _qdrant_target(env, _Run(result, emit), sources, 30.0)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    specs = store("qdrant").load(ctx)
+    target = qdrant_store.announced(ctx, env)
     deleted: list[str] = []
     changed: list[str] = []
     with target.session() as client:
@@ -681,60 +427,21 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
                           f"{', '.join(sorted(isolated_tables()))}")
     _refuse_orphaning(selected)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)
-    for store, given, variable in (("mongo", sources.mongo_client, "mongodb_url"),
-                                   ("qdrant", sources.qdrant_client, "qdrant_url")):
-        if store in chosen and given is None and (
-                _url_of(getattr(source, variable)) != _url_of(getattr(dest, variable))):
-            raise ConfigError(f"clone copies {store} data within one server; {source.name} and {dest.name} "
-                              f"have different {variable.upper()} settings")
     result = ActionResult("clone", dest.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations(chosen, ctx)
+    for store in chosen:  # what a store cannot copy is refused before any store writes
+        store.clone_check(ctx, source, dest)
     copied: dict[str, dict[str, int]] = {}
-    if "mongo" in chosen:  # an embedded server that cannot start stops the clone before any write
-        from .stores import mongo
-
-        src_m = mongo.MongoTarget(source, client=sources.mongo_client)
-        if src_m.configured:
-            _embedded_mongo(src_m, run)
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
-        if postgres.plan(dst_t, script_location=_scripts(project, sources)).pending:
-            raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
-        _refuse_source_behind(postgres.plan(src_t, script_location=_scripts(project, sources)))
-        copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        if not src_m.configured:
-            run.skip("mongo", "MONGODB_URL is not set")
-        else:
-            dst_m = mongo.MongoTarget(dest, client=src_m.connect().client)
-            copied["mongo"] = mongo.clone(src_m, dst_m, limit, emit)
-            src_m.close()
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        with _qdrant_target(source, run, sources, 30.0).session() as client:
-            copied["qdrant"] = qdrant.clone_points(client, source, dest, declared["qdrant"], limit, emit)
+    for store in chosen:
+        counts = store.clone(ctx, source, dest, declared[store.name], selected, limit)
+        if counts is not None:
+            copied[store.name] = counts
     for store, counts in copied.items():
         for name, count in counts.items():
             result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
     result.data = {"from": source.name, "to": dest.name, "copied": copied}
     return result
-
-
-def _refuse_source_behind(source: TargetPlan) -> None:
-    """The destination is at head; a source behind it has other columns, so nothing is copied."""
-    from .errors import StoreError
-
-    if source.pending:
-        at = ", ".join(source.current) if source.current else "base"
-        raise StoreError(source.store, f"{source.env} (schema {source.target})", "clone",
-                         f"{source.env} is at revision {at}, behind {', '.join(source.head)}; run "
-                         f"momentry-db migrate --env {source.env} first, then clone again")
 
 
 def _refuse_orphaning(selected: Sequence[str]) -> None:
@@ -752,13 +459,13 @@ def _refuse_orphaning(selected: Sequence[str]) -> None:
 def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = _ignore,
           sources: Sources = Sources()) -> ActionResult:
     """Take over a schema created outside Alembic: compare it with the models, then stamp it."""
-    from .stores import postgres
+    from .stores import postgres, postgres_store
 
     env = project.environment(env_name)
     result = ActionResult("adopt", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    target = _postgres_target(env, run)
-    plan = postgres.plan(target, script_location=_scripts(project, sources))
+    ctx = _context(project, sources, _Run(result, emit))
+    target = postgres_store.target(ctx, env)
+    plan = postgres.plan(target, script_location=ctx.scripts)
     if plan.current:
         result.lines.append(f"postgres {env.name} (schema {env.schema}): already managed, at {', '.join(plan.current)}")
         result.data = {"stamped": False, "current": list(plan.current), "differences": []}
@@ -771,7 +478,7 @@ def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = 
         result.lines.append(f"not stamped: {len(differences)} difference(s) from the models; fix them, "
                             "or stamp anyway with --force")
         return result
-    postgres.stamp(target, script_location=_scripts(project, sources), project=project)
+    postgres.stamp(target, script_location=ctx.scripts, project=project)
     result.data["stamped"] = True
     result.data["current"] = list(plan.head)
     result.lines.append(f"postgres {env.name} (schema {env.schema}): stamped at {', '.join(plan.head)}"
@@ -858,23 +565,23 @@ def envs(project: Project, emit: Emit = _ignore) -> ActionResult:
 def check(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
           env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
           emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
-    """Exit 0 only when every store is at head and the live schema matches the models."""
-    from .stores import postgres
+    """Exit 0 only when every store is at head and its live target matches what it declares."""
+    from .stores.base import KIND, store
 
     st = status(project, env_name, stores=stores, env_file=env_file, overrides=overrides, emit=emit,
                 sources=sources)
     result = ActionResult("check", st.env, notices=st.notices, skipped=st.skipped)
+    ctx = _context(project, sources, _Run(result, emit))
+    env = project.environment(env_name, env_file=env_file, overrides=overrides)
     pending = [s for t in st.targets for s in t.pending]
     drift: list[str] = []
-    pg_pending = any(s.store == "postgres" for s in pending)
-    if "postgres" in _stores(stores) and pg_pending:
-        result.notices.append("postgres: drift is compared once the schema is at head; migrate, then check again")
-        emit("notice", result.notices[-1])
-    elif "postgres" in _stores(stores):
-        env = project.environment(env_name, env_file=env_file, overrides=overrides)
-        drift = [f"postgres {env.name} (schema {env.schema}): {d}"
-                 for d in postgres.compare_live(postgres.PgTarget(env))]
-    drift += _mongo_drift(project, st, result, env_name, env_file, overrides, emit, sources)
+    for target in st.targets:
+        found = store(target.store).drift(ctx, env, target.plan)
+        if found is None:
+            ctx.run.notice(f"{target.store}: drift is compared once the {KIND[target.store]} is at head; "
+                           "migrate, then check again")
+        else:
+            drift += found
     result.ok = not pending and not drift
     result.lines += [f"pending: {s.store} {s.env} ({s.target}): {s.name} {s.description}".rstrip() for s in pending]
     result.lines += [f"drift: {d}" for d in drift[:20]] + ([f"drift: and {len(drift) - 20} more"] if len(drift) > 20 else [])
@@ -885,44 +592,17 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     return result
 
 
-def _mongo_drift(project: Project, st: RunResult, result: ActionResult, env_name: str, env_file: Path | None,
-                 overrides: Mapping[str, str | None] | None, emit: Emit, sources: Sources) -> list[str]:
-    """Check's Mongo part: the live database against the shape recorded at its head."""
-    from .stores import mongo, mongo_shape
-
-    plans = [t for t in st.targets if t.store == "mongo"]
-    if not plans:  # not chosen, or skipped with its reason already given
-        return []
-    if plans[0].pending:
-        result.notices.append("mongo: drift is compared once the database is at head; migrate, then check again")
-        emit("notice", result.notices[-1])
-        return []
-    if not plans[0].current:
-        return []
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    head, where = plans[0].current[-1], f"mongo {env.name} (database {env.mongo_database})"
-    target = mongo.MongoTarget(env, client=sources.mongo_client)
-    try:
-        drift = mongo_shape.drift_from_record(target.connect(), head, mongo.BOOKKEEPING)
-    finally:
-        target.close()
-    if drift is None:
-        return [f"{where}: not checkable: no shape recorded at {head} (migrated before shapes were recorded); "
-                f"run momentry-db migrate --env {env.name} to record the live one as its baseline"]
-    return [f"{where}: {d}" for d in drift]
-
-
 def lint(project: Project, env_name: str, *, env_file: Path | None = None,
          overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
          sources: Sources = Sources()) -> ActionResult:
     """Lint the SQL of the pending PostgreSQL revisions for risky DDL (squawk)."""
     from .lint import lint_sql
-    from .stores import postgres
+    from .stores import postgres, postgres_store
 
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result = ActionResult("lint", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    plan = postgres.plan(_postgres_target(env, run), with_sql=True, script_location=_scripts(project, sources),
+    ctx = _context(project, sources, _Run(result, emit))
+    plan = postgres.plan(postgres_store.target(ctx, env), with_sql=True, script_location=ctx.scripts,
                          project=project)
     findings = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
     result.ok = not findings
@@ -940,23 +620,22 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     tables holds rows, since a downgrade may drop them.
     """
     from .errors import RefusedError
-    from .stores import postgres
+    from .stores import postgres, postgres_store
 
     env = project.environment(env_name)
-    _known_revision(revision, _scripts(project, sources))
+    _known_revision(revision, sources.alembic_scripts or project.alembic_scripts)
     if env.primary and not consent(f"downgrade prod (schema {env.schema}) to {revision}"):
         raise RefusedError("downgrade of prod needs explicit consent: confirm on a terminal, or pass --yes")
     result = ActionResult("downgrade", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    target = _postgres_target(env, run)
-    target.lock_wait = lock_timeout
+    ctx = _context(project, sources, _Run(result, emit), lock_timeout)
+    target = postgres_store.target(ctx, env)
     populated = [] if env.primary else postgres.tables_with_rows(target)
     if populated and not consent(f"downgrade {env.name} (schema {env.schema}) to {revision}; tables holding rows "
                                  f"may be dropped: {', '.join(populated)}"):
         raise RefusedError(f"downgrade of {env.name} (schema {env.schema}) may drop tables holding rows "
                            f"({', '.join(populated[:5])}{', ...' if len(populated) > 5 else ''}); confirm on a "
                            "terminal, or pass --yes; nothing was changed")
-    undone = postgres.downgrade(target, revision, script_location=_scripts(project, sources), project=project)
+    undone = postgres.downgrade(target, revision, script_location=ctx.scripts, project=project)
     result.lines += [f"postgres {env.name} (schema {env.schema}): downgraded {r}" for r in undone]
     result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
     result.data = {"undone": undone, "to": revision}
@@ -965,19 +644,13 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
 
 def _known_revision(revision: str, scripts: Path | None) -> None:
     """A downgrade target must be base or a revision of this checkout."""
-    from alembic.util import CommandError
-
     from .stores import postgres
 
     if revision == "base":
         return
     if revision in ("head", "heads"):
         raise ConfigError("downgrade --to head goes nowhere; name a revision below the current one, or base")
-    try:
-        found = postgres._script(scripts).get_revision(revision)
-    except CommandError:
-        found = None
-    if found is None:
+    if not postgres.has_revision(scripts, revision):
         raise ConfigError(f"unknown revision {revision!r}; use base or one of the revisions in migrations/versions")
 
 
@@ -987,25 +660,11 @@ def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequenc
     env = project.environment(env_name)
     chosen = _stores(stores)
     result = ActionResult("history", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations(chosen, ctx)
     entries: list[dict[str, Any]] = []
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        for row in postgres.history(_postgres_target(env, run), limit):
-            entries.append({**row, "recorded_at": row["recorded_at"].isoformat(timespec="seconds")})
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        with _mongo(env, run, sources) as mtarget:
-            if mtarget is not None:
-                entries.extend(mongo.history(mtarget, limit))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
-        with _qdrant_target(env, run, sources, 30.0).session() as client:
-            entries.extend(qdrant.history(client, env, specs))
+    for store in chosen:
+        entries.extend(store.history(ctx, env, declared[store.name], limit))
     entries.sort(key=lambda e: str(e.get("recorded_at", "")), reverse=True)
     entries = entries[:limit]
     for e in entries:
@@ -1019,238 +678,11 @@ def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequenc
     return result
 
 
-class _PostgresRun:
-    """PostgreSQL's part of a run: read every schema's version, plan the ones behind, then upgrade them
-    public first, compiled where schemas stand at the same revision, else through Alembic (in worker
-    processes with ``parallel`` > 1)."""
-
-    def __init__(self, work: _Migration) -> None:
-        from .stores import postgres
-
-        self.work, self.pg = work, postgres
-        self.targets: list[Any] = []
-
-    def preflight(self) -> None:
-        w = self.work
-        if w.envs:
-            _postgres_target(w.envs[0], w.run)  # the embedded-server notice, once
-        self.targets = [self.pg.PgTarget(env, emit=w.emit, lock_wait=w.lock_timeout) for env in w.envs]
-
-    def run(self) -> list[TargetOutcome]:
-        w, pg = self.work, self.pg
-        outcomes: dict[str, TargetOutcome] = {}
-        plans: dict[str, TargetPlan] = {}
-        if w.apply:
-            versions = pg.current_versions(self.targets)
-            head = pg.heads(w.scripts)
-        for t in self.targets:
-            if w.apply and versions[t.schema] == head:  # at head after one query: nothing to plan
-                outcomes[t.schema] = w.planned(TargetPlan("postgres", t.env.name, t.schema, head, head))
-                continue
-            try:
-                plan = pg.plan(t, with_sql=w.dry_run, script_location=w.scripts, project=w.project)
-                if w.apply and plan.pending:
-                    _refuse_unmanaged(t.env, plan)
-                    if t.primary:
-                        _consent_to_risks(t, plan, w.consent, w.scripts)
-            except Exception as exc:  # noqa: BLE001 - this target's outcome
-                outcomes[t.schema] = w.failed(unplanned("postgres", t.env.name, t.schema), exc, t.env)
-                continue
-            outcomes[t.schema] = w.planned(plan)
-            plans[t.schema] = plan
-        pending = [t for t in self.targets if t.schema in plans and plans[t.schema].pending]
-        if w.apply and pending:
-            results = self._upgrade(pending, versions)
-            for t in pending:
-                applied, error = results[t.schema]
-                plan = plans[t.schema]
-                if error is None:
-                    outcomes[t.schema] = w.done(plan, [s for s in plan.pending if s.name in applied])
-                else:
-                    outcomes[t.schema] = w.failed(plan, error, t.env)
-        return [outcomes[t.schema] for t in self.targets]
-
-    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
-        """Upgrade each target: (revisions applied, the error that stopped it) per schema."""
-        w, pg = self.work, self.pg
-        done: dict[str, tuple[list[str], Any]] = {}
-        primary = [t for t in pending if t.primary]
-        others = [t for t in pending if not t.primary]
-        if primary:  # public first
-            self._alembic(primary)
-        starts: dict[tuple[str, ...], list[Any]] = {}
-        left: list[Any] = []
-        for t in others:  # compile each revision path once for the schemas at the same revision
-            if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
-                left.append(t)
-            else:
-                starts.setdefault(versions[t.schema] or (), []).append(t)
-        for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
-            left += (self._guarded(pg.upgrade_compiled, group, start, script_location=w.scripts) or []
-                     if len(group) > 1 else group)
-        if left and w.parallel > 1:
-            done.update(self._workers(left))
-        elif left:
-            self._alembic(left)
-        for t in pending:
-            if t.schema not in done:
-                done[t.schema] = (list(t.applied), t.error)
-        return done
-
-    def _alembic(self, targets: list[Any]) -> None:
-        self._guarded(self.pg.upgrade_many, targets, script_location=self.work.scripts, project=self.work.project)
-
-    def _guarded(self, fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
-        """What stops a fan-out step early becomes the outcome of each target not yet done."""
-        try:
-            return fn(targets, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
-            for t in targets:
-                if t.error is None and not t.applied:
-                    t.error = self.pg.failure(t, exc)
-            return None
-
-    def _workers(self, targets: list[Any]) -> dict[str, tuple[list[str], Any]]:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from .errors import MomentryError
-
-        w, pg = self.work, self.pg
-        parallel = w.parallel
-        chunks = [targets[i::parallel] for i in range(min(parallel, len(targets)))]
-        done: dict[str, tuple[list[str], Any]] = {}
-        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(pg.upgrade_chunk, [t.env for t in chunk], w.scripts, w.lock_timeout)
-                       for chunk in chunks]
-            for chunk, future in zip(chunks, futures):
-                try:
-                    rows = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
-                    for t in chunk:
-                        done[t.schema] = ([], pg.failure(t, exc))
-                    continue
-                for schema, applied, error in rows:
-                    done[schema] = (applied, MomentryError(error) if error else None)
-        return done
-
-
-class _MongoRun:
-    """MongoDB's part of a run: plan, then apply, each environment's database in turn."""
-
-    def __init__(self, work: _Migration) -> None:
-        self.work = work
-        self.first: Any = None
-
-    def preflight(self) -> None:
-        from .stores import mongo
-
-        w = self.work
-        if w.envs:  # an embedded server that cannot start stops the run before any write
-            self.first = mongo.MongoTarget(w.envs[0], client=w.sources.mongo_client)
-            if self.first.configured:
-                _embedded_mongo(self.first, w.run)
-
-    def run(self) -> list[TargetOutcome]:
-        from .stores import mongo
-
-        w = self.work
-        migrations = w.declared["mongo"]
-        outcomes: list[TargetOutcome] = []
-        for i, env in enumerate(w.envs):
-            target = self.first if i == 0 else mongo.MongoTarget(env, client=w.sources.mongo_client)
-            if not target.configured:
-                continue
-            plan = unplanned("mongo", env.name, env.mongo_database)
-            try:
-                plan = mongo.plan(target, migrations)
-                outcome = w.planned(plan)
-                if w.apply:
-                    outcome = w.done(plan, mongo.apply(target, migrations, emit=w.emit, lock_timeout=w.lock_timeout,
-                                                       notice=w.run.notice))
-                outcomes.append(outcome)
-            except Exception as exc:  # noqa: BLE001 - this target's outcome
-                outcomes.append(w.failed(plan, exc, env))
-            finally:
-                target.close()
-        if w.envs and not any(mongo_configured(e, w.sources) for e in w.envs):
-            w.run.skip("mongo", "MONGODB_URL is not set")
-        return outcomes
-
-
-class _QdrantRun:
-    """Qdrant's part of a run: one plan per declared collection, applied in one session per environment."""
-
-    def __init__(self, work: _Migration) -> None:
-        self.work = work
-
-    def preflight(self) -> None:
-        from .errors import MomentryError
-        from .stores import qdrant
-
-        w = self.work
-        if not w.apply:
-            return
-        for env in w.envs:  # an immutable change without --recreate-qdrant is refused before any write
-            target = qdrant.QdrantTarget(env, client=w.sources.qdrant_client, lock_timeout=w.lock_timeout)
-            try:
-                found = qdrant.check_apply(target, w.declared["qdrant"], recreate=w.recreate_qdrant)
-            except MomentryError as exc:
-                if len(w.envs) == 1 or not w.keep_going:
-                    raise
-                found = exc
-            if found is not None:  # reported as this target's outcome, without waiting on the server again
-                w.early[("qdrant", env.name)] = found
-
-    def run(self) -> list[TargetOutcome]:
-        from .stores import qdrant
-
-        w = self.work
-        specs = w.declared["qdrant"]
-        outcomes: list[TargetOutcome] = []
-        for env in w.envs:
-            try:
-                target = _qdrant_target(env, w.run, w.sources, w.lock_timeout)
-                if ("qdrant", env.name) in w.early:
-                    raise w.early[("qdrant", env.name)]
-                cached = qdrant.cached_plans(target, specs)
-                if cached is not None:  # local mode, unchanged since the last run: nothing to open
-                    outcomes += [w.planned(p) for p in cached]
-                    continue
-                applied: list[Step] = []
-                with target.session() as client:
-                    bound = target.bound(client)  # one connection (and one local-mode lock) for plan and apply
-                    plans = qdrant.plan(bound, specs)
-                    for p in plans:
-                        w.emit("planned", p)
-                    if w.apply:
-                        applied = qdrant.apply(bound, specs, recreate=w.recreate_qdrant, emit=w.emit)
-                if w.apply or not any(p.pending for p in plans):
-                    qdrant.write_stamp(target, specs)
-                for p in plans:
-                    mine = [s for s in applied if s.target == p.target]
-                    outcomes.append(w.done(p, mine) if w.apply else
-                                    TargetOutcome(p, "up to date" if not p.pending else
-                                                  "would apply" if w.dry_run else "pending"))
-            except Exception as exc:  # noqa: BLE001 - this target's outcome
-                outcomes.append(w.failed(unplanned("qdrant", env.name, env.qdrant_collection), exc, env))
-        return outcomes
-
-
 def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:
     names = project.process_isolation_vars()
     if names:
         run.notice(f"{', '.join(names)} in the process environment name(s) one environment's targets; "
                    "ignored when listing or migrating several (set them in each env file instead)")
-
-
-def _url_of(secret: Any) -> str | None:
-    return secret.reveal() if secret is not None else None
-
-
-def mongo_configured(env: Environment, sources: Sources) -> bool:
-    """Whether ``env`` has a MongoDB: a client given, MONGODB_URL, or the embedded server."""
-    return sources.mongo_client is not None or env.mongodb_url is not None or env.embedded
 
 
 def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, emit: Emit = _ignore,
@@ -1262,13 +694,16 @@ def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, em
     refused either way, with what to do instead.
     """
     from .errors import RefusedError
+    from .stores.base import NAMES
 
     env = project.environment(env_name)
-    if store not in STORES:
-        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(STORES)}")
+    if store not in NAMES:
+        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(NAMES)}")
+    (chosen,) = _stores([store])
     result = ActionResult("unlock", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    with _lock_store(env, store, run, sources, project) as (module, target, extra):
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations([chosen], ctx)
+    with chosen.lock_target(ctx, env, declared[store]) as (module, target, extra):
         locks = module.held_locks(target, *extra)
         if not locks:
             result.lines.append(f"{store} {env.name}: no migration lock held")
@@ -1289,26 +724,3 @@ def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, em
         result.data = {"store": store, "locks": [lock.to_json() for lock in locks],
                        "released": [lock.to_json() for lock in released]}
     return result
-
-
-@contextmanager
-def _lock_store(env: Environment, store: str, run: _Run, sources: Sources,
-                project: Project) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
-    """A store module, its target for ``env`` and what its held_locks needs besides the target."""
-    if store == "postgres":
-        from .stores import postgres
-
-        yield postgres, _postgres_target(env, run), ()
-    elif store == "mongo":
-        from .stores import mongo
-
-        with _mongo(env, run, sources) as target:
-            if target is None:
-                raise ConfigError(f"MONGODB_URL is not set for {env.name}; set it to the server whose lock "
-                                  "should be released")
-            yield mongo, target, ()
-    else:
-        from .stores import qdrant
-
-        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
-        yield qdrant, _qdrant_target(env, run, sources, 30.0), (specs,)

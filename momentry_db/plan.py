@@ -32,10 +32,22 @@ class TargetPlan:
     pending: tuple[Step, ...] = ()
     sql: str | None = None
     notes: tuple[str, ...] = field(default=())
+    unmanaged: tuple[str, ...] = ()  # model tables in a target that no migration history manages
 
     @property
     def up_to_date(self) -> bool:
         return not self.pending
+
+    def raise_if_unmanaged(self) -> None:
+        """Never create what a target built outside momentry-db already holds: that is adopt's job."""
+        from .errors import RefusedError
+
+        if self.pending and self.unmanaged:
+            shown = ", ".join(self.unmanaged[:5]) + (
+                f" and {len(self.unmanaged) - 5} more" if len(self.unmanaged) > 5 else "")
+            raise RefusedError(f"{self.store} {self.env} (schema {self.target}) already holds {shown} but no "
+                               f"alembic_version; run momentry-db adopt --env {self.env} instead of creating "
+                               "them again")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {

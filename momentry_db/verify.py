@@ -264,7 +264,7 @@ def check_qdrant(result: VerifyResult, env: Environment, others: list[Environmen
                     continue
                 result.add("qdrant", f"collection {alias} exists", ok_detail=f"-> {cp.physical}")
                 same = [o.name for o in others
-                        if qdrant._resolve(client, o.qdrant_collection_for(spec.name)) == cp.physical]
+                        if qdrant.resolve(client, o.qdrant_collection_for(spec.name)) == cp.physical]
                 result.add("qdrant", f"collection {alias} is not shared",
                            [f"{cp.physical} also serves {n}" for n in same])
                 declared = [a for a in cp.actions if a.kind in ("recreate", "record")]

@@ -531,6 +531,16 @@ def heads(script_location: Path | None) -> tuple[str, ...]:
     return tuple(sorted(_script(script_location).get_heads()))
 
 
+def has_revision(script_location: Path | None, revision: str) -> bool:
+    """Whether ``revision`` is one of the revision files'."""
+    from alembic.util import CommandError
+
+    try:
+        return _script(script_location).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def check_revisions(script: Any) -> None:
     """Refuse revision files that fail to import, and a history that is not one line, before any connection."""
     import warnings
@@ -610,6 +620,7 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
 
     script = _script(script_location)
     notes: tuple[str, ...] = ()
+    unmanaged: list[str] = []
     with connect(target) as conn:
         # One snapshot for both reads, so a concurrent first run is seen whole or not at all.
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
@@ -631,7 +642,7 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
     if with_sql and pending:
         sql = offline_sql(target, f"{current[0]}:head" if current else "head",
                           script_location=script_location, project=project)
-    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql, notes)
+    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql, notes, tuple(unmanaged))
 
 
 def offline_sql(target: PgTarget, revision_range: str, *, script_location: Path | None = None,
