@@ -1,5 +1,5 @@
 """PostgreSQL behind the store interface: migrate runs over many schemas, history, reset, verify,
-clone and unlock, on top of stores/postgres.py."""
+clone and unlock, on top of the stores/postgres package."""
 
 from __future__ import annotations
 
