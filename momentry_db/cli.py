@@ -134,11 +134,26 @@ def pg_timeout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "MOMENTRY_PG_LOCK_TIMEOUT).")(fn)
 
 
-def one_env_read_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--env, --store, --json, --env-file and --database-url, as plan, status and check take them."""
-    for option in reversed((env_option, store_option, json_option, env_file_option, url_option)):
+envs_option = click.option("--env", "env_names", multiple=True, metavar="NAME",
+                           help=ENV_HELP + " Repeat it for several environments.")
+all_option = click.option("--all", "all_envs", is_flag=True, help="Every configured environment, prod first.")
+
+
+def read_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--env (repeatable), --all, --store, --json, --env-file and --database-url, as plan, status and check take them."""
+    for option in reversed((envs_option, all_option, store_option, json_option, env_file_option, url_option)):
         fn = option(fn)
     return fn
+
+
+def _chosen_envs(env_names: tuple[str, ...], all_envs: bool, *per_env: Any) -> Any:
+    """The --env names (None for --all); per-environment options take exactly one --env."""
+    if not env_names and not all_envs:
+        raise click.UsageError("give --env NAME (repeatable) or --all")
+    if (all_envs or len(set(env_names)) > 1) and any(per_env):
+        raise click.UsageError("with several environments, use the environment and files for settings; "
+                               "--env-file and --database-url take one --env")
+    return None if all_envs else list(env_names)
 
 
 store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
@@ -229,46 +244,50 @@ def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, para
 
 
 @main.command()
-@one_env_read_options
+@read_options
 @click.pass_context
-def plan(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+def plan(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool,
          env_file: Path | None, database_url: str | None) -> None:
-    """Show what migrate would run, with the SQL per schema (the same as migrate --dry-run)."""
+    """Show what migrate would run, with the SQL per schema (migrate --dry-run, for one env or several)."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.migrate(
-        project, env_name, stores=stores, dry_run=True, env_file=env_file,
+        project, names, stores=stores, dry_run=True, env_file=env_file,
         overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
-@one_env_read_options
+@read_options
 @click.pass_context
-def status(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+def status(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool,
            env_file: Path | None, database_url: str | None) -> None:
-    """Show the current and pending migrations of one environment."""
+    """Show the current and pending migrations of one environment, or a matrix of several."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.status(
-        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url),
+        project, names, stores=stores, env_file=env_file, overrides=_overrides(database_url),
         emit=emit))
 
 
 @main.command()
-@env_option
+@envs_option
+@all_option
 @click.option("--store", "stores", multiple=True, metavar="STORE",
               help="Limit the checks (repeatable): postgres, mongo, qdrant, redis, dirs.")
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
-def verify(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+def verify(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool,
            env_file: Path | None, database_url: str | None) -> None:
-    """Prove an environment's isolation: every check passes, fails, or is not checkable here."""
+    """Prove an environment's isolation (or several): every check passes, fails, or is not checkable here."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.verify(
-        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+        project, names, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
@@ -381,15 +400,16 @@ def envs(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
-@one_env_read_options
+@read_options
 @click.pass_context
-def check(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool, env_file: Path | None,
+def check(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool, env_file: Path | None,
           database_url: str | None) -> None:
-    """Exit 0 when every store is at head and the schema matches the models; else 1, naming why."""
+    """Exit 0 when every store is at head and matches its declarations; else 1, naming why (and which env)."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.check(
-        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+        project, names, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()

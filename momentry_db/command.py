@@ -214,14 +214,29 @@ def embedded_status(project: Project) -> ActionResult:
     return ActionResult("embedded status", "*", lines=lines, data={"servers": rows, "enabled": project.embedded})
 
 
-def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def verify(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
            env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
            emit: Emit = _ignore, sources: Sources = Sources()) -> Any:
+    """Prove the isolation of one environment, several, or every one (None), from every other."""
+    from . import verify as checks
+
+    envs, several = _environments(project, env_names, env_file, overrides)
+    if not several:
+        return _verify_one(project, envs[0], stores=stores, emit=emit, sources=sources)
+    many = checks.VerifyMany("verify", [])
+    for env in envs:
+        one = _verify_one(project, env, stores=stores, emit=emit, sources=sources)
+        many.results.append(one)
+        many.notices += [n for n in one.notices if n not in many.notices]
+    return many
+
+
+def _verify_one(project: Project, env: Environment, *, stores: Sequence[str] | None, emit: Emit,
+                sources: Sources) -> Any:
     """Prove one environment's isolation from every other, store by store."""
     from . import verify as checks
     from .stores.base import NAMES
 
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
     others = [project.environment(name, one_of_many=True) for name in project.registry.names if name != env.name]
     checkable = (*NAMES, "redis", "dirs")
     unknown = [s for s in stores or () if s not in checkable]
@@ -562,21 +577,24 @@ def envs(project: Project, emit: Emit = _ignore) -> ActionResult:
     return result
 
 
-def check(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def check(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
           env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
           emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
-    """Exit 0 only when every store is at head and its live target matches what it declares."""
+    """Exit 0 only when every store of every environment is at head and matches what it declares."""
     from .stores.base import KIND, store
 
-    st = status(project, env_name, stores=stores, env_file=env_file, overrides=overrides, emit=emit,
+    envs, several = _environments(project, env_names, env_file, overrides)
+    st = status(project, env_names, stores=stores, env_file=env_file, overrides=overrides, emit=emit,
                 sources=sources)
     result = ActionResult("check", st.env, notices=st.notices, skipped=st.skipped)
     ctx = _context(project, sources, _Run(result, emit))
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
+    by_name = {e.name: e for e in envs}
     pending = [s for t in st.targets for s in t.pending]
     drift: list[str] = []
+    failed = {s.env for s in pending}
     for target in st.targets:
-        found = store(target.store).drift(ctx, env, target.plan)
+        found = store(target.store).drift(ctx, by_name[target.env], target.plan)
+        failed |= {target.env} if found else set()
         if found is None:
             ctx.run.notice(f"{target.store}: drift is compared once the {KIND[target.store]} is at head; "
                            "migrate, then check again")
@@ -587,8 +605,11 @@ def check(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     result.lines += [f"drift: {d}" for d in drift[:20]] + ([f"drift: and {len(drift) - 20} more"] if len(drift) > 20 else [])
     result.lines.append(f"check {st.env}: " + ("every store at head, no drift" if result.ok else
                                                  f"{len(pending)} pending step(s), {len(drift)} drift(s)"))
-    result.data = {"pending": [s.to_json() for s in pending], "drift": drift,
-                   "targets": [t.to_json() for t in st.targets]}
+    names = [e.name for e in envs if e.name in failed]
+    if several and names:
+        result.lines.append(f"check: {len(names)} of {len(envs)} environment(s) failed: {', '.join(names)}")
+    result.data = {"envs": [e.name for e in envs], "failed": names, "pending": [s.to_json() for s in pending],
+                   "drift": drift, "targets": [t.to_json() for t in st.targets]}
     return result
 
 

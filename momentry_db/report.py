@@ -64,7 +64,13 @@ class Reporter:
         self._run(result)
 
     def _run(self, result: Any) -> None:
-        """migrate, plan and status: one line (or block) per target, whatever the number of environments."""
+        """migrate, plan and status: one line (or block) per target, whatever the number of environments.
+
+        status over several environments prints an environment x store matrix instead.
+        """
+        if result.command == "status" and len(result.envs) > 1:
+            self._matrix(result)
+            return
         for target in result.targets:
             if not target.ok:
                 print(_outcome_line(target), file=self.out)
@@ -82,7 +88,31 @@ class Reporter:
         if result.command == "migrate" and not result.dry_run:
             print(_summary(result), file=self.out)
 
+    def _matrix(self, result: Any) -> None:
+        """One row per environment, one column per store: where it stands, and what is pending."""
+        stores = list(dict.fromkeys(t.store for t in result.targets))
+        cells: dict[tuple[str, str], list[str]] = {}
+        for t in result.targets:
+            cell = ("FAILED" if not t.ok else _revs(t.current, t.store)
+                    + (f" (+{len(t.pending)} pending)" if t.pending else ""))
+            cells.setdefault((t.env, t.store), []).append(cell)
+        rows = [["env", *stores]] + [[env, *(", ".join(cells.get((env, s), ["-"])) for s in stores)]
+                                     for env in result.envs]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=self.out)
+        behind = [env for env in result.envs if any(t.pending or not t.ok for t in result.targets if t.env == env)]
+        print(f"status: {len(result.envs)} environment(s), " + (
+            f"{len(behind)} behind: {', '.join(behind)}" if behind else "every one up to date"), file=self.out)
+
     def _verify(self, result: Any) -> None:
+        if hasattr(result, "results"):  # several environments: each one's checks, then which failed
+            for one in result.results:
+                self._verify(one)
+            print(f"verify: {len(result.results)} environment(s), " + (
+                f"{len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else "all passed"),
+                file=self.out)
+            return
         labels = {"pass": "ok  ", "fail": "FAIL", "not checkable here": "n/a "}
         for check in result.checks:
             detail = f": {check.detail}" if check.detail else ""

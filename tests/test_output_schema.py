@@ -69,3 +69,31 @@ def test_every_other_command_prints_a_document_of_the_schema(migrated, database)
 def test_errors_print_the_error_document(project, args) -> None:
     doc = document(project.cli(*args, "--json"), 2)
     assert doc["ok"] is False and doc["error"]["exit_code"] == 2
+
+
+def test_read_commands_take_several_environments_and_all(migrated, database) -> None:
+    project = migrated
+    project.environ["MOMENTRY_EXTRA_ENVS"] = "pr-1"
+    status = document(project.cli("status", "--all", "--json"))
+    assert status["envs"] == ["prod", "dev", "pr-1"]
+    assert {(t["env"], t["outcome"]) for t in status["targets"] if t["store"] == "postgres"} == {
+        ("prod", "up to date"), ("dev", "up to date"), ("pr-1", "pending")}
+    matrix = project.cli("status", "--all", "--store", "postgres")
+    assert matrix.code == 0, matrix.err
+    assert matrix.out.splitlines() == ["env   postgres", "prod  0001", "dev   0001", "pr-1  base (+1 pending)",
+                                       "status: 3 environment(s), 1 behind: pr-1"]
+    plan = document(project.cli("plan", "--env", "dev", "--env", "pr-1", "--store", "postgres", "--json"))
+    assert [t["outcome"] for t in plan["targets"]] == ["up to date", "would apply"]
+    check = document(project.cli("check", "--all", "--store", "postgres", "--json"), 1)
+    assert (check["envs"], check["failed"]) == (["prod", "dev", "pr-1"], ["pr-1"])
+    text = project.cli("check", "--all", "--store", "postgres")
+    assert text.code == 1 and text.out.splitlines()[-1] == "check: 1 of 3 environment(s) failed: pr-1"
+    verify = document(project.cli("verify", "--env", "prod", "--env", "pr-1", "--store", "postgres", "--json"), 1)
+    assert verify["envs"] == ["prod", "pr-1"] and verify["failed"] == ["pr-1"]
+    assert {c["env"] for c in verify["checks"]} == {"prod", "pr-1"}
+    text = project.cli("verify", "--all", "--store", "postgres")
+    assert text.code == 1 and text.out.splitlines()[-1] == "verify: 3 environment(s), 1 failed: pr-1"
+    one = document(project.cli("verify", "--env", "dev", "--store", "postgres", "--json"))
+    assert (one["envs"], one["failed"]) == (["dev"], [])
+    usage = document(project.cli("status", "--all", "--database-url", "postgresql://u@127.0.0.1:1/db", "--json"), 2)
+    assert "take one --env" in usage["error"]["message"]
