@@ -413,17 +413,20 @@ def check(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores
 
 
 @main.command()
-@env_option
+@envs_option
+@all_option
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
-def lint(ctx: click.Context, env_name: str, as_json: bool, env_file: Path | None, database_url: str | None) -> None:
-    """Report risky DDL in the pending revisions (squawk); exit 1 when there is any."""
+def lint(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, as_json: bool, env_file: Path | None,
+         database_url: str | None) -> None:
+    """Report risky DDL in the pending revisions (squawk); exit 1 when there is any, naming the env."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.lint(
-        project, env_name, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+        project, names, env_file=env_file, overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
@@ -444,16 +447,19 @@ def downgrade(ctx: click.Context, env_name: str, revision: str, yes: bool, lock_
 
 
 @main.command()
-@env_option
+@envs_option
+@all_option
 @store_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest entries shown.")
 @json_option
 @click.pass_context
-def history(ctx: click.Context, env_name: str, stores: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """Show what was applied to an environment: time, store, step, duration and outcome."""
+def history(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], limit: int,
+            as_json: bool) -> None:
+    """Show what was applied to one environment or several: time, store, step, duration and outcome."""
     from . import command
 
-    _run(ctx, as_json, lambda project, emit: command.history(project, env_name, limit=limit, stores=stores,
+    names = _chosen_envs(env_names, all_envs)
+    _run(ctx, as_json, lambda project, emit: command.history(project, names, limit=limit, stores=stores,
                                                              emit=emit))
 
 

@@ -613,23 +613,35 @@ def check(project: Project, env_names: str | Sequence[str] | None, *, stores: Se
     return result
 
 
-def lint(project: Project, env_name: str, *, env_file: Path | None = None,
+def lint(project: Project, env_names: str | Sequence[str] | None, *, env_file: Path | None = None,
          overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
          sources: Sources = Sources()) -> ActionResult:
-    """Lint the SQL of the pending PostgreSQL revisions for risky DDL (squawk)."""
+    """Lint the SQL of the pending PostgreSQL revisions of one environment or several (squawk)."""
     from .lint import lint_sql
     from .stores import postgres, postgres_store
 
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    result = ActionResult("lint", env.name)
+    envs, several = _environments(project, env_names, env_file, overrides)
+    result = ActionResult("lint", ",".join(e.name for e in envs))
     ctx = _context(project, sources, _Run(result, emit))
-    plan = postgres.plan(postgres_store.target(ctx, env), with_sql=True, script_location=ctx.scripts,
-                         project=project)
-    findings = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
+    pending: list[Step] = []
+    findings: list[Any] = []
+    failed: list[str] = []
+    for env in envs:
+        plan = postgres.plan(postgres_store.target(ctx, env), with_sql=True, script_location=ctx.scripts,
+                             project=project)
+        found = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
+        result.lines += [str(f) for f in found]
+        result.lines.append(f"lint {env.name}: {len(plan.pending)} pending revision(s), "
+                            f"{len(found)} risky statement(s)")
+        pending += plan.pending
+        findings += found
+        failed += [env.name] if found else []
+    if several and failed:
+        result.lines.append(f"lint: {len(failed)} of {len(envs)} environment(s) with risky statements: "
+                            f"{', '.join(failed)}")
     result.ok = not findings
-    result.lines += [str(f) for f in findings]
-    result.lines.append(f"lint {env.name}: {len(plan.pending)} pending revision(s), {len(findings)} risky statement(s)")
-    result.data = {"pending": [s.to_json() for s in plan.pending], "findings": [f.to_json() for f in findings]}
+    result.data = {"envs": [e.name for e in envs], "failed": failed, "pending": [s.to_json() for s in pending],
+                   "findings": [f.to_json() for f in findings]}
     return result
 
 
@@ -675,27 +687,29 @@ def _known_revision(revision: str, scripts: Path | None) -> None:
         raise ConfigError(f"unknown revision {revision!r}; use base or one of the revisions in migrations/versions")
 
 
-def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequence[str] | None = None,
-            emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
-    """Show the steps applied to one environment: time, store, step, duration and outcome."""
-    env = project.environment(env_name)
+def history(project: Project, env_names: str | Sequence[str] | None, *, limit: int = 50,
+            stores: Sequence[str] | None = None, emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
+    """Show the steps applied to one environment or several: time, store, step, duration and outcome."""
+    envs, several = _environments(project, env_names, None, None)
     chosen = _stores(stores)
-    result = ActionResult("history", env.name)
+    result = ActionResult("history", ",".join(e.name for e in envs))
     ctx = _context(project, sources, _Run(result, emit))
     declared = _load_declarations(chosen, ctx)
     entries: list[dict[str, Any]] = []
-    for store in chosen:
-        entries.extend(store.history(ctx, env, declared[store.name], limit))
+    for env in envs:
+        for store in chosen:
+            entries.extend(store.history(ctx, env, declared[store.name], limit))
     entries.sort(key=lambda e: str(e.get("recorded_at", "")), reverse=True)
     entries = entries[:limit]
     for e in entries:
         ms = e.get("duration_ms")
-        result.lines.append(f"{e.get('recorded_at')}  {e.get('store'):<8} {e.get('step')}  "
+        result.lines.append(f"{e.get('recorded_at')}  " + (f"{e.get('env')}  " if several else "")
+                            + f"{e.get('store'):<8} {e.get('step')}  "
                             f"{e.get('outcome')}" + (f" in {ms} ms" if ms is not None else "")
                             + (f": {e['error']}" if e.get("error") else ""))
     if not entries:
-        result.lines.append(f"no history recorded for {env.name}")
-    result.data = {"history": entries}
+        result.lines.append(f"no history recorded for {result.env}")
+    result.data = {"envs": [e.name for e in envs], "history": entries}
     return result
 
 

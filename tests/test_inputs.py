@@ -288,7 +288,7 @@ def test_client_warnings_become_one_line_notices(project) -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["history", "--json"], "Missing option '--env'."),
+    (["adopt", "--json"], "Missing option '--env'."),
     (["migrate", "--json"], "give --env NAME (repeatable) or --all"),
     (["migrate", "--env", "dev", "--json", "--parallel", "x"], "Invalid value for '--parallel'"),
     (["status", "--env", "dev", "--json", "--no-such-flag"], "No such option '--no-such-flag'"),
@@ -305,7 +305,7 @@ def test_usage_errors_with_json_print_a_json_error_document(project, args, messa
 
 
 def test_usage_errors_without_json_keep_clicks_text(project) -> None:
-    result = project.momentry_db("history")
+    result = project.momentry_db("adopt")
     assert result.code == 2
     assert result.out == ""
     assert "Missing option '--env'" in result.err

@@ -95,5 +95,9 @@ def test_read_commands_take_several_environments_and_all(migrated, database) -> 
     assert text.code == 1 and text.out.splitlines()[-1] == "verify: 3 environment(s), 1 failed: pr-1"
     one = document(project.cli("verify", "--env", "dev", "--store", "postgres", "--json"))
     assert (one["envs"], one["failed"]) == (["dev"], [])
+    history = document(project.cli("history", "--all", "--store", "postgres", "--json"))
+    assert history["envs"] == ["prod", "dev", "pr-1"] and {e["env"] for e in history["history"]} == {"prod", "dev"}
+    lint = document(project.cli("lint", "--all", "--json"))
+    assert (lint["envs"], lint["failed"], [s["env"] for s in lint["pending"]]) == (["prod", "dev", "pr-1"], [], ["pr-1"])
     usage = document(project.cli("status", "--all", "--database-url", "postgresql://u@127.0.0.1:1/db", "--json"), 2)
     assert "take one --env" in usage["error"]["message"]
