@@ -258,6 +258,23 @@ def stop_embedded_servers(state_dir: Path) -> None:
         stop_embedded(state_dir)
 
 
+@pytest.fixture
+def traversable_tmp() -> Iterator[Path]:
+    """A temporary directory outside pytest's own, for tests that start the embedded PostgreSQL.
+
+    As root, pgserver runs PostgreSQL as the user ``pgserver``, which must traverse every
+    parent directory; pytest resets its base directory to mode 0700 whenever a test run
+    starts, which would lock out a server that another run is starting at that moment.
+    """
+    path = Path(tempfile.mkdtemp(prefix="momentry-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        stop_embedded_servers(path / "state")
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_embedded_server_left(tmp_path: Path) -> Iterator[None]:
     """A safety net: no embedded server a test started outlives it."""
