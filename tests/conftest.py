@@ -258,6 +258,23 @@ def stop_embedded_servers(state_dir: Path) -> None:
         stop_embedded(state_dir)
 
 
+@pytest.fixture
+def traversable_tmp() -> Iterator[Path]:
+    """A temporary directory outside pytest's own, for tests that start the embedded PostgreSQL.
+
+    As root, pgserver runs PostgreSQL as the user ``pgserver``, which must traverse every
+    parent directory; pytest resets its base directory to mode 0700 whenever a test run
+    starts, which would lock out a server that another run is starting at that moment.
+    """
+    path = Path(tempfile.mkdtemp(prefix="momentry-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        stop_embedded_servers(path / "state")
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_embedded_server_left(tmp_path: Path) -> Iterator[None]:
     """A safety net: no embedded server a test started outlives it."""
@@ -330,35 +347,50 @@ def _free_port() -> int:
 
 @contextmanager
 def secantus_server() -> Iterator[str]:
-    """Run SecantusDB (a MongoDB-wire-protocol server) in memory as a separate process; yield its URL."""
+    """Run SecantusDB (a MongoDB-wire-protocol server) in memory as a separate process; yield its URL.
+
+    The port is free when chosen but may be taken before the server binds it, even by another
+    test run's server: the server that answers must report this process's pid, or it starts again.
+    """
+    binary = Path(sys.executable).parent / "secantusd-py"
+    assert binary.exists(), "secantusd-py is not installed: it comes with momentry-db (PyPI SecantusDB)"
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port),
+                                 "--storage-path", ":memory:"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if _answers_as(proc, port):
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        raise RuntimeError("secantusd-py did not start on a port of its own in 5 tries")
+    try:
+        yield f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    finally:
+        # In memory there is nothing to flush, and a graceful stop takes about 2 s per server.
+        proc.kill()
+        proc.wait()
+
+
+def _answers_as(proc: subprocess.Popen, port: int, wait: float = 20) -> bool:
+    """Whether the server on ``port`` answers within ``wait`` seconds and is ``proc``."""
     import time
 
     from pymongo import MongoClient
     from pymongo.errors import PyMongoError
 
-    binary = Path(sys.executable).parent / "secantusd-py"
-    assert binary.exists(), "secantusd-py is not installed: it comes with the test extras (PyPI SecantusDB)"
-    port = _free_port()
-    proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    client = MongoClient(url, serverSelectionTimeoutMS=300)
-    deadline = time.monotonic() + 20
+    client: MongoClient = MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                                      serverSelectionTimeoutMS=300)
+    deadline = time.monotonic() + wait
     try:
-        while True:
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
-                client.admin.command("ping")
-                break
+                return client.admin.command("serverStatus").get("pid") == proc.pid
             except PyMongoError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"secantusd-py did not answer on port {port}") from None
                 time.sleep(0.1)
-        client.close()
-        yield url
+        return False
     finally:
-        # In memory there is nothing to flush, and a graceful stop takes about 2 s per server.
-        proc.kill()
-        proc.wait()
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -37,9 +37,9 @@ def _notice(state: Path, port: int) -> str:
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> Iterator[Path]:
-    """This test's state dir; its embedded servers are stopped afterwards."""
-    path = tmp_path / "state"
+def state(traversable_tmp: Path) -> Iterator[Path]:
+    """This test's state dir (the embedded PostgreSQL may start there); its servers are stopped afterwards."""
+    path = traversable_tmp / "state"
     yield path
     stop_embedded_servers(path)
 

@@ -161,13 +161,13 @@ def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
     assert "CREATE TABLE videos" in result.out
 
 
-def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
+def test_a_fresh_project_with_no_servers_configured(tmp_path: Path, traversable_tmp: Path) -> None:
     """The README's first command: embedded PostgreSQL and MongoDB, Qdrant in local mode."""
     from conftest import _clean_environ  # the developer's shell must not leak in
 
     root = tmp_path / "fresh"
     root.mkdir()
-    env = {**_clean_environ(), "MOMENTRY_STATE_DIR": str(tmp_path / "state")}
+    env = {**_clean_environ(), "MOMENTRY_STATE_DIR": str(traversable_tmp / "state")}
     cli = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(root)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -189,13 +189,13 @@ def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
         assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("mongo", []),
                                                                          ("qdrant", [])]
         assert body["skipped"] == []
-        assert (tmp_path / "state" / "pg" / "PG_VERSION").exists()
-        assert (tmp_path / "state" / "mongo" / "data").is_dir()
+        assert (traversable_tmp / "state" / "pg" / "PG_VERSION").exists()
+        assert (traversable_tmp / "state" / "mongo" / "data").is_dir()
     finally:
         run("embedded", "stop")
     from qdrant_client import QdrantClient
 
-    client = QdrantClient(path=str(tmp_path / "state" / "qdrant"))
+    client = QdrantClient(path=str(traversable_tmp / "state" / "qdrant"))
     try:
         vectors = client.get_collection("momentry_dev_rule1").config.params.vectors
         assert (vectors.size, vectors.distance.value) == (1024, "Cosine")
