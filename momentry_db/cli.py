@@ -18,15 +18,13 @@ from .errors import EXIT_FAILURE, MomentryError
 ENV_HELP = "Environment name: prod, dev, or one declared in momentry-db.toml / MOMENTRY_EXTRA_ENVS."
 
 
-def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any], *,
-         announce_plans: bool = False) -> None:
+def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any]) -> None:
     """Run a command function, render its result, and map errors to exit codes."""
     from .environments import scrub
     from .report import Reporter
     from .settings import load_project
 
     reporter = Reporter(as_json=as_json)
-    reporter.announce_plans = announce_plans
     secrets: list[Any] = []
     result = None
     try:
@@ -136,11 +134,26 @@ def pg_timeout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "MOMENTRY_PG_LOCK_TIMEOUT).")(fn)
 
 
-def one_env_read_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--env, --store, --json, --env-file and --database-url, as plan, status and check take them."""
-    for option in reversed((env_option, store_option, json_option, env_file_option, url_option)):
+envs_option = click.option("--env", "env_names", multiple=True, metavar="NAME",
+                           help=ENV_HELP + " Repeat it for several environments.")
+all_option = click.option("--all", "all_envs", is_flag=True, help="Every configured environment, prod first.")
+
+
+def read_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--env (repeatable), --all, --store, --json, --env-file and --database-url, as plan, status and check take them."""
+    for option in reversed((envs_option, all_option, store_option, json_option, env_file_option, url_option)):
         fn = option(fn)
     return fn
+
+
+def _chosen_envs(env_names: tuple[str, ...], all_envs: bool, *per_env: Any) -> Any:
+    """The --env names (None for --all); per-environment options take exactly one --env."""
+    if not env_names and not all_envs:
+        raise click.UsageError("give --env NAME (repeatable) or --all")
+    if (all_envs or len(set(env_names)) > 1) and any(per_env):
+        raise click.UsageError("with several environments, use the environment and files for settings; "
+                               "--env-file and --database-url take one --env")
+    return None if all_envs else list(env_names)
 
 
 store_option = click.option("--store", "stores", multiple=True, metavar="STORE",
@@ -218,64 +231,63 @@ def migrate(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, para
 
     if not env_names and not all_envs:
         raise click.UsageError("give --env NAME (repeatable) or --all")
-    if all_envs or len(env_names) > 1 or parallel > 1:
-        if dry_run or recreate_qdrant or env_file or database_url or pg_lock_timeout or pg_statement_timeout:
-            raise click.UsageError("with several environments, use the environment and files for settings; "
-                                   "--dry-run, --recreate-qdrant, --env-file, --database-url and the "
-                                   "--pg-* options take one --env")
-        _run(ctx, as_json, lambda project, emit: command.migrate_many(
-            project, None if all_envs else env_names, stores=stores, parallel=parallel, emit=emit,
-            lock_timeout=lock_timeout, consent=_consent(accept_risky)))
-        return
-    env_name = env_names[0]
+    if (all_envs or len(set(env_names)) > 1) and (
+            dry_run or recreate_qdrant or env_file or database_url or pg_lock_timeout or pg_statement_timeout):
+        raise click.UsageError("with several environments, use the environment and files for settings; "
+                               "--dry-run, --recreate-qdrant, --env-file, --database-url and the "
+                               "--pg-* options take one --env")
     _run(ctx, as_json, lambda project, emit: command.migrate(
-        project, env_name, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
+        project, None if all_envs else env_names, stores=stores, dry_run=dry_run, recreate_qdrant=recreate_qdrant,
         env_file=env_file, overrides=_overrides(database_url, pg_lock_timeout, pg_statement_timeout),
-        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky), keep_going=True),
-        announce_plans=True)
+        emit=emit, lock_timeout=lock_timeout, consent=_consent(accept_risky), keep_going=True,
+        parallel=parallel))
 
 
 @main.command()
-@one_env_read_options
+@read_options
 @click.pass_context
-def plan(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+def plan(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool,
          env_file: Path | None, database_url: str | None) -> None:
-    """Show what migrate would run, with the SQL per schema (the same as migrate --dry-run)."""
+    """Show what migrate would run, with the SQL per schema (migrate --dry-run, for one env or several)."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.migrate(
-        project, env_name, stores=stores, dry_run=True, env_file=env_file,
+        project, names, stores=stores, dry_run=True, env_file=env_file,
         overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
-@one_env_read_options
+@read_options
 @click.pass_context
-def status(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+def status(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool,
            env_file: Path | None, database_url: str | None) -> None:
-    """Show the current and pending migrations of one environment."""
+    """Show the current and pending migrations of one environment, or a matrix of several."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.status(
-        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url),
+        project, names, stores=stores, env_file=env_file, overrides=_overrides(database_url),
         emit=emit))
 
 
 @main.command()
-@env_option
+@envs_option
+@all_option
 @click.option("--store", "stores", multiple=True, metavar="STORE",
               help="Limit the checks (repeatable): postgres, mongo, qdrant, redis, dirs.")
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
-def verify(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool,
+def verify(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool,
            env_file: Path | None, database_url: str | None) -> None:
-    """Prove an environment's isolation: every check passes, fails, or is not checkable here."""
+    """Prove an environment's isolation (or several): every check passes, fails, or is not checkable here."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.verify(
-        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+        project, names, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
@@ -388,29 +400,33 @@ def envs(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
-@one_env_read_options
+@read_options
 @click.pass_context
-def check(ctx: click.Context, env_name: str, stores: tuple[str, ...], as_json: bool, env_file: Path | None,
+def check(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool, env_file: Path | None,
           database_url: str | None) -> None:
-    """Exit 0 when every store is at head and the schema matches the models; else 1, naming why."""
+    """Exit 0 when every store is at head and matches its declarations; else 1, naming why (and which env)."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.check(
-        project, env_name, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+        project, names, stores=stores, env_file=env_file, overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
-@env_option
+@envs_option
+@all_option
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
-def lint(ctx: click.Context, env_name: str, as_json: bool, env_file: Path | None, database_url: str | None) -> None:
-    """Report risky DDL in the pending revisions (squawk); exit 1 when there is any."""
+def lint(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, as_json: bool, env_file: Path | None,
+         database_url: str | None) -> None:
+    """Report risky DDL in the pending revisions (squawk); exit 1 when there is any, naming the env."""
     from . import command
 
+    names = _chosen_envs(env_names, all_envs, env_file, database_url)
     _run(ctx, as_json, lambda project, emit: command.lint(
-        project, env_name, env_file=env_file, overrides=_overrides(database_url), emit=emit))
+        project, names, env_file=env_file, overrides=_overrides(database_url), emit=emit))
 
 
 @main.command()
@@ -431,16 +447,19 @@ def downgrade(ctx: click.Context, env_name: str, revision: str, yes: bool, lock_
 
 
 @main.command()
-@env_option
+@envs_option
+@all_option
 @store_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest entries shown.")
 @json_option
 @click.pass_context
-def history(ctx: click.Context, env_name: str, stores: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """Show what was applied to an environment: time, store, step, duration and outcome."""
+def history(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], limit: int,
+            as_json: bool) -> None:
+    """Show what was applied to one environment or several: time, store, step, duration and outcome."""
     from . import command
 
-    _run(ctx, as_json, lambda project, emit: command.history(project, env_name, limit=limit, stores=stores,
+    names = _chosen_envs(env_names, all_envs)
+    _run(ctx, as_json, lambda project, emit: command.history(project, names, limit=limit, stores=stores,
                                                              emit=emit))
 
 
@@ -460,14 +479,24 @@ def unlock(ctx: click.Context, env_name: str, store: str, yes: bool, as_json: bo
 
 @main.group()
 def embedded() -> None:
-    """Manage the embedded PostgreSQL server used when DATABASE_URL is not set."""
+    """Manage the embedded servers used when DATABASE_URL or MONGODB_URL is not set."""
+
+
+@embedded.command("status")
+@json_option
+@click.pass_context
+def embedded_status(ctx: click.Context, as_json: bool) -> None:
+    """List the embedded PostgreSQL and MongoDB servers: address, data directory, pid, state."""
+    from . import command
+
+    _run(ctx.find_root(), as_json, lambda project, emit: command.embedded_status(project))
 
 
 @embedded.command("stop")
 @json_option
 @click.pass_context
 def embedded_stop(ctx: click.Context, as_json: bool) -> None:
-    """Stop the embedded PostgreSQL server."""
+    """Stop the embedded PostgreSQL and MongoDB servers."""
     from . import command
 
     _run(ctx.find_root(), as_json, lambda project, emit: command.stop_embedded(project))

@@ -6,18 +6,17 @@ Progress is reported through ``emit(event, payload)``; nothing here prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .environments import Environment
 from .errors import ConfigError
-from .plan import Step, TargetPlan
+from .plan import Step, TargetOutcome
 from .settings import Project
+from .stores.base import Consent, shown_path
 
-STORES = ("postgres", "mongo", "qdrant")
 Emit = Callable[[str, Any], None]
 
 
@@ -38,42 +37,56 @@ class Sources:
 
 @dataclass
 class RunResult:
-    """What a migrate, plan or status run found and did, per store and target."""
+    """What a migrate, plan or status run found and did: one outcome per store and environment."""
 
     command: str
-    env: str
-    targets: list[TargetPlan] = field(default_factory=list)
-    applied: list[Step] = field(default_factory=list)
+    envs: list[str]
+    targets: list[TargetOutcome] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     dry_run: bool = False
-    failures: list[dict[str, str]] = field(default_factory=list)  # a store that failed; the next ones still ran
+    parallel: int = 1
+
+    @property
+    def env(self) -> str:
+        return ",".join(self.envs)
+
+    @property
+    def applied(self) -> list[Step]:
+        """Every step this run applied, store by store, environment by environment."""
+        return [s for t in self.targets for s in t.applied]
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return all(t.ok for t in self.targets)
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        first = "would apply" if self.dry_run else "pending" if self.command == "status" else "upgraded"
+        return (first, "up to date", "failed", "refused")
+
+    def summary(self) -> dict[str, int]:
+        return {state: sum(1 for t in self.targets if t.outcome == state) for state in self.states}
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "command": self.command,
-            "env": self.env,
-            "ok": self.ok,
-            "dry_run": self.dry_run,
+            "command": self.command, "envs": list(self.envs), "ok": self.ok, "dry_run": self.dry_run,
+            "parallel": self.parallel, "summary": self.summary(),
             "targets": [t.to_json() for t in self.targets],
             "applied": [s.to_json() for s in self.applied],
-            "failures": self.failures,
-            "skipped": self.skipped,
-            "notices": self.notices,
+            "skipped": self.skipped, "notices": self.notices,
         }
 
 
 class _Run:
-    """Shared plumbing of migrate and status: notices, skips and plans per store."""
+    """Shared plumbing of every command: notices (each said once) and skipped stores."""
 
-    def __init__(self, result: RunResult, emit: Emit) -> None:
+    def __init__(self, result: Any, emit: Emit) -> None:
         self.result, self.emit = result, emit
 
     def notice(self, text: str) -> None:
+        if text in self.result.notices:
+            return
         self.result.notices.append(text)
         self.emit("notice", text)
 
@@ -81,311 +94,164 @@ class _Run:
         self.result.skipped.append({"store": store, "reason": reason})
         self.notice(f"{store}: skipped ({reason})")
 
-    def planned(self, plan: TargetPlan) -> TargetPlan:
-        self.result.targets.append(plan)
-        self.emit("planned", plan)
-        return plan
 
-    @contextmanager
-    def store_failure(self, store: str, target: str, keep_going: bool, secrets: Sequence[str]) -> Iterator[None]:
-        """With ``keep_going``, a failure inside this store becomes its outcome and the next store runs.
+def _stores(selected: Sequence[str] | None) -> list[Any]:
+    from .stores.base import chosen
 
-        Refusals and bad input (exit 2) still stop the run: they come before the store writes.
-        """
-        from .environments import scrub
-        from .errors import EXIT_FAILURE, MomentryError
-
-        try:
-            yield
-        except MomentryError as exc:
-            if not keep_going or exc.exit_code != EXIT_FAILURE:
-                raise
-            message = scrub(str(exc), list(secrets))
-            self.result.failures.append({"store": store, "env": self.result.env, "target": target,  # type: ignore[attr-defined]
-                                         "type": type(exc).__name__, "error": message})
-            self.emit("failed", message)
+    return chosen(selected)
 
 
-def _stores(selected: Sequence[str] | None) -> list[str]:
-    chosen = list(selected) if selected else list(STORES)
-    for store in chosen:
-        if store not in STORES:
-            raise ConfigError(f"unknown store {store!r}; known: {', '.join(STORES)}")
-    return [s for s in STORES if s in chosen]  # always postgres, then mongo, then qdrant
+def _context(project: Project, sources: Sources, run: _Run, lock_timeout: float = 30.0) -> Any:
+    from .stores.base import Context
+
+    return Context(project, sources, run, lock_timeout)
 
 
-def _scripts(project: Project, sources: Sources) -> Path | None:
-    """Where the Alembic revisions are: given by the caller, the project's alembic.ini, or the package's."""
-    return sources.alembic_scripts or project.alembic_scripts
-
-
-def _refuse_unmanaged(env: Environment, plan: TargetPlan) -> None:
-    """Never create what a schema built outside momentry-db already holds: that is adopt's job."""
-    from .errors import RefusedError
-    from .stores import postgres
-
-    if plan.pending and any(n.startswith(postgres.UNMANAGED) for n in plan.notes):
-        raise RefusedError(f"postgres {env.name} (schema {env.schema}) already holds "
-                           f"{plan.notes[0].split(': ', 1)[1]} but no alembic_version; run "
-                           f"momentry-db adopt --env {env.name} instead of creating them again")
-
-
-def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: Path | None) -> None:
-    """Lint prod's pending SQL; risky statements need explicit consent."""
-    from .errors import RefusedError
-    from .lint import lint_sql
-    from .stores import postgres
-
-    env = target.env
-    if not plan.pending or (not plan.current and not plan.notes):
-        return  # nothing pending, or none of our tables yet: no data to lock, no client to break
-    sql = plan.sql or postgres.offline_sql(target, f"{plan.current[0]}:head" if plan.current else "head",
-                                           script_location=scripts)
-    findings = lint_sql(sql, f"postgres {env.name} (schema {env.schema})")
-    if not findings:
-        return
-    summary = "; ".join(str(f) for f in findings[:5]) + (f"; and {len(findings) - 5} more" if len(findings) > 5 else "")
-    if not consent(f"{len(findings)} risky statement(s) in the pending revisions for {env.name}: {summary}"):
-        raise RefusedError(f"{env.name}: lint found {len(findings)} risky statement(s) in the pending revisions "
-                           f"({findings[0]}); review them with momentry-db lint --env {env.name}, then rerun "
-                           "with --accept-risky")
-
-
-def _postgres_target(env: Environment, run: _Run) -> Any:
-    from .stores import postgres
-
-    target = postgres.PgTarget(env, emit=run.emit)
-    target.url()
-    if target.embedded:
-        run.notice(f"postgres: DATABASE_URL is not set; using the embedded server in "
-                   f"{_shown_path(env.state_dir / 'pg')} (database momentry)")
-    return target
-
-
-@contextmanager
-def _mongo(env: Environment, run: _Run, sources: Sources) -> Iterator[Any]:
-    """The environment's MongoDB target, closed afterwards; None (with a notice) when not configured."""
-    from .stores import mongo
-
-    target = mongo.MongoTarget(env, client=sources.mongo_client)
-    if not target.configured:
-        run.skip("mongo", "MONGODB_URL is not set")
-        yield None
-        return
-    try:
-        yield target
-    finally:
-        target.close()
-
-
-def _qdrant_target(env: Environment, run: _Run, sources: Sources, lock_timeout: float) -> Any:
-    from .stores import qdrant
-
-    target = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
-    if target.local and sources.qdrant_client is None:
-        run.notice(f"qdrant: QDRANT_URL is not set; using local mode in {_shown_path(env.state_dir / 'qdrant')}")
-    if target.key_over_plain_http:
-        run.notice("qdrant: warning: QDRANT_API_KEY is sent over plain http; use https for remote servers")
-    return target
-
-
-def _shown_path(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _load_declarations(chosen: list[str], sources: Sources, project: Project | None = None) -> dict[str, Any]:
-    """Read every store's migrations and specs first, so a bad file stops the run before any write.
-
-    They come from the caller, else the project directory's mongo_migrations/ and
-    qdrant_specs/, else the ones beside the package.
-    """
-    def pick(given: Path | None, name: str, default: Path) -> Path:
-        if given is not None:
-            return given
-        if project is not None and (project.root / name).is_dir():
-            return project.root / name
-        return default
-
-    loaded: dict[str, Any] = {}
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        # loading checks the revision files: one that fails to import, or a branched history, stops here
-        postgres._script(sources.alembic_scripts or (project.alembic_scripts if project is not None else None))
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        loaded["mongo"] = mongo.load_migrations(pick(sources.mongo_migrations, "mongo_migrations",
-                                                     mongo.MIGRATIONS_DIR))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        loaded["qdrant"] = qdrant.load_specs(pick(sources.qdrant_specs, "qdrant_specs", qdrant.SPECS_DIR))
-        if project is not None:
-            qdrant.check_spec_names(loaded["qdrant"], _resolvable(project))
-    return loaded
-
-
-def _resolvable(project: Project) -> list[Environment]:
-    """Every environment whose settings resolve; one that does not fails when it is used itself."""
-    from .errors import MomentryError
-
-    found = []
-    for name in project.registry.names:
-        try:
-            found.append(project.environment(name, one_of_many=True))
-        except MomentryError:
-            continue
-    return found
-
-
-Consent = Callable[[str], bool]
+def _load_declarations(stores: list[Any], ctx: Any) -> dict[str, Any]:
+    """Read every store's declarations first, so a bad file stops the run before any write."""
+    return {store.name: store.load(ctx) for store in stores}
 
 
 def _refuse(question: str) -> bool:
     return False
 
 
-def migrate(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def migrate(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
             dry_run: bool = False, recreate_qdrant: bool = False, env_file: Path | None = None,
             overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
-            sources: Sources = Sources(), lock_timeout: float = 30.0,
-            consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
-    """Plan and apply every pending step for one environment: postgres, then mongo, then qdrant.
+            sources: Sources = Sources(), lock_timeout: float = 30.0, consent: Consent = _refuse,
+            keep_going: bool = False, parallel: int = 1) -> RunResult:
+    """Plan and apply every pending step for one environment or several: postgres, then mongo, then qdrant.
 
-    On prod, pending PostgreSQL revisions are linted first; risky DDL runs only when
-    ``consent`` agrees (the CLI asks on a terminal or takes --accept-risky). A failure
-    inside a store raises, unless ``keep_going``: then it is recorded in
-    ``result.failures`` and the next store still runs (the CLI does this).
+    ``env_names`` is one name, several, or None for every configured environment (prod
+    first). One environment is the one-element case of many: the same steps, the same
+    result. Every target (each store of each environment) gets its own outcome. On prod,
+    pending PostgreSQL revisions are linted first; risky DDL runs only when ``consent``
+    agrees. A failure inside a store raises, unless ``keep_going``: then it becomes that
+    target's outcome and the others still run (the CLI does this). A refusal stops a run
+    over one environment before any write; over several, it is that target's outcome.
     """
-    result = RunResult("migrate", env_name, dry_run=dry_run)
-    return _work(project, env_name, result, stores=stores, apply=not dry_run, with_sql=dry_run,
-                 recreate_qdrant=recreate_qdrant, env_file=env_file, overrides=overrides, emit=emit,
-                 sources=sources, lock_timeout=lock_timeout, consent=consent, keep_going=keep_going)
+    return _migration_run(project, "migrate", env_names, stores=stores, apply=not dry_run,
+                          dry_run=dry_run, recreate_qdrant=recreate_qdrant, env_file=env_file,
+                          overrides=overrides, emit=emit, sources=sources, lock_timeout=lock_timeout,
+                          consent=consent, keep_going=keep_going, parallel=parallel)
 
 
-def status(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def status(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
            env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
-           emit: Emit = _ignore, sources: Sources = Sources()) -> RunResult:
-    """Report the current and pending steps of one environment, per store."""
-    return _work(project, env_name, RunResult("status", env_name), stores=stores, apply=False,
-                 with_sql=False, env_file=env_file, overrides=overrides, emit=emit, sources=sources)
+           emit: Emit = _ignore, sources: Sources = Sources(), keep_going: bool = False) -> RunResult:
+    """Report the current and pending steps of one environment or several, per store."""
+    return _migration_run(project, "status", env_names, stores=stores, apply=False, dry_run=False,
+                          env_file=env_file, overrides=overrides, emit=emit, sources=sources,
+                          keep_going=keep_going)
 
 
-def _work(project: Project, env_name: str, result: RunResult, *, stores: Sequence[str] | None,
-          apply: bool, with_sql: bool, env_file: Path | None, overrides: Mapping[str, str | None] | None,
-          emit: Emit, sources: Sources, recreate_qdrant: bool = False,
-          lock_timeout: float = 30.0, consent: Consent = _refuse, keep_going: bool = False) -> RunResult:
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    result.env = env.name
+def _environments(project: Project, env_names: str | Sequence[str] | None, env_file: Path | None,
+                  overrides: Mapping[str, str | None] | None) -> tuple[list[Environment], bool]:
+    """The environments a run covers, prod first, and whether they are several (or --all)."""
+    if isinstance(env_names, str):
+        env_names = [env_names]
+    names = list(dict.fromkeys(env_names)) if env_names else list(project.registry.names)
+    if env_names and len(names) == 1:
+        return [project.environment(names[0], env_file=env_file, overrides=overrides)], False
+    if env_file is not None or overrides:
+        raise ConfigError("with several environments, use the environment and files for settings; "
+                          "--env-file, --database-url and the --pg-* options take one --env")
+    envs = sorted((project.environment(n, one_of_many=True) for n in names), key=lambda e: not e.primary)
+    return envs, True
+
+
+def _migration_run(project: Project, command: str, env_names: str | Sequence[str] | None, *,
+                   stores: Sequence[str] | None, apply: bool, dry_run: bool, env_file: Path | None = None,
+                   overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
+                   sources: Sources = Sources(), recreate_qdrant: bool = False, lock_timeout: float = 30.0,
+                   consent: Consent = _refuse, keep_going: bool = False, parallel: int = 1) -> RunResult:
+    from .stores.base import MigrationWork
+
+    if parallel < 1:
+        raise ConfigError("--parallel must be 1 or more")
+    envs, several = _environments(project, env_names, env_file, overrides)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)
+    result = RunResult(command, [e.name for e in envs], dry_run=dry_run, parallel=parallel)
     run = _Run(result, emit)
-    qdrant_failed = None
-    if apply and "qdrant" in chosen:  # every refusal before the first write, in any store
-        from .stores import qdrant
-
-        qdrant_failed = qdrant.check_apply(
-            qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout),
-            declared["qdrant"], recreate=recreate_qdrant)
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        target = _postgres_target(env, run)
-        target.lock_wait = lock_timeout
-        before = run.planned(postgres.plan(target, with_sql=with_sql, script_location=_scripts(project, sources),
-                                           project=project))
-        if apply and env.primary:
-            _consent_to_risks(target, before, consent, _scripts(project, sources))
-        if apply and before.pending:
-            _refuse_unmanaged(env, before)
-            with run.store_failure("postgres", env.schema, keep_going, env.secrets()):
-                postgres.upgrade(target, script_location=_scripts(project, sources), project=project)
-                result.applied.extend(s for s in before.pending if s.name in target.applied)
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        with run.store_failure("mongo", env.mongo_database, keep_going, env.secrets()), \
-                _mongo(env, run, sources) as mtarget:
-            if mtarget is not None:
-                run.planned(mongo.plan(mtarget, declared["mongo"]))
-                if apply:
-                    result.applied.extend(mongo.apply(mtarget, declared["mongo"], emit=emit,
-                                                      lock_timeout=lock_timeout, notice=run.notice))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        with run.store_failure("qdrant", env.qdrant_collection, keep_going, env.secrets()):
-            qtarget = _qdrant_target(env, run, sources, lock_timeout)
-            if qdrant_failed is not None:  # found before the other stores ran; not tried twice
-                raise qdrant_failed
-            cached = qdrant.cached_plans(qtarget, declared["qdrant"])
-            if cached is not None:  # local mode, unchanged since the last run: nothing to open
-                for plan in cached:
-                    run.planned(plan)
-                return result
-            with qtarget.session() as client:
-                qtarget.client = client  # one connection (and one local-mode lock) for plan and apply
-                plans = [run.planned(plan) for plan in qdrant.plan(qtarget, declared["qdrant"])]
-                if apply:
-                    result.applied.extend(qdrant.apply(qtarget, declared["qdrant"], recreate=recreate_qdrant,
-                                                       emit=emit))
-            qtarget.client = None
-            if apply or not any(p.pending for p in plans):
-                qdrant.write_stamp(qtarget, declared["qdrant"])
+    work = MigrationWork(project, sources, run, lock_timeout, envs=envs, apply=apply, dry_run=dry_run,
+                         keep_going=keep_going, consent=consent, recreate_qdrant=recreate_qdrant, parallel=parallel)
+    work.declared = _load_declarations(chosen, work)
+    if several:
+        _note_ignored_isolation_vars(project, run)
+    parts = [store.migration(work) for store in chosen]
+    for part in parts:  # every refusal, in any store, before the first write
+        part.preflight()
+    for part in parts:
+        result.targets.extend(part.run())
     return result
 
 
 def stop_embedded(project: Project) -> ActionResult:
-    """Stop the embedded PostgreSQL server of this project, if it runs."""
-    from .stores.embedded import stop_embedded as stop
+    """Stop this project's embedded servers (PostgreSQL and MongoDB) that run."""
+    from .stores import embedded_mongo
+    from .stores.embedded import stop_embedded as stop_postgres
 
-    stopped = stop(project.state_dir)
-    return ActionResult("embedded stop", "*", lines=["embedded server stopped" if stopped
-                                                     else "embedded server is not running"],
-                        data={"stopped": stopped})
+    outcomes = {"postgres": "stopped" if stop_postgres(project.state_dir) else "not running",
+                "mongo": embedded_mongo.stop(project.state_dir)}
+    said = {"stopped": "embedded server stopped", "not running": "embedded server is not running",
+            "stale": "embedded server was not running; its stale record was cleared"}
+    return ActionResult("embedded stop", "*", lines=[f"{store}: {said[o]}" for store, o in outcomes.items()],
+                        data={"stopped": [s for s, o in outcomes.items() if o == "stopped"], "servers": outcomes})
 
 
-def verify(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def embedded_status(project: Project) -> ActionResult:
+    """List this project's embedded servers: address, data directory, pid and state."""
+    from .stores import embedded_mongo
+    from .stores.embedded import embedded_status as postgres_status
+
+    rows = [postgres_status(project.state_dir), embedded_mongo.status(project.state_dir)]
+    lines = [f"{row['server']:<9} {row['state']:<8} {row['address'] or '-'}  pid {row['pid'] or '-'}  "
+             f"data {shown_path(Path(str(row['data_dir'])))}" + (f"  ({row['detail']})" if row["detail"] else "")
+             for row in rows]
+    if not project.embedded:
+        lines.append("MOMENTRY_EMBEDDED=off: commands do not start these servers")
+    return ActionResult("embedded status", "*", lines=lines, data={"servers": rows, "enabled": project.embedded})
+
+
+def verify(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
            env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
            emit: Emit = _ignore, sources: Sources = Sources()) -> Any:
+    """Prove the isolation of one environment, several, or every one (None), from every other."""
+    from . import verify as checks
+
+    envs, several = _environments(project, env_names, env_file, overrides)
+    if not several:
+        return _verify_one(project, envs[0], stores=stores, emit=emit, sources=sources)
+    many = checks.VerifyMany("verify", [])
+    for env in envs:
+        one = _verify_one(project, env, stores=stores, emit=emit, sources=sources)
+        many.results.append(one)
+        many.notices += [n for n in one.notices if n not in many.notices]
+    return many
+
+
+def _verify_one(project: Project, env: Environment, *, stores: Sequence[str] | None, emit: Emit,
+                sources: Sources) -> Any:
     """Prove one environment's isolation from every other, store by store."""
     from . import verify as checks
-    from .errors import MomentryError
+    from .stores.base import NAMES
 
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
     others = [project.environment(name, one_of_many=True) for name in project.registry.names if name != env.name]
-    checkable = (*STORES, "redis", "dirs")
+    checkable = (*NAMES, "redis", "dirs")
     unknown = [s for s in stores or () if s not in checkable]
     if unknown:
         raise ConfigError(f"unknown store {unknown[0]!r}; verify knows: {', '.join(checkable)}")
-    chosen = [s for s in checkable if not stores or s in stores]
-    declared = _load_declarations(chosen, sources, project)
+    picked = [s for s in checkable if not stores or s in stores]
     result = checks.VerifyResult("verify", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    if "postgres" in chosen:
-
-        try:
-            target = _postgres_target(env, run)
-            checks.check_postgres(result, env, target, script_location=_scripts(project, sources))
-        except MomentryError as exc:
-            result.add("postgres", "server reachable", [str(exc)])
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        primary = next((o for o in others if o.primary), None) if not env.primary else None
-        checks.check_mongo(result, env, others, mongo.MongoTarget(env, client=sources.mongo_client),
-                           declared["mongo"],
-                           primary=mongo.MongoTarget(primary, client=sources.mongo_client) if primary else None)
-    if "qdrant" in chosen:
-        checks.check_qdrant(result, env, others, _qdrant_target(env, run, sources, 30.0), declared["qdrant"])
-    if "redis" in chosen:
-        checks.check_redis(result, env, others)
-    if "dirs" in chosen:
-        checks.check_directories(result, env, others)
+    ctx = _context(project, sources, _Run(result, emit))
+    chosen = _stores([s for s in picked if s in NAMES]) if any(s in NAMES for s in picked) else []
+    declared = _load_declarations(chosen, ctx)
+    for store in chosen:
+        store.verify(ctx, result, env, others, declared[store.name])
+    for name, extra in (("redis", checks.check_redis), ("dirs", checks.check_directories)):
+        if name in picked:
+            extra(result, env, others)
     for check in result.checks:
         emit("check", check)
     return result
@@ -418,60 +284,23 @@ def resettable(project: Project, env_name: str) -> Environment:
     return env
 
 
-@dataclass(frozen=True)
-class _Drop:
-    """One store's part of a reset: what it removes, how to check it can, and how to remove it."""
-
-    store: str
-    label: str  # "dev (schema dev)", as the store's errors name its target
-    what: str  # "schema dev", for the already-dropped / not-dropped lists
-    check: Callable[[], Any]
-    drop: Callable[[], Any]
-
-
-def _reset_drops(env: Environment, chosen: list[str], every_store: bool, run: _Run, sources: Sources,
-                 declared: dict[str, Any], closing: Any) -> list[_Drop]:
+def _reset_drops(env: Environment, stores: list[Any], every_store: bool, ctx: Any,
+                 declared: dict[str, Any], closing: Any) -> list[Any]:
     """What a reset of ``env`` removes, store by store, in the order it removes them."""
-    drops: list[_Drop] = []
-    if "postgres" in chosen:
-        from .stores import postgres
+    from .stores.base import Drop
 
-        target = _postgres_target(env, run)
-        drops.append(_Drop("postgres", f"{env.name} (schema {env.schema})", f"schema {env.schema}",
-                           lambda: postgres.preflight_drop(target),
-                           lambda: env.schema if postgres.drop_schema(target) else None))
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-        if mtarget.configured:
-            closing.callback(mtarget.close)
-            drops.append(_Drop("mongo", mtarget.label, f"database {env.mongo_database}",
-                               lambda: mongo.preflight_drop(mtarget),
-                               lambda: env.mongo_database if mongo.drop_database(mtarget) else None))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        qtarget = _qdrant_target(env, run, sources, 30.0)
-        names = ", ".join(env.qdrant_collection_for(spec.name) for spec in declared["qdrant"])
-
-        def drop_collections() -> list[str]:
-            with qtarget.session() as client:
-                return qdrant.drop(client, env, declared["qdrant"])
-
-        drops.append(_Drop("qdrant", f"{env.name} (collection {names})", f"collection {names}",
-                           lambda: qdrant.preflight_drop(qtarget, declared["qdrant"]), drop_collections))
+    drops = [d for d in (store.drop(ctx, env, declared[store.name], closing) for store in stores) if d is not None]
     if env.redis_url is not None and every_store:
         from .stores import redis as redis_store
 
         url = env.redis_url
-        drops.append(_Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
-                           lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
-                           lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
+        drops.append(Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
+                          lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
+                          lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
     return drops
 
 
-def _preflight(env: Environment, drops: list[_Drop]) -> None:
+def _preflight(env: Environment, drops: list[Any]) -> None:
     """Check every store a reset will touch before touching any; refuse with every problem found."""
     from .environments import scrub
     from .errors import MomentryError, RefusedError
@@ -490,7 +319,7 @@ def _preflight(env: Environment, drops: list[_Drop]) -> None:
                            f"fix {'this' if len(problems) == 1 else 'these'} and run reset again")
 
 
-def _drop_all(env: Environment, drops: list[_Drop]) -> dict[str, Any]:
+def _drop_all(env: Environment, drops: list[Any]) -> dict[str, Any]:
     """Drop store by store; a failure names what was already dropped and what was not."""
     from .environments import scrub
     from .errors import MomentryError, StoreError
@@ -523,11 +352,11 @@ def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
 
     env = resettable(project, env_name)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)  # check every declaration before dropping anything
     result = ActionResult("reset", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations(chosen, ctx)  # check every declaration before dropping anything
     with ExitStack() as closing:
-        drops = _reset_drops(env, chosen, not stores, run, sources, declared, closing)
+        drops = _reset_drops(env, chosen, not stores, ctx, declared, closing)
         _preflight(env, drops)
         dropped = _drop_all(env, drops)
     for store, what in dropped.items():
@@ -547,16 +376,18 @@ def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consen
     asks for the environment's name to be typed, or takes --confirm prod).
     """
     from .errors import RefusedError
-    from .stores import qdrant
+    from .stores import qdrant, qdrant_store
+    from .stores.base import store
 
     env = project.environment(env_name)
-    specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
     result = ActionResult("prune", env.name)
-    target = _qdrant_target(env, _Run(result, emit), sources, 30.0)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    specs = store("qdrant").load(ctx)
+    target = qdrant_store.announced(ctx, env)
     deleted: list[str] = []
     changed: list[str] = []
     with target.session() as client:
-        target.client = client
+        target = target.bound(client)
         live, old = qdrant.old_collections(client, env, specs)
         points = sum(o.points for o in old)
         if old and yes:
@@ -565,7 +396,6 @@ def prune(project: Project, env_name: str, *, yes: bool = False, confirm: Consen
                 raise RefusedError("prune of prod needs a typed confirmation: type 'prod' when asked on a "
                                    "terminal, or pass --confirm prod; nothing was deleted")
             deleted, changed = qdrant.prune(client, target, old)
-        target.client = None
     for alias, physical in live.items():
         result.lines.append(f"qdrant {env.name}: {alias} -> {physical}: live, kept" if physical else
                             f"qdrant {env.name}: {alias} is missing: its collections are left alone; run "
@@ -612,55 +442,21 @@ def clone(project: Project, source_name: str, dest_name: str, *, stores: Sequenc
                           f"{', '.join(sorted(isolated_tables()))}")
     _refuse_orphaning(selected)
     chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)
-    for store, given, variable in (("mongo", sources.mongo_client, "mongodb_url"),
-                                   ("qdrant", sources.qdrant_client, "qdrant_url")):
-        if store in chosen and given is None and (
-                _url_of(getattr(source, variable)) != _url_of(getattr(dest, variable))):
-            raise ConfigError(f"clone copies {store} data within one server; {source.name} and {dest.name} "
-                              f"have different {variable.upper()} settings")
     result = ActionResult("clone", dest.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations(chosen, ctx)
+    for store in chosen:  # what a store cannot copy is refused before any store writes
+        store.clone_check(ctx, source, dest)
     copied: dict[str, dict[str, int]] = {}
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        src_t, dst_t = _postgres_target(source, run), postgres.PgTarget(dest)
-        if postgres.plan(dst_t, script_location=_scripts(project, sources)).pending:
-            raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
-        _refuse_source_behind(postgres.plan(src_t, script_location=_scripts(project, sources)))
-        copied["postgres"] = postgres.clone_tables(src_t, dst_t, selected, limit, emit)
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        src_m = mongo.MongoTarget(source, client=sources.mongo_client)
-        if not src_m.configured:
-            run.skip("mongo", "MONGODB_URL is not set")
-        else:
-            dst_m = mongo.MongoTarget(dest, client=src_m.connect().client)
-            copied["mongo"] = mongo.clone(src_m, dst_m, limit, emit)
-            src_m.close()
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        with _qdrant_target(source, run, sources, 30.0).session() as client:
-            copied["qdrant"] = qdrant.clone_points(client, source, dest, declared["qdrant"], limit, emit)
+    for store in chosen:
+        counts = store.clone(ctx, source, dest, declared[store.name], selected, limit)
+        if counts is not None:
+            copied[store.name] = counts
     for store, counts in copied.items():
         for name, count in counts.items():
             result.lines.append(f"{store} {source.name} -> {dest.name}: {name}: {count} copied")
     result.data = {"from": source.name, "to": dest.name, "copied": copied}
     return result
-
-
-def _refuse_source_behind(source: TargetPlan) -> None:
-    """The destination is at head; a source behind it has other columns, so nothing is copied."""
-    from .errors import StoreError
-
-    if source.pending:
-        at = ", ".join(source.current) if source.current else "base"
-        raise StoreError(source.store, f"{source.env} (schema {source.target})", "clone",
-                         f"{source.env} is at revision {at}, behind {', '.join(source.head)}; run "
-                         f"momentry-db migrate --env {source.env} first, then clone again")
 
 
 def _refuse_orphaning(selected: Sequence[str]) -> None:
@@ -678,13 +474,13 @@ def _refuse_orphaning(selected: Sequence[str]) -> None:
 def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = _ignore,
           sources: Sources = Sources()) -> ActionResult:
     """Take over a schema created outside Alembic: compare it with the models, then stamp it."""
-    from .stores import postgres
+    from .stores import postgres, postgres_store
 
     env = project.environment(env_name)
     result = ActionResult("adopt", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    target = _postgres_target(env, run)
-    plan = postgres.plan(target, script_location=_scripts(project, sources))
+    ctx = _context(project, sources, _Run(result, emit))
+    target = postgres_store.target(ctx, env)
+    plan = postgres.plan(target, script_location=ctx.scripts)
     if plan.current:
         result.lines.append(f"postgres {env.name} (schema {env.schema}): already managed, at {', '.join(plan.current)}")
         result.data = {"stamped": False, "current": list(plan.current), "differences": []}
@@ -697,7 +493,7 @@ def adopt(project: Project, env_name: str, *, force: bool = False, emit: Emit = 
         result.lines.append(f"not stamped: {len(differences)} difference(s) from the models; fix them, "
                             "or stamp anyway with --force")
         return result
-    postgres.stamp(target, script_location=_scripts(project, sources), project=project)
+    postgres.stamp(target, script_location=ctx.scripts, project=project)
     result.data["stamped"] = True
     result.data["current"] = list(plan.head)
     result.lines.append(f"postgres {env.name} (schema {env.schema}): stamped at {', '.join(plan.head)}"
@@ -781,80 +577,71 @@ def envs(project: Project, emit: Emit = _ignore) -> ActionResult:
     return result
 
 
-def check(project: Project, env_name: str, *, stores: Sequence[str] | None = None,
+def check(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
           env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
           emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
-    """Exit 0 only when every store is at head and the live schema matches the models."""
-    from .stores import postgres
+    """Exit 0 only when every store of every environment is at head and matches what it declares."""
+    from .stores.base import KIND, store
 
-    st = status(project, env_name, stores=stores, env_file=env_file, overrides=overrides, emit=emit,
+    envs, several = _environments(project, env_names, env_file, overrides)
+    st = status(project, env_names, stores=stores, env_file=env_file, overrides=overrides, emit=emit,
                 sources=sources)
     result = ActionResult("check", st.env, notices=st.notices, skipped=st.skipped)
+    ctx = _context(project, sources, _Run(result, emit))
+    by_name = {e.name: e for e in envs}
     pending = [s for t in st.targets for s in t.pending]
     drift: list[str] = []
-    pg_pending = any(s.store == "postgres" for s in pending)
-    if "postgres" in _stores(stores) and pg_pending:
-        result.notices.append("postgres: drift is compared once the schema is at head; migrate, then check again")
-        emit("notice", result.notices[-1])
-    elif "postgres" in _stores(stores):
-        env = project.environment(env_name, env_file=env_file, overrides=overrides)
-        drift = [f"postgres {env.name} (schema {env.schema}): {d}"
-                 for d in postgres.compare_live(postgres.PgTarget(env))]
-    drift += _mongo_drift(project, st, result, env_name, env_file, overrides, emit, sources)
+    failed = {s.env for s in pending}
+    for target in st.targets:
+        found = store(target.store).drift(ctx, by_name[target.env], target.plan)
+        failed |= {target.env} if found else set()
+        if found is None:
+            ctx.run.notice(f"{target.store}: drift is compared once the {KIND[target.store]} is at head; "
+                           "migrate, then check again")
+        else:
+            drift += found
     result.ok = not pending and not drift
     result.lines += [f"pending: {s.store} {s.env} ({s.target}): {s.name} {s.description}".rstrip() for s in pending]
     result.lines += [f"drift: {d}" for d in drift[:20]] + ([f"drift: and {len(drift) - 20} more"] if len(drift) > 20 else [])
     result.lines.append(f"check {st.env}: " + ("every store at head, no drift" if result.ok else
                                                  f"{len(pending)} pending step(s), {len(drift)} drift(s)"))
-    result.data = {"pending": [s.to_json() for s in pending], "drift": drift,
-                   "targets": [t.to_json() for t in st.targets]}
+    names = [e.name for e in envs if e.name in failed]
+    if several and names:
+        result.lines.append(f"check: {len(names)} of {len(envs)} environment(s) failed: {', '.join(names)}")
+    result.data = {"envs": [e.name for e in envs], "failed": names, "pending": [s.to_json() for s in pending],
+                   "drift": drift, "targets": [t.to_json() for t in st.targets]}
     return result
 
 
-def _mongo_drift(project: Project, st: RunResult, result: ActionResult, env_name: str, env_file: Path | None,
-                 overrides: Mapping[str, str | None] | None, emit: Emit, sources: Sources) -> list[str]:
-    """Check's Mongo part: the live database against the shape recorded at its head."""
-    from .stores import mongo, mongo_shape
-
-    plans = [t for t in st.targets if t.store == "mongo"]
-    if not plans:  # not chosen, or skipped with its reason already given
-        return []
-    if plans[0].pending:
-        result.notices.append("mongo: drift is compared once the database is at head; migrate, then check again")
-        emit("notice", result.notices[-1])
-        return []
-    if not plans[0].current:
-        return []
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    head, where = plans[0].current[-1], f"mongo {env.name} (database {env.mongo_database})"
-    target = mongo.MongoTarget(env, client=sources.mongo_client)
-    try:
-        drift = mongo_shape.drift_from_record(target.connect(), head, mongo.BOOKKEEPING)
-    finally:
-        target.close()
-    if drift is None:
-        return [f"{where}: not checkable: no shape recorded at {head} (migrated before shapes were recorded); "
-                f"run momentry-db migrate --env {env.name} to record the live one as its baseline"]
-    return [f"{where}: {d}" for d in drift]
-
-
-def lint(project: Project, env_name: str, *, env_file: Path | None = None,
+def lint(project: Project, env_names: str | Sequence[str] | None, *, env_file: Path | None = None,
          overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
          sources: Sources = Sources()) -> ActionResult:
-    """Lint the SQL of the pending PostgreSQL revisions for risky DDL (squawk)."""
+    """Lint the SQL of the pending PostgreSQL revisions of one environment or several (squawk)."""
     from .lint import lint_sql
-    from .stores import postgres
+    from .stores import postgres, postgres_store
 
-    env = project.environment(env_name, env_file=env_file, overrides=overrides)
-    result = ActionResult("lint", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    plan = postgres.plan(_postgres_target(env, run), with_sql=True, script_location=_scripts(project, sources),
-                         project=project)
-    findings = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
+    envs, several = _environments(project, env_names, env_file, overrides)
+    result = ActionResult("lint", ",".join(e.name for e in envs))
+    ctx = _context(project, sources, _Run(result, emit))
+    pending: list[Step] = []
+    findings: list[Any] = []
+    failed: list[str] = []
+    for env in envs:
+        plan = postgres.plan(postgres_store.target(ctx, env), with_sql=True, script_location=ctx.scripts,
+                             project=project)
+        found = lint_sql(plan.sql, f"postgres {env.name} (schema {env.schema})") if plan.sql else []
+        result.lines += [str(f) for f in found]
+        result.lines.append(f"lint {env.name}: {len(plan.pending)} pending revision(s), "
+                            f"{len(found)} risky statement(s)")
+        pending += plan.pending
+        findings += found
+        failed += [env.name] if found else []
+    if several and failed:
+        result.lines.append(f"lint: {len(failed)} of {len(envs)} environment(s) with risky statements: "
+                            f"{', '.join(failed)}")
     result.ok = not findings
-    result.lines += [str(f) for f in findings]
-    result.lines.append(f"lint {env.name}: {len(plan.pending)} pending revision(s), {len(findings)} risky statement(s)")
-    result.data = {"pending": [s.to_json() for s in plan.pending], "findings": [f.to_json() for f in findings]}
+    result.data = {"envs": [e.name for e in envs], "failed": failed, "pending": [s.to_json() for s in pending],
+                   "findings": [f.to_json() for f in findings]}
     return result
 
 
@@ -866,23 +653,22 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
     tables holds rows, since a downgrade may drop them.
     """
     from .errors import RefusedError
-    from .stores import postgres
+    from .stores import postgres, postgres_store
 
     env = project.environment(env_name)
-    _known_revision(revision, _scripts(project, sources))
+    _known_revision(revision, sources.alembic_scripts or project.alembic_scripts)
     if env.primary and not consent(f"downgrade prod (schema {env.schema}) to {revision}"):
         raise RefusedError("downgrade of prod needs explicit consent: confirm on a terminal, or pass --yes")
     result = ActionResult("downgrade", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    target = _postgres_target(env, run)
-    target.lock_wait = lock_timeout
+    ctx = _context(project, sources, _Run(result, emit), lock_timeout)
+    target = postgres_store.target(ctx, env)
     populated = [] if env.primary else postgres.tables_with_rows(target)
     if populated and not consent(f"downgrade {env.name} (schema {env.schema}) to {revision}; tables holding rows "
                                  f"may be dropped: {', '.join(populated)}"):
         raise RefusedError(f"downgrade of {env.name} (schema {env.schema}) may drop tables holding rows "
                            f"({', '.join(populated[:5])}{', ...' if len(populated) > 5 else ''}); confirm on a "
                            "terminal, or pass --yes; nothing was changed")
-    undone = postgres.downgrade(target, revision, script_location=_scripts(project, sources), project=project)
+    undone = postgres.downgrade(target, revision, script_location=ctx.scripts, project=project)
     result.lines += [f"postgres {env.name} (schema {env.schema}): downgraded {r}" for r in undone]
     result.lines.append(f"downgraded {env.name} to {revision}: {len(undone)} revision(s) undone")
     result.data = {"undone": undone, "to": revision}
@@ -891,232 +677,40 @@ def downgrade(project: Project, env_name: str, revision: str, *, consent: Consen
 
 def _known_revision(revision: str, scripts: Path | None) -> None:
     """A downgrade target must be base or a revision of this checkout."""
-    from alembic.util import CommandError
-
     from .stores import postgres
 
     if revision == "base":
         return
     if revision in ("head", "heads"):
         raise ConfigError("downgrade --to head goes nowhere; name a revision below the current one, or base")
-    try:
-        found = postgres._script(scripts).get_revision(revision)
-    except CommandError:
-        found = None
-    if found is None:
+    if not postgres.has_revision(scripts, revision):
         raise ConfigError(f"unknown revision {revision!r}; use base or one of the revisions in migrations/versions")
 
 
-def history(project: Project, env_name: str, *, limit: int = 50, stores: Sequence[str] | None = None,
-            emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
-    """Show the steps applied to one environment: time, store, step, duration and outcome."""
-    env = project.environment(env_name)
+def history(project: Project, env_names: str | Sequence[str] | None, *, limit: int = 50,
+            stores: Sequence[str] | None = None, emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:
+    """Show the steps applied to one environment or several: time, store, step, duration and outcome."""
+    envs, several = _environments(project, env_names, None, None)
     chosen = _stores(stores)
-    result = ActionResult("history", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
+    result = ActionResult("history", ",".join(e.name for e in envs))
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations(chosen, ctx)
     entries: list[dict[str, Any]] = []
-    if "postgres" in chosen:
-        from .stores import postgres
-
-        for row in postgres.history(_postgres_target(env, run), limit):
-            entries.append({**row, "recorded_at": row["recorded_at"].isoformat(timespec="seconds")})
-    if "mongo" in chosen:
-        from .stores import mongo
-
-        with _mongo(env, run, sources) as mtarget:
-            if mtarget is not None:
-                entries.extend(mongo.history(mtarget, limit))
-    if "qdrant" in chosen:
-        from .stores import qdrant
-
-        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
-        with _qdrant_target(env, run, sources, 30.0).session() as client:
-            entries.extend(qdrant.history(client, env, specs))
+    for env in envs:
+        for store in chosen:
+            entries.extend(store.history(ctx, env, declared[store.name], limit))
     entries.sort(key=lambda e: str(e.get("recorded_at", "")), reverse=True)
     entries = entries[:limit]
     for e in entries:
         ms = e.get("duration_ms")
-        result.lines.append(f"{e.get('recorded_at')}  {e.get('store'):<8} {e.get('step')}  "
+        result.lines.append(f"{e.get('recorded_at')}  " + (f"{e.get('env')}  " if several else "")
+                            + f"{e.get('store'):<8} {e.get('step')}  "
                             f"{e.get('outcome')}" + (f" in {ms} ms" if ms is not None else "")
                             + (f": {e['error']}" if e.get("error") else ""))
     if not entries:
-        result.lines.append(f"no history recorded for {env.name}")
-    result.data = {"history": entries}
+        result.lines.append(f"no history recorded for {result.env}")
+    result.data = {"envs": [e.name for e in envs], "history": entries}
     return result
-
-
-def migrate_many(project: Project, env_names: Sequence[str] | None, *, stores: Sequence[str] | None = None,
-                 parallel: int = 1, emit: Emit = _ignore, sources: Sources = Sources(),
-                 lock_timeout: float = 30.0, consent: Consent = _refuse) -> ActionResult:
-    """Migrate many environments in one process: public first, then the rest, K at a time.
-
-    The revision map is loaded once; a target whose version is already head is skipped
-    after one query; with ``parallel`` > 1 the other schemas run in worker processes,
-    one connection each. Every target (each store of each environment) reports its own
-    outcome: upgraded, up to date, failed or refused. One target's failure never stops
-    the others, and none is left half-applied (one transaction per schema). Refusals of
-    bad input (unknown names, unreadable files, an unreachable PostgreSQL) come before
-    anything is written and stop the run.
-    """
-    from .errors import ConfigError as _ConfigError
-    from .stores import postgres
-
-    names = list(env_names) if env_names else list(project.registry.names)
-    if parallel < 1:
-        raise _ConfigError("--parallel must be 1 or more")
-    envs = sorted((project.environment(n, one_of_many=True) for n in dict.fromkeys(names)),
-                  key=lambda e: not e.primary)
-    chosen = _stores(stores)
-    declared = _load_declarations(chosen, sources, project)
-    result = ActionResult("migrate", ",".join(e.name for e in envs))
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    _note_ignored_isolation_vars(project, run)
-    fan = _Outcomes(envs)
-
-    if "postgres" in chosen:
-        scripts = _scripts(project, sources)
-        targets = [postgres.PgTarget(env, emit=emit, lock_wait=lock_timeout) for env in envs]
-        if targets:
-            _postgres_target(envs[0], run)  # the embedded-server notice, once
-        head = tuple(sorted(postgres._script(scripts).get_heads()))
-        versions = postgres.current_versions(targets)
-        pending = [t for t in targets if versions[t.schema] != head]
-        for t in targets:
-            if t not in pending:
-                fan.add("postgres", t.env, t.schema, [])
-        primary: list[Any] = []
-        for t in (t for t in pending if t.primary):  # public first, after its lint and consent
-            try:
-                plan = postgres.plan(t, script_location=scripts, project=project)
-                _refuse_unmanaged(t.env, plan)
-                _consent_to_risks(t, plan, consent, scripts)
-                primary.append(t)
-            except Exception as exc:  # noqa: BLE001 - prod's outcome; the other schemas do not need public
-                fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc, "plan"))
-        others = [t for t in pending if not t.primary]
-        if primary:
-            _pg_run(postgres.upgrade_many, primary, script_location=scripts, project=project)
-            fan.pg(primary)
-        if others:  # compile each revision path once for the schemas that stand at the same revision
-            starts: dict[tuple[str, ...], list[Any]] = {}
-            left: list[Any] = []
-            for t in others:
-                if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
-                    left.append(t)
-                else:
-                    starts.setdefault(versions[t.schema] or (), []).append(t)
-            for start, group in starts.items():
-                left += _pg_run(postgres.upgrade_compiled, group, start, script_location=scripts) or []
-            fan.pg([t for t in others if t not in left])
-            others = left
-        if others and parallel > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            chunks = [others[i::parallel] for i in range(min(parallel, len(others)))]
-            by_schema = {t.schema: t for t in others}
-            with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = [pool.submit(postgres.upgrade_chunk, [t.env for t in chunk], scripts, lock_timeout)
-                           for chunk in chunks]
-                for chunk, future in zip(chunks, futures):
-                    try:
-                        done = future.result()
-                    except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
-                        for t in chunk:
-                            fan.failed("postgres", t.env, t.schema, postgres.failure(t, exc))
-                        continue
-                    for schema, applied, error in done:
-                        fan.add("postgres", by_schema[schema].env, schema, applied, error)
-        elif others:
-            _pg_run(postgres.upgrade_many, others, script_location=scripts, project=project)
-            fan.pg(others)
-    for env in envs:
-        if "mongo" in chosen:
-            from .stores import mongo
-
-            mtarget = mongo.MongoTarget(env, client=sources.mongo_client)
-            if mtarget.configured:
-                try:
-                    steps = mongo.apply(mtarget, declared["mongo"], lock_timeout=lock_timeout)
-                    fan.add("mongo", env, env.mongo_database, [s.name for s in steps])
-                except Exception as exc:  # noqa: BLE001 - this target's outcome
-                    fan.failed("mongo", env, env.mongo_database, exc)
-                finally:
-                    mtarget.close()
-        if "qdrant" in chosen:
-            from .stores import qdrant
-
-            try:
-                qtarget = qdrant.QdrantTarget(env, client=sources.qdrant_client, lock_timeout=lock_timeout)
-                steps = qdrant.apply(qtarget, declared["qdrant"])
-                fan.add("qdrant", env, env.qdrant_collection, [s.name for s in steps])
-            except Exception as exc:  # noqa: BLE001 - this target's outcome
-                fan.failed("qdrant", env, env.qdrant_collection, exc)
-    if "mongo" in chosen and not any(mongo_configured(e, sources) for e in envs):
-        run.skip("mongo", "MONGODB_URL is not set")
-    fan.report(result, parallel)
-    return result
-
-
-def _pg_run(fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a PostgreSQL fan-out step; what stops it early becomes the outcome of each target not yet done."""
-    from .stores import postgres
-
-    try:
-        return fn(targets, *args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
-        for t in targets:
-            if t.error is None and not t.applied:
-                t.error = postgres.failure(t, exc)
-        return None
-
-
-class _Outcomes:
-    """One outcome per store and target of a fan-out, reported in store order, then environment order."""
-
-    STATES = ("upgraded", "up to date", "failed", "refused")
-
-    def __init__(self, envs: Sequence[Environment]) -> None:
-        self.order = {e.name: i for i, e in enumerate(envs)}
-        self.rows: list[dict[str, Any]] = []
-
-    def add(self, store: str, env: Environment, target: str, applied: list[str], error: str | None = None,
-            refused: bool = False) -> None:
-        state = "refused" if refused else "failed" if error else ("upgraded" if applied else "up to date")
-        self.rows.append({"store": store, "env": env.name, "target": target, "outcome": state,
-                          "applied": applied, "error": error})
-
-    def failed(self, store: str, env: Environment, target: str, exc: BaseException) -> None:
-        from .environments import scrub
-        from .errors import MomentryError, RefusedError
-
-        if isinstance(exc, MomentryError):
-            message = str(exc)
-        else:
-            lines = str(exc).strip().splitlines()
-            message = f"{store} {env.name} ({target}): unexpected {type(exc).__name__}" + (
-                f": {lines[0]}" if lines else "")
-        self.add(store, env, target, [], scrub(message, env.secrets()), refused=isinstance(exc, RefusedError))
-
-    def pg(self, targets: Sequence[Any]) -> None:
-        from .errors import RefusedError
-
-        for t in targets:
-            self.add("postgres", t.env, t.schema, list(t.applied), str(t.error) if t.error else None,
-                     refused=isinstance(t.error, RefusedError))
-
-    def report(self, result: ActionResult, parallel: int) -> None:
-        rows = sorted(self.rows, key=lambda o: (STORES.index(o["store"]), self.order[o["env"]]))
-        for o in rows:
-            result.lines.append(f"{o['store']} {o['env']} ({o['target']}): {o['outcome']}"
-                                + (f" ({', '.join(o['applied'])})" if o["applied"] else "")
-                                + (f": {o['error']}" if o["error"] else ""))
-        counts = {k: sum(1 for o in rows if o["outcome"] == k) for k in self.STATES}
-        result.ok = not counts["failed"] and not counts["refused"]
-        result.lines.append(f"done: {len(self.order)} environment(s), {len(rows)} target(s): "
-                            f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, "
-                            f"{counts['failed']} failed" + (f", {counts['refused']} refused" if counts["refused"] else ""))
-        result.data = {"targets": rows, "summary": counts, "parallel": parallel}
 
 
 def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:
@@ -1124,14 +718,6 @@ def _note_ignored_isolation_vars(project: Project, run: _Run) -> None:
     if names:
         run.notice(f"{', '.join(names)} in the process environment name(s) one environment's targets; "
                    "ignored when listing or migrating several (set them in each env file instead)")
-
-
-def _url_of(secret: Any) -> str | None:
-    return secret.reveal() if secret is not None else None
-
-
-def mongo_configured(env: Environment, sources: Sources) -> bool:
-    return sources.mongo_client is not None or env.mongodb_url is not None
 
 
 def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, emit: Emit = _ignore,
@@ -1143,13 +729,16 @@ def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, em
     refused either way, with what to do instead.
     """
     from .errors import RefusedError
+    from .stores.base import NAMES
 
     env = project.environment(env_name)
-    if store not in STORES:
-        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(STORES)}")
+    if store not in NAMES:
+        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(NAMES)}")
+    (chosen,) = _stores([store])
     result = ActionResult("unlock", env.name)
-    run = _Run(result, emit)  # type: ignore[arg-type]
-    with _lock_store(env, store, run, sources, project) as (module, target, extra):
+    ctx = _context(project, sources, _Run(result, emit))
+    declared = _load_declarations([chosen], ctx)
+    with chosen.lock_target(ctx, env, declared[store]) as (module, target, extra):
         locks = module.held_locks(target, *extra)
         if not locks:
             result.lines.append(f"{store} {env.name}: no migration lock held")
@@ -1170,26 +759,3 @@ def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, em
         result.data = {"store": store, "locks": [lock.to_json() for lock in locks],
                        "released": [lock.to_json() for lock in released]}
     return result
-
-
-@contextmanager
-def _lock_store(env: Environment, store: str, run: _Run, sources: Sources,
-                project: Project) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
-    """A store module, its target for ``env`` and what its held_locks needs besides the target."""
-    if store == "postgres":
-        from .stores import postgres
-
-        yield postgres, _postgres_target(env, run), ()
-    elif store == "mongo":
-        from .stores import mongo
-
-        with _mongo(env, run, sources) as target:
-            if target is None:
-                raise ConfigError(f"MONGODB_URL is not set for {env.name}; set it to the server whose lock "
-                                  "should be released")
-            yield mongo, target, ()
-    else:
-        from .stores import qdrant
-
-        specs = _load_declarations(["qdrant"], sources, project)["qdrant"]
-        yield qdrant, _qdrant_target(env, run, sources, 30.0), (specs,)

@@ -468,6 +468,7 @@ class Environment:
     worker_enabled: bool
     env_file: Path | None
     state_dir: Path
+    embedded: bool = True  # a store with no URL uses its embedded server (MOMENTRY_EMBEDDED)
     pg_lock_timeout: str = "5s"
     pg_statement_timeout: str = "30min"
     database_url: SecretURL | None = None

@@ -7,9 +7,9 @@ import sys
 from typing import Any, TextIO
 
 from .errors import MomentryError
-from .plan import Step, TargetPlan
+from .plan import Step, TargetOutcome, TargetPlan
 
-JSON_VERSION = 1
+JSON_VERSION = 2
 
 
 class Reporter:
@@ -20,7 +20,6 @@ class Reporter:
         self.as_json = as_json
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self.announce_plans = False  # set for commands that apply what they plan
 
     def scrub_with(self, secrets: list[Any]) -> None:
         """Mask these secrets, and any URL or DSN password, in everything written from now on."""
@@ -34,10 +33,6 @@ class Reporter:
             print(f"error: {payload}", file=self.err)
         elif self.as_json:
             return
-        elif event == "planned":
-            target: TargetPlan = payload
-            if target.pending and self.announce_plans:
-                print(f"{_where(target)}: {len(target.pending)} pending", file=self.out)
         elif event in ("upgraded", "downgraded", "stamped"):
             step: Step = payload
             verb = {"downgraded": "downgraded", "stamped": "stamped at"}.get(
@@ -66,22 +61,58 @@ class Reporter:
             for line in result.lines:
                 print(line, file=self.out)
             return
+        self._run(result)
+
+    def _run(self, result: Any) -> None:
+        """migrate, plan and status: one line (or block) per target, whatever the number of environments.
+
+        status over several environments prints an environment x store matrix instead.
+        """
+        if result.command == "status" and len(result.envs) > 1:
+            self._matrix(result)
+            return
         for target in result.targets:
-            if result.command == "status":
-                print(_status_line(target), file=self.out)
+            if not target.ok:
+                print(_outcome_line(target), file=self.out)
+            elif result.command == "status":
+                print(_status_line(target.plan), file=self.out)
             elif result.dry_run:
-                print(_plan_line(target, prefix="would apply"), file=self.out)
+                print(_plan_line(target.plan, prefix="would apply"), file=self.out)
                 if target.sql:
                     print(target.sql, file=self.out, end="" if target.sql.endswith("\n") else "\n")
-            elif not target.pending:
-                print(f"{_where(target)}: nothing to do (at {_revs(target.current, target.store)})", file=self.out)
+            else:
+                print(_outcome_line(target), file=self.out)
             if result.command == "status" or result.dry_run:
                 for note in target.notes:
-                    print(f"{_where(target)}: {note}", file=self.out)
+                    print(f"{_where(target.plan)}: {note}", file=self.out)
         if result.command == "migrate" and not result.dry_run:
             print(_summary(result), file=self.out)
 
+    def _matrix(self, result: Any) -> None:
+        """One row per environment, one column per store: where it stands, and what is pending."""
+        stores = list(dict.fromkeys(t.store for t in result.targets))
+        cells: dict[tuple[str, str], list[str]] = {}
+        for t in result.targets:
+            cell = ("FAILED" if not t.ok else _revs(t.current, t.store)
+                    + (f" (+{len(t.pending)} pending)" if t.pending else ""))
+            cells.setdefault((t.env, t.store), []).append(cell)
+        rows = [["env", *stores]] + [[env, *(", ".join(cells.get((env, s), ["-"])) for s in stores)]
+                                     for env in result.envs]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=self.out)
+        behind = [env for env in result.envs if any(t.pending or not t.ok for t in result.targets if t.env == env)]
+        print(f"status: {len(result.envs)} environment(s), " + (
+            f"{len(behind)} behind: {', '.join(behind)}" if behind else "every one up to date"), file=self.out)
+
     def _verify(self, result: Any) -> None:
+        if hasattr(result, "results"):  # several environments: each one's checks, then which failed
+            for one in result.results:
+                self._verify(one)
+            print(f"verify: {len(result.results)} environment(s), " + (
+                f"{len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else "all passed"),
+                file=self.out)
+            return
         labels = {"pass": "ok  ", "fail": "FAIL", "not checkable here": "n/a "}
         for check in result.checks:
             detail = f": {check.detail}" if check.detail else ""
@@ -124,21 +155,19 @@ def _where(item: TargetPlan | Step) -> str:
 
 
 def _summary(result: Any) -> str:
-    failed = [f["store"] for f in getattr(result, "failures", [])]
-    if failed:
-        return _applied(result) + f"; {', '.join(failed)} failed"
-    return _applied(result)
+    counts = result.summary()
+    return (f"done: {len(result.envs)} environment(s), {len(result.targets)} target(s): "
+            f"{counts['upgraded']} upgraded, {counts['up to date']} up to date, {counts['failed']} failed"
+            + (f", {counts['refused']} refused" if counts["refused"] else ""))
 
 
-def _applied(result: Any) -> str:
-    if not result.applied:
-        return (f"done: nothing applied to {result.env}" if getattr(result, "failures", None)
-                else f"done: {result.env} is up to date; nothing applied")
-    counts: dict[str, int] = {}
-    for step in result.applied:
-        counts[step.store] = counts.get(step.store, 0) + 1
-    per_store = ", ".join(f"{store} {n}" for store, n in counts.items())
-    return f"done: {len(result.applied)} step(s) applied to {result.env} ({per_store})"
+def _outcome_line(target: TargetOutcome) -> str:
+    line = f"{_where(target.plan)}: {target.outcome}"
+    if target.applied:
+        line += f" ({', '.join(s.name for s in target.applied)})"
+    elif target.outcome == "up to date" and target.current:
+        line += f" (at {_revs(target.current, target.store)})"
+    return line + (f": {target.error}" if target.error else "")
 
 
 def _revs(revs: tuple[str, ...], store: str = "postgres") -> str:

@@ -44,6 +44,7 @@ class Project:
     registry: Registry
     environ: Mapping[str, str]
     alembic_scripts: Path | None = None  # from the project's alembic.ini, when it has one
+    embedded: bool = True  # MOMENTRY_EMBEDDED: start embedded servers for stores with no URL
 
     def environment(
         self,
@@ -107,7 +108,17 @@ def load_project(root: Path | None = None, environ: Mapping[str, str] | None = N
     registry = Registry().with_declared(declared)
     _refuse_shared_env_files(root, registry)
     return Project(root=root, state_dir=state_dir, registry=registry,
-                   environ=environ, alembic_scripts=_script_location(root / "alembic.ini"))
+                   environ=environ, alembic_scripts=_script_location(root / "alembic.ini"),
+                   embedded=_embedded_switch(environ.get("MOMENTRY_EMBEDDED")))
+
+
+def _embedded_switch(value: str | None) -> bool:
+    """MOMENTRY_EMBEDDED: on (the default) or off."""
+    text = (value or "on").strip().lower()
+    if text not in {"on", "off"}:
+        raise ConfigError(f"MOMENTRY_EMBEDDED must be on or off, not {value!r}; off disables the embedded "
+                          "PostgreSQL and MongoDB servers")
+    return text == "on"
 
 
 def _script_location(ini: Path) -> Path | None:
@@ -272,6 +283,7 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         worker_enabled=worker_enabled,
         env_file=env_file,
         state_dir=project.state_dir,
+        embedded=project.embedded,
         pg_lock_timeout=pg_lock_timeout,
         pg_statement_timeout=pg_statement_timeout,
         database_url=SecretURL(normalize_database_url(check_url("DATABASE_URL", database_url)))

@@ -59,8 +59,36 @@ class VerifyResult:
             self.checks.append(Check(store, name, PASS, ok_detail))
 
     def to_json(self) -> dict[str, Any]:
-        return {"command": self.command, "env": self.env, "ok": self.ok,
-                "checks": [c.to_json() for c in self.checks], "notices": self.notices}
+        return {"command": self.command, "env": self.env, "envs": [self.env], "ok": self.ok,
+                "failed": [] if self.ok else [self.env],
+                "checks": [{"env": self.env, **c.to_json()} for c in self.checks], "notices": self.notices}
+
+
+@dataclass
+class VerifyMany:
+    """verify over several environments: each one's result, in order."""
+
+    command: str
+    results: list[VerifyResult]
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> str:
+        return ",".join(r.env for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.env for r in self.results if not r.ok]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": self.command, "env": self.env, "envs": [r.env for r in self.results], "ok": self.ok,
+                "failed": self.failed,
+                "checks": [{"env": r.env, **c.to_json()} for r in self.results for c in r.checks],
+                "notices": self.notices}
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -264,7 +292,7 @@ def check_qdrant(result: VerifyResult, env: Environment, others: list[Environmen
                     continue
                 result.add("qdrant", f"collection {alias} exists", ok_detail=f"-> {cp.physical}")
                 same = [o.name for o in others
-                        if qdrant._resolve(client, o.qdrant_collection_for(spec.name)) == cp.physical]
+                        if qdrant.resolve(client, o.qdrant_collection_for(spec.name)) == cp.physical]
                 result.add("qdrant", f"collection {alias} is not shared",
                            [f"{cp.physical} also serves {n}" for n in same])
                 declared = [a for a in cp.actions if a.kind in ("recreate", "record")]

@@ -30,7 +30,7 @@ from psycopg import sql
 if "mutmut" in sys.modules:
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 
-from tests.helpers import REPO, SETTINGS_VARS, Database, Project, with_database
+from tests.helpers import NO_EMBEDDED, REPO, SETTINGS_VARS, Database, Project, stop_embedded_servers, with_database
 
 # Hypothesis: in CI (the CI variable set) every run draws the same examples, so CI never fails on
 # an example no earlier run drew; a failure prints the blob that reproduces it. Elsewhere the
@@ -167,6 +167,32 @@ def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def traversable_tmp() -> Iterator[Path]:
+    """A temporary directory outside pytest's own, for tests that start the embedded PostgreSQL.
+
+    As root, pgserver runs PostgreSQL as the user ``pgserver``, which must traverse every
+    parent directory; pytest resets its base directory to mode 0700 whenever a test run
+    starts, which would lock out a server that another run is starting at that moment.
+    """
+    path = Path(tempfile.mkdtemp(prefix="momentry-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        stop_embedded_servers(path / "state")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_embedded_server_left(tmp_path: Path) -> Iterator[None]:
+    """A safety net: no embedded server a test started outlives it."""
+    yield
+    for marker in (*tmp_path.glob("*/mongo/server.json"), *tmp_path.glob("*/*/mongo/server.json"),
+                   *tmp_path.glob("*/pg/postmaster.pid"), *tmp_path.glob("*/*/pg/postmaster.pid")):
+        stop_embedded_servers(marker.parents[1])
+
+
+@pytest.fixture
 def project(tmp_path: Path, database: Database) -> Project:
     """A project whose environments point at this test's database."""
     root = tmp_path / "project"
@@ -174,7 +200,8 @@ def project(tmp_path: Path, database: Database) -> Project:
     shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
     (root / "alembic.ini").write_text(
         (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
-    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(tmp_path / "state"),
+                          **NO_EMBEDDED})
 
 
 @pytest.fixture
@@ -264,35 +291,50 @@ def _free_port() -> int:
 
 @contextmanager
 def secantus_server() -> Iterator[str]:
-    """Run SecantusDB (a MongoDB-wire-protocol server) in memory as a separate process; yield its URL."""
+    """Run SecantusDB (a MongoDB-wire-protocol server) in memory as a separate process; yield its URL.
+
+    The port is free when chosen but may be taken before the server binds it, even by another
+    test run's server: the server that answers must report this process's pid, or it starts again.
+    """
+    binary = Path(sys.executable).parent / "secantusd-py"
+    assert binary.exists(), "secantusd-py is not installed: it comes with momentry-db (PyPI SecantusDB)"
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port),
+                                 "--storage-path", ":memory:"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if _answers_as(proc, port):
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        raise RuntimeError("secantusd-py did not start on a port of its own in 5 tries")
+    try:
+        yield f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    finally:
+        # In memory there is nothing to flush, and a graceful stop takes about 2 s per server.
+        proc.kill()
+        proc.wait()
+
+
+def _answers_as(proc: subprocess.Popen, port: int, wait: float = 20) -> bool:
+    """Whether the server on ``port`` answers within ``wait`` seconds and is ``proc``."""
     import time
 
     from pymongo import MongoClient
     from pymongo.errors import PyMongoError
 
-    binary = Path(sys.executable).parent / "secantusd-py"
-    assert binary.exists(), "secantusd-py is not installed: it comes with the test extras (PyPI SecantusDB)"
-    port = _free_port()
-    proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    client = MongoClient(url, serverSelectionTimeoutMS=300)
-    deadline = time.monotonic() + 20
+    client: MongoClient = MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                                      serverSelectionTimeoutMS=300)
+    deadline = time.monotonic() + wait
     try:
-        while True:
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
-                client.admin.command("ping")
-                break
+                return client.admin.command("serverStatus").get("pid") == proc.pid
             except PyMongoError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"secantusd-py did not answer on port {port}") from None
                 time.sleep(0.1)
-        client.close()
-        yield url
+        return False
     finally:
-        # In memory there is nothing to flush, and a graceful stop takes about 2 s per server.
-        proc.kill()
-        proc.wait()
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -327,12 +369,12 @@ def mongo_project(tmp_path: Path, mongo_url: str, mongo_db_name: str) -> Project
     root = tmp_path / "project"
     root.mkdir()
     return Project(root, {"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name,
-                          "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+                          "MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED})
 
 
 @pytest.fixture
 def bare_project(tmp_path: Path) -> Project:
-    """A project with its own state dir and no server configured (embedded and local defaults)."""
+    """A project with its own state dir and no server configured (local defaults; embedded servers off)."""
     root = tmp_path / "project"
     root.mkdir()
-    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED})

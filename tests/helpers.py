@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS_VARS = ("DATABASE_URL", "DATABASE_SCHEMA", "MONGODB_URL", "MONGODB_DATABASE", "QDRANT_URL",
                  "QDRANT_API_KEY", "QDRANT_COLLECTION", "REDIS_URL", "MOMENTRY_REDIS_PREFIX",
-                 "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR")
+                 "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR", "MOMENTRY_EMBEDDED")
+# Tests start no embedded server unless they say so: each test has its own state dir, and a server
+# left running per test would add up to hundreds of processes.
+NO_EMBEDDED = {"MOMENTRY_EMBEDDED": "off"}
 
 
 def clean_environ() -> dict[str, str]:
@@ -183,3 +186,14 @@ def local_qdrant(state: Path) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+def stop_embedded_servers(state_dir: Path) -> None:
+    """Stop the embedded PostgreSQL and MongoDB servers under ``state_dir``, if any run."""
+    from momentry_db.stores import embedded_mongo
+    from momentry_db.stores.embedded import stop_embedded
+
+    if (state_dir / "mongo" / "server.json").exists():
+        embedded_mongo.stop(state_dir)
+    if (state_dir / "pg" / "postmaster.pid").exists():
+        stop_embedded(state_dir)

@@ -63,7 +63,8 @@ def test_repeated_env_options_migrate_only_those(many, database) -> None:
 
 
 def test_a_failing_target_is_named_and_the_others_finish(many, database) -> None:
-    database.execute("CREATE SCHEMA pr_2; CREATE TABLE pr_2.videos (id int); INSERT INTO pr_2.videos VALUES (7)")
+    # A sequence, not a model table: the schema is not "unmanaged", and revision 0001 fails on it.
+    database.execute("CREATE SCHEMA pr_2; CREATE SEQUENCE pr_2.videos START 7")
     result = many.cli("migrate", "--all", "--store", "postgres", "--json")
     assert result.code == 1
     states = outcomes(result)
@@ -72,10 +73,10 @@ def test_a_failing_target_is_named_and_the_others_finish(many, database) -> None
     failure = next(t for t in json.loads(result.out)["targets"] if t["target"] == "pr_2")
     assert failure["error"].startswith("postgres pr-2 (schema pr_2): revision 0001 (initial schema) failed:")
     assert 'relation "videos" already exists' in failure["error"]
-    assert database.tables("pr_2") == {"videos"}  # nothing half-applied, not even the bookkeeping
-    assert database.query("SELECT id FROM pr_2.videos") == [(7,)]
+    assert database.tables("pr_2") == set()  # nothing half-applied, not even the bookkeeping
+    assert database.query("SELECT last_value FROM pr_2.videos") == [(7,)]
     text = many.cli("migrate", "--all", "--store", "postgres")
-    assert "postgres pr-2 (pr_2): failed: postgres pr-2 (schema pr_2): revision 0001" in text.out
+    assert "postgres pr-2 (schema pr_2): failed: postgres pr-2 (schema pr_2): revision 0001" in text.out
 
 
 def test_parallel_workers_reach_the_same_end(many, database, tmp_path: Path) -> None:
@@ -199,10 +200,11 @@ def test_a_held_lock_fails_only_its_own_target_in_every_store(three, database, l
     assert len(lines) == 16
     for line, (store, env, target, _, _) in zip(lines, expected({})):
         if (store, env) == ("postgres", locked):
-            assert line.startswith(f"postgres {locked} ({schema}): failed: postgres {locked} (schema {schema}): "
+            assert line.startswith(f"postgres {locked} (schema {schema}): failed: postgres {locked} (schema {schema}): "
                                    "migration lock held by other-run (pid ")
         else:
-            assert line == f"{store} {env} ({target}): up to date"
+            kind = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}[store]
+            assert line.startswith(f"{store} {env} ({kind} {target}): up to date (at ")
     assert lines[-1] == "done: 5 environment(s), 15 target(s): 0 upgraded, 14 up to date, 1 failed"
 
 
@@ -242,13 +244,25 @@ with op.get_context().autocommit_block():
 
 
 def test_a_failing_revision_in_one_schema_stops_nothing_else_in_any_store(three, database) -> None:
-    database.execute("CREATE SCHEMA pr_2; CREATE TABLE pr_2.videos (id int); INSERT INTO pr_2.videos VALUES (7)")
+    database.execute("CREATE SCHEMA pr_2; CREATE SEQUENCE pr_2.videos START 7")
     result = three.cli("migrate", "--all", "--json")
     assert result.code == 1, result.err
     assert rows(result) == expected({"pr-2": ("failed", [])})
     assert list(errors(result)) == [("postgres", "pr-2")]
     assert errors(result)[("postgres", "pr-2")].startswith(
         "postgres pr-2 (schema pr_2): revision 0001 (initial schema) failed: ")
+    assert database.tables("pr_2") == set()
+    assert database.query("SELECT last_value FROM pr_2.videos") == [(7,)]
+
+
+def test_unmanaged_tables_refuse_their_own_schema_in_a_fan_out_as_in_a_run_over_it_alone(three, database) -> None:
+    database.execute("CREATE SCHEMA pr_2; CREATE TABLE pr_2.videos (id int); INSERT INTO pr_2.videos VALUES (7)")
+    result = three.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 1, result.err
+    assert rows(result) == expected({"pr-2": ("refused", [])}, stores=("postgres",))
+    assert "momentry-db adopt --env pr-2" in errors(result)[("postgres", "pr-2")]
+    alone = three.cli("migrate", "--env", "pr-2", "--store", "postgres")
+    assert alone.code == 2 and "momentry-db adopt --env pr-2" in alone.err
     assert database.tables("pr_2") == {"videos"}
     assert database.query("SELECT id FROM pr_2.videos") == [(7,)]
 
@@ -267,7 +281,7 @@ def test_a_refusal_on_prod_is_prods_outcome_and_the_other_schemas_still_migrate(
     assert database.query("SELECT version_num FROM public.alembic_version") == [("0001",)]
     text = three.cli("migrate", "--all", "--store", "postgres")
     assert text.code == 1
-    assert text.out.splitlines()[0].startswith("postgres prod (public): refused: prod: lint found 1 risky")
+    assert text.out.splitlines()[0].startswith("postgres prod (schema public): refused: prod: lint found 1 risky")
     assert text.out.splitlines()[-1] == "done: 5 environment(s), 5 target(s): 0 upgraded, 4 up to date, 0 failed, 1 refused"
 
 
@@ -300,9 +314,9 @@ def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, data
     assert result.code == 1, result.err
     body = json.loads(result.out)
     assert body["ok"] is False
-    (failure,) = body["failures"]
-    assert (failure["store"], failure["env"], failure["target"], failure["type"]) == (
-        "postgres", "dev", "dev", "LockTimeoutError")
+    (failure,) = [t for t in body["targets"] if t["outcome"] == "failed"]
+    assert (failure["store"], failure["env"], failure["target"], failure["outcome"], failure["applied"]) == (
+        "postgres", "dev", "dev", "failed", [])
     assert failure["error"].startswith("postgres dev (schema dev): migration lock held by other-run (pid ")
     assert [(s["store"], s["name"]) for s in body["applied"]] == [("mongo", "0001_chunks"), ("mongo", "0002_cache"),
                                                                   ("qdrant", "create")]
@@ -312,10 +326,10 @@ def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, data
     assert text.code == 1
     assert text.err.splitlines()[0].startswith("error: postgres dev (schema dev): migration lock held by other-run")
     lines = text.out.splitlines()
-    assert lines[:2] == ["postgres dev (schema dev): 1 pending",
-                         "mongo dev (database momentry_dev): nothing to do (at 0002_cache)"]
-    assert lines[2].startswith("qdrant dev (collection momentry_dev_rule1): nothing to do (at ")
-    assert lines[3:] == ["done: nothing applied to dev; postgres failed"]
+    assert lines[0].startswith("postgres dev (schema dev): failed: postgres dev (schema dev): migration lock held")
+    assert lines[1] == "mongo dev (database momentry_dev): up to date (at 0002_cache)"
+    assert lines[2].startswith("qdrant dev (collection momentry_dev_rule1): up to date (at ")
+    assert lines[3:] == ["done: 1 environment(s), 3 target(s): 0 upgraded, 2 up to date, 1 failed"]
 
 
 class _BrokenMongo:
@@ -340,15 +354,16 @@ def test_an_unexpected_error_in_one_store_is_each_targets_outcome(project, datab
     from momentry_db.settings import load_project
 
     proj = load_project(project.root, project.environ)
-    result = command.migrate_many(proj, ["dev", "prod"], sources=command.Sources(mongo_client=_BrokenMongo()))
+    result = command.migrate(proj, ["dev", "prod"], sources=command.Sources(mongo_client=_BrokenMongo()),
+                             keep_going=True)
     assert result.ok is False
-    got = [(t["store"], t["env"], t["outcome"], t["applied"], t["error"]) for t in result.data["targets"]]
+    got = [(t["store"], t["env"], t["outcome"], t["applied"], t["error"]) for t in result.to_json()["targets"]]
     assert got == [
         ("postgres", "prod", "upgraded", ["0001"], None), ("postgres", "dev", "upgraded", ["0001"], None),
-        ("mongo", "prod", "failed", [], "mongo prod (momentry): unexpected RuntimeError: socket closed by peer"),
-        ("mongo", "dev", "failed", [], "mongo dev (momentry_dev): unexpected RuntimeError: socket closed by peer"),
+        ("mongo", "prod", "failed", [], "mongo prod (database momentry): unexpected RuntimeError: socket closed by peer"),
+        ("mongo", "dev", "failed", [], "mongo dev (database momentry_dev): unexpected RuntimeError: socket closed by peer"),
         ("qdrant", "prod", "upgraded", ["create"], None), ("qdrant", "dev", "upgraded", ["create"], None)]
-    assert result.lines[-1] == "done: 2 environment(s), 6 target(s): 4 upgraded, 0 up to date, 2 failed"
+    assert result.summary() == {"upgraded": 4, "up to date": 0, "failed": 2, "refused": 0}
 
 
 def test_a_schema_downgraded_to_base_is_brought_back_by_the_fan_out(many, database) -> None:

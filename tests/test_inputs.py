@@ -288,7 +288,7 @@ def test_client_warnings_become_one_line_notices(project) -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["status", "--json"], "Missing option '--env'."),
+    (["adopt", "--json"], "Missing option '--env'."),
     (["migrate", "--json"], "give --env NAME (repeatable) or --all"),
     (["migrate", "--env", "dev", "--json", "--parallel", "x"], "Invalid value for '--parallel'"),
     (["status", "--env", "dev", "--json", "--no-such-flag"], "No such option '--no-such-flag'"),
@@ -298,14 +298,14 @@ def test_usage_errors_with_json_print_a_json_error_document(project, args, messa
     assert result.code == 2
     doc = json.loads(result.out)
     assert set(doc) == {"version", "ok", "error"}
-    assert doc["version"] == 1 and doc["ok"] is False
+    assert doc["version"] == 2 and doc["ok"] is False
     assert doc["error"]["type"] == "UsageError" and doc["error"]["exit_code"] == 2
     assert doc["error"]["message"].startswith(message)
     assert "\n" not in doc["error"]["message"]
 
 
 def test_usage_errors_without_json_keep_clicks_text(project) -> None:
-    result = project.momentry_db("status")
+    result = project.momentry_db("adopt")
     assert result.code == 2
     assert result.out == ""
     assert "Missing option '--env'" in result.err

@@ -236,7 +236,7 @@ def test_adopt_stamps_a_matching_schema(project, database) -> None:
     assert "stamped at 0001" in result.out
     assert database.query("SELECT version_num FROM public.alembic_version") == [("0001",)]
     again = project.cli("migrate", "--env", "prod", "--store", "postgres")
-    assert again.code == 0 and "nothing to do" in again.out
+    assert again.code == 0 and "postgres prod (schema public): up to date (at 0001)" in again.out
 
 
 @pytest.mark.parametrize("breakage,difference", [

@@ -168,11 +168,11 @@ def test_dry_run_text_shows_the_sql_per_schema(project) -> None:
     assert "CREATE TABLE videos" in result.out
 
 
-def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
-    """The README's first command: embedded PostgreSQL, Mongo skipped, Qdrant in local mode."""
+def test_a_fresh_project_with_no_servers_configured(tmp_path: Path, traversable_tmp: Path) -> None:
+    """The README's first command: embedded PostgreSQL and MongoDB, Qdrant in local mode."""
     root = tmp_path / "fresh"
     root.mkdir()
-    env = {**clean_environ(), "MOMENTRY_STATE_DIR": str(tmp_path / "state")}
+    env = {**clean_environ(), "MOMENTRY_STATE_DIR": str(traversable_tmp / "state")}
     cli = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(root)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -181,23 +181,26 @@ def test_a_fresh_project_with_no_servers_configured(tmp_path: Path) -> None:
     try:
         first = run("migrate", "--env", "dev")
         assert first.returncode == 0, first.stderr
-        assert first.stderr.count("using the embedded server") == 1
-        assert "mongo: skipped (MONGODB_URL is not set)" in first.stderr
+        assert first.stderr.count("using the embedded server") == 2  # PostgreSQL and MongoDB
+        assert "mongo: skipped" not in first.stderr
         assert "postgres dev (schema dev): upgraded to 0001" in first.stdout
+        assert "mongo dev (database momentry_dev): applied 0002_cache" in first.stdout
         assert "qdrant dev (collection momentry_dev_rule1): applied create" in first.stdout
         second = run("migrate", "--env", "dev")
         assert second.returncode == 0
-        assert "done: dev is up to date; nothing applied" in second.stdout
+        assert "done: 1 environment(s), 3 target(s): 0 upgraded, 3 up to date, 0 failed" in second.stdout
         status = run("status", "--env", "dev", "--json")
         body = json.loads(status.stdout)
-        assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("qdrant", [])]
-        assert body["skipped"] == [{"store": "mongo", "reason": "MONGODB_URL is not set"}]
-        assert (tmp_path / "state" / "pg" / "PG_VERSION").exists()
+        assert [(t["store"], t["pending"]) for t in body["targets"]] == [("postgres", []), ("mongo", []),
+                                                                         ("qdrant", [])]
+        assert body["skipped"] == []
+        assert (traversable_tmp / "state" / "pg" / "PG_VERSION").exists()
+        assert (traversable_tmp / "state" / "mongo" / "data").is_dir()
     finally:
         run("embedded", "stop")
     from qdrant_client import QdrantClient
 
-    client = QdrantClient(path=str(tmp_path / "state" / "qdrant"))
+    client = QdrantClient(path=str(traversable_tmp / "state" / "qdrant"))
     try:
         vectors = client.get_collection("momentry_dev_rule1").config.params.vectors
         assert (vectors.size, vectors.distance.value) == (1024, "Cosine")

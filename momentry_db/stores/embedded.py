@@ -44,6 +44,29 @@ def _ensure_database(admin_uri: str, name: str) -> None:
                 pass
 
 
+def embedded_status(state_dir: Path) -> dict[str, object]:
+    """The embedded server's address, data directory, pid and state (running, stopped or stale)."""
+    pgdata = state_dir / "pg"
+    row: dict[str, object] = {"server": "postgres", "state": "stopped", "address": None, "pid": None,
+                              "data_dir": str(pgdata), "log": str(pgdata / "log"), "detail": ""}
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid, port, socket_dir, host = int(lines[0]), lines[3].strip(), lines[4].strip(), lines[5].strip()
+    except (OSError, ValueError, IndexError):
+        return row
+    import psutil
+
+    row["pid"] = pid
+    row["address"] = f"{host}:{port}" if host else f"{socket_dir} (socket, port {port})"
+    try:
+        running = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        running = False
+    row["state"] = "running" if running else "stale"
+    row["detail"] = "" if running else f"pid {pid} is not running"
+    return row
+
+
 def stop_embedded(state_dir: Path) -> bool:
     """Stop the embedded server if it is running; return whether one was running."""
     pgdata = state_dir / "pg"

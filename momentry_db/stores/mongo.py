@@ -135,6 +135,12 @@ class MongoTarget:
 
     env: Environment
     client: MongoClient | None = None  # injected by tests; otherwise built from MONGODB_URL
+    server: Any = None  # the embedded server in use, once started
+    embedded: bool = field(init=False)  # no client given and no MONGODB_URL: the embedded server
+    _owns_client: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.embedded = self.client is None and self.env.mongodb_url is None and self.env.embedded
 
     @property
     def database(self) -> str:
@@ -146,7 +152,15 @@ class MongoTarget:
 
     @property
     def configured(self) -> bool:
-        return self.client is not None or self.env.mongodb_url is not None
+        return self.client is not None or self.env.mongodb_url is not None or self.env.embedded
+
+    def embedded_server(self) -> Any:
+        """Start (or reuse) the embedded server when this target uses it; None otherwise."""
+        if self.server is None and self.embedded:
+            from . import embedded_mongo
+
+            self.server = embedded_mongo.ensure(self.env.state_dir)
+        return self.server
 
     def connect(self) -> Database:
         """The environment's database, after checking the server answers (5 s bound)."""
@@ -154,28 +168,36 @@ class MongoTarget:
             from pymongo import MongoClient
             from pymongo.errors import ConfigurationError, InvalidURI
 
-            assert self.env.mongodb_url is not None
+            server = self.embedded_server()
+            url = server.url if server is not None else self.env.mongodb_url.reveal()  # type: ignore[union-attr]
             try:
-                self.client = MongoClient(self.env.mongodb_url.reveal(), tz_aware=True,
-                                          serverSelectionTimeoutMS=TIMEOUT_MS,
+                self.client = MongoClient(url, tz_aware=True, serverSelectionTimeoutMS=TIMEOUT_MS,
                                           connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=60_000)
+                self._owns_client = True
             except (ConfigurationError, InvalidURI, ValueError) as exc:
-                raise ConfigError(f"MONGODB_URL {self.env.mongodb_url.masked!r} is invalid: "
+                raise ConfigError(f"MONGODB_URL {self.env.mongodb_url.masked!r} is invalid: "  # type: ignore[union-attr]
                                   f"{scrub(str(exc), self.env.secrets())}") from None
         from pymongo.errors import PyMongoError
 
         try:
             self.client.admin.command("ping")
         except PyMongoError as exc:
-            where = self.env.mongodb_url.masked if self.env.mongodb_url else "the server"
+            if self.env.mongodb_url:
+                where = self.env.mongodb_url.masked
+            elif self.server is not None:
+                where = f"the embedded server ({self.server.address}; its log is {self.server.home / 'server.log'})"
+            else:
+                where = "the server"
             reason = str(exc).split(",")[0].split("\n")[0].split(" (configured timeouts")[0]
             reason = scrub(reason, self.env.secrets())
             raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
         return self.client[self.database]
 
     def close(self) -> None:
-        if self.client is not None and self.env.mongodb_url is not None:
+        if self.client is not None and self._owns_client:
             self.client.close()
+            self.client = None
+            self._owns_client = False
 
 
 def _utc(db: Database, name: str) -> Any:

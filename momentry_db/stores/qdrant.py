@@ -196,6 +196,12 @@ class QdrantTarget:
     client: QdrantClient | None = None  # injected by tests
     lock_timeout: float = 30.0  # local mode: how long to wait for another run's storage lock
 
+    def bound(self, client: QdrantClient) -> QdrantTarget:
+        """This target on an open client: one connection (and one local-mode lock) for several calls."""
+        import dataclasses
+
+        return dataclasses.replace(self, client=client)
+
     @property
     def local(self) -> bool:
         return self.env.qdrant_url is None
@@ -314,7 +320,7 @@ def physical_name(alias: str, spec: CollectionSpec) -> str:
     return f"{alias}__{spec.fingerprint()[:8]}"
 
 
-def _resolve(client: QdrantClient, alias: str) -> str | None:
+def resolve(client: QdrantClient, alias: str) -> str | None:
     """The physical collection behind a name: itself if it is a collection, else its alias target."""
     for item in client.get_aliases().aliases:
         if item.alias_name == alias:
@@ -325,7 +331,7 @@ def _resolve(client: QdrantClient, alias: str) -> str | None:
 
 def plan_collection(client: QdrantClient, target: QdrantTarget, spec: CollectionSpec) -> CollectionPlan:
     alias = target.env.qdrant_collection_for(spec.name)
-    physical = _resolve(client, alias)
+    physical = resolve(client, alias)
     if physical is None:
         create = Action("create", physical_name(alias, spec), f"{spec.size} dims, {spec.distance}, alias {alias}")
         return CollectionPlan(spec, alias, None, None, (create,))
@@ -542,7 +548,7 @@ def history(client: QdrantClient, env: Environment, specs: list[CollectionSpec])
     """Recorded steps of the environment's collections."""
     out: list[dict[str, Any]] = []
     for spec in specs:
-        physical = _resolve(client, env.qdrant_collection_for(spec.name))
+        physical = resolve(client, env.qdrant_collection_for(spec.name))
         if physical is not None:
             meta = client.get_collection(physical).config.metadata or {}
             out.extend(e for e in meta.get(HISTORY_KEY, []) if isinstance(e, dict))
@@ -622,7 +628,7 @@ def _run_action(client: QdrantClient, target: QdrantTarget, cp: CollectionPlan, 
                                           "outcome": "failed", "error": reason})
         raise StoreError(STORE, f"{target.env.name} (collection {cp.alias})",
                          f"{action.kind} {action.collection}", reason) from None
-    where = _resolve(client, cp.alias) or action.collection
+    where = resolve(client, cp.alias) or action.collection
     _record(client, where, {**entry, "duration_ms": int((time.monotonic() - clock) * 1000), "outcome": "applied"})
     if emit is not None:
         emit("upgraded", step)
@@ -759,7 +765,7 @@ def old_collections(client: QdrantClient, env: Environment,
     old: list[OldCollection] = []
     for spec in specs:
         alias = env.qdrant_collection_for(spec.name)
-        live[alias] = _resolve(client, alias)
+        live[alias] = resolve(client, alias)
         if live[alias] is None:  # nothing says which collection is current: leave them all to migrate
             continue
         owned = re.compile(re.escape(alias) + r"__[0-9a-f]{8}")  # physical_name's shape, never a lock
@@ -782,7 +788,7 @@ def prune(client: QdrantClient, target: QdrantTarget, listed: list[OldCollection
     changed: list[str] = []
     for alias in dict.fromkeys(o.alias for o in listed):
         with apply_lock(client, target, alias):
-            live = _resolve(client, alias)
+            live = resolve(client, alias)
             for old in (o for o in listed if o.alias == alias):
                 if not client.collection_exists(old.name):
                     continue

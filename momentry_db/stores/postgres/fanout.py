@@ -1,0 +1,192 @@
+"""Executors of a run over many schemas: Alembic in one process, compiled scripts, worker processes."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...environments import Environment, scrub
+from ...errors import (
+    MomentryError,
+    StoreError,
+)
+from ...plan import Step
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from ...settings import Project
+
+from .connection import (
+    LOCK_CLASS,
+    STORE,
+    PgTarget,
+    acquire_lock,
+    connect,
+    label,
+    quote_ident,
+    session_settings_sql,
+)
+from .history import HISTORY_DDL, HISTORY_TABLE, record_failure
+from .planning import alembic_config, current_heads, load_script
+from .runner import failure
+
+# --- fan-out over many schemas ----------------------------------------------------------------
+
+
+def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] | None]:
+    """Every target's recorded revisions in two queries per database (None: never migrated)."""
+    import sqlalchemy as sa
+    from psycopg import sql
+
+    by_url: dict[str, list[PgTarget]] = {}
+    for target in targets:
+        by_url.setdefault(target.url(), []).append(target)
+    versions: dict[str, tuple[str, ...] | None] = {}
+    for group in by_url.values():
+        with connect(group[0]) as conn:
+            schemas = [t.schema for t in group]
+            rows = conn.execute(sa.text(
+                "SELECT s FROM unnest(CAST(:schemas AS text[])) AS s "
+                "WHERE to_regclass(quote_ident(s) || '.alembic_version') IS NOT NULL"), {"schemas": schemas})
+            managed = [r[0] for r in rows]
+            versions.update({s: None for s in schemas})
+            if managed:
+                query = sql.SQL(" UNION ALL ").join(
+                    sql.SQL("SELECT {name}, version_num FROM {table}").format(
+                        name=sql.Literal(s), table=sql.Identifier(s, "alembic_version")) for s in managed)
+                found: dict[str, list[str]] = {s: [] for s in managed}
+                for schema, version in conn.exec_driver_sql(query.as_string(None)):
+                    found[schema].append(version)
+                versions.update({s: tuple(sorted(v)) for s, v in found.items()})
+            conn.rollback()
+    return versions
+
+
+def upgrade_many(targets: Sequence[PgTarget], *, script_location: Path | None = None,
+                 project: Project | None = None) -> None:
+    """Upgrade several targets in one Alembic run (one revision map, one env.py); each keeps its
+    own outcome in ``target.applied`` and ``target.error``."""
+    from alembic import command
+
+    cfg = alembic_config(targets, project=project, script_location=script_location)
+    cfg.attributes["momentry_keep_going"] = True
+    command.upgrade(cfg, "head")
+
+
+def upgrade_chunk(envs: list[Environment], script_location: Path | None,
+                  lock_wait: float) -> list[tuple[str, list[str], str | None]]:
+    """A worker process's share of a parallel fan-out: (schema, applied, error) per target."""
+    targets = [PgTarget(env, lock_wait=lock_wait) for env in envs]
+    try:
+        upgrade_many(targets, script_location=script_location)
+    except Exception as exc:  # noqa: BLE001 - before or between targets: each one not done reports it
+        for t in targets:
+            if t.error is None and not t.applied:
+                t.error = failure(t, exc)
+    return [(t.schema, list(t.applied), str(t.error) if t.error else None) for t in targets]
+
+
+
+def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
+                     script_location: Path | None = None) -> list[PgTarget]:
+    """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
+
+    The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
+    then sent to each schema as one script in one transaction (search_path set to that
+    schema, history rows included), under the schema's advisory lock. Paths that
+    offline mode cannot express (reads from the live database, autocommit blocks) are
+    not compiled: those targets are returned for a regular Alembic run, as is any
+    target another run moved meanwhile.
+    """
+    from alembic import command
+    from psycopg import sql
+
+    if not targets or any(t.primary for t in targets):
+        return list(targets)
+    script = load_script(script_location)
+    revisions = list(reversed(list(script.iterate_revisions("heads", start[0] if start else "base"))))
+    out = io.StringIO()
+    cfg = alembic_config([targets[0]], script_location=script_location, output=out)
+    cfg.attributes["momentry_template"] = True
+    try:
+        command.upgrade(cfg, f"{start[0]}:head" if start else "head", sql=True)
+    except Exception:  # noqa: BLE001 - the path needs the live database: no compiled run
+        return list(targets)
+    body = out.getvalue().strip()
+    if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
+        return list(targets)  # an autocommit block: each schema runs through Alembic
+    body = body[6:-7].strip()
+    leftovers: list[PgTarget] = []
+    by_url: dict[str, list[PgTarget]] = {}
+    for target in targets:
+        by_url.setdefault(target.url(), []).append(target)
+    for group in by_url.values():
+        waiting = list(group)
+        while waiting:  # a target's failure is its own outcome; the others go on, on a fresh connection if need be
+            try:
+                raw = connect(waiting[0])
+            except MomentryError as exc:
+                for target in waiting:
+                    target.error = exc
+                break
+            with raw:
+                conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                while waiting:
+                    target = waiting.pop(0)
+                    try:
+                        if not _run_compiled(conn, target, start, body, revisions, sql):
+                            leftovers.append(target)
+                    except MomentryError as exc:
+                        target.error = exc
+                    except Exception as exc:  # noqa: BLE001 - the connection may be unusable now
+                        target.error = failure(target, exc)
+                        break
+    return leftovers
+
+
+def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
+                  revisions: list[Any], sql: Any) -> bool:
+    import sqlalchemy as sa
+
+    schema = sql.Identifier(target.schema)
+    acquire_lock(conn, target)
+    try:
+        if current_heads(conn, target.schema) != tuple(sorted(start)):
+            return False  # moved by another run since the plan: Alembic takes it from here
+        history = sql.SQL("").join(
+            sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, outcome) "
+                    "VALUES ({}, 'postgres', {}, {}, 'upgrade', 'applied');\n").format(
+                schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
+                sql.Literal(r.revision), sql.Literal(r.doc or "")) for r in revisions)
+        script = sql.SQL("{settings};\nBEGIN;\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
+                         "SET search_path TO {schema};\n{history_ddl};\n").format(
+            settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
+            schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
+        text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;"
+        target.step_started = time.monotonic()
+        try:
+            conn.exec_driver_sql(text)
+        except sa.exc.DBAPIError as exc:
+            conn.exec_driver_sql("ROLLBACK")
+            first, last = revisions[0].revision, revisions[-1].revision
+            step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            target.error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
+            record_failure(conn, target, target.error)
+            return True
+        # The script ran as one unit: each of its steps gets an equal share of its duration.
+        share = int((time.monotonic() - target.step_started) * 1000 / len(revisions))
+        conn.exec_driver_sql(sql.SQL("UPDATE {}.{} SET duration_ms = {} WHERE duration_ms IS NULL").format(
+            schema, sql.Identifier(HISTORY_TABLE), sql.Literal(share)).as_string(None))
+        target.applied = [r.revision for r in revisions]
+        if target.emit is not None:
+            for r in revisions:
+                target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
+        return True
+    finally:
+        conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
+        conn.exec_driver_sql("RESET ALL")

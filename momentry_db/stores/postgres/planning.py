@@ -1,0 +1,218 @@
+"""Alembic configuration, revision checks, plans, offline SQL, upgrade, downgrade and stamp."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import (
+    ConfigError,
+    StoreError,
+)
+from ...plan import Step, TargetPlan
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy import MetaData
+    from sqlalchemy.engine import Connection
+
+    from ...settings import Project
+
+from .connection import SCRIPT_LOCATION, STORE, UNMANAGED, PgTarget, connect, label
+
+# --- library calls --------------------------------------------------------------------------
+
+
+def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = None,
+                   script_location: Path | None = None, output: io.StringIO | None = None,
+                   metadata: MetaData | None = None) -> Config:
+    """An Alembic Config that runs our env.py against the given targets."""
+    from alembic.config import Config
+
+    cfg = Config(output_buffer=output)
+    cfg.set_main_option("script_location", str(script_location or SCRIPT_LOCATION))
+    cfg.set_main_option("version_path_separator", "os")
+    cfg.attributes["momentry_targets"] = list(targets)
+    cfg.attributes["momentry_project"] = project
+    cfg.attributes["momentry_metadata"] = metadata
+    return cfg
+
+
+def load_script(script_location: Path | None) -> Any:
+    """The revision scripts, checked: each file loads, and they form one line from one base to one head."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+    check_revisions(script)
+    return script
+
+
+def heads(script_location: Path | None) -> tuple[str, ...]:
+    """The head revisions of the revision files (loading them checks each file)."""
+    return tuple(sorted(load_script(script_location).get_heads()))
+
+
+def has_revision(script_location: Path | None, revision: str) -> bool:
+    """Whether ``revision`` is one of the revision files'."""
+    from alembic.util import CommandError
+
+    try:
+        return load_script(script_location).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def check_revisions(script: Any) -> None:
+    """Refuse revision files that fail to import, and a history that is not one line, before any connection."""
+    import warnings
+
+    from alembic.util import to_tuple
+
+    versions = Path(script.versions).resolve()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alembic's own warnings; the checks below name the file
+            loaded = list(script._load_revisions())  # imports every revision file, as alembic does
+    except Exception as exc:  # noqa: BLE001 - any error a revision file raises at import
+        raise ConfigError(f"revision file {_failed_file(exc, versions)} cannot be loaded: "
+                          f"{type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else _first_line(exc)}; "
+                          "fix or remove it") from None
+    by_id: dict[str, Any] = {}
+    for rev in loaded:
+        if rev.revision in by_id:
+            raise ConfigError(f"revision {rev.revision} is defined twice: {_shown_file(by_id[rev.revision].path)} "
+                              f"and {_shown_file(rev.path)}; give one of them a new revision id")
+        by_id[rev.revision] = rev
+    referenced: set[str] = set()
+    for rev in loaded:
+        for down in to_tuple(rev.down_revision, default=()):
+            if down not in by_id:
+                raise ConfigError(f"revision file {_shown_file(rev.path)}: down_revision {down!r} is not a "
+                                  "known revision; point it at the revision it follows")
+            referenced.add(down)
+    bases = sorted(_shown_file(r.path) for r in loaded if not to_tuple(r.down_revision, default=()))
+    heads = sorted(_shown_file(r.path) for r in loaded if r.revision not in referenced)
+    if len(bases) > 1:
+        raise ConfigError(f"the revision history has {len(bases)} bases ({', '.join(bases)}); "
+                          "each revision but the first needs a down_revision")
+    if len(heads) > 1:
+        raise ConfigError(f"the revision history has {len(heads)} heads ({', '.join(heads)}); "
+                          "merge them (alembic merge heads) or point one at the other")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _failed_file(exc: BaseException, versions: Path) -> str:
+    """The revision file an import error came from: a SyntaxError names it, a traceback passes through it."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return _shown_file(exc.filename) + (f", line {exc.lineno}" if exc.lineno else "")
+    import traceback
+
+    inside = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(versions)]
+    if inside:
+        return f"{_shown_file(inside[-1].filename)}, line {inside[-1].lineno}"
+    return f"in {_shown_file(versions)}"
+
+
+def _shown_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def current_heads(conn: Connection, schema: str) -> tuple[str, ...]:
+    """The revisions recorded in a schema's alembic_version (empty when never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    ctx = MigrationContext.configure(conn, opts={"version_table_schema": schema})
+    return tuple(sorted(ctx.get_current_heads()))
+
+
+def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | None = None,
+         project: Project | None = None) -> TargetPlan:
+    """Where a target stands and which revisions are pending, optionally with their SQL."""
+    from alembic.util import CommandError
+
+    script = load_script(script_location)
+    notes: tuple[str, ...] = ()
+    unmanaged: list[str] = []
+    with connect(target) as conn:
+        # One snapshot for both reads, so a concurrent first run is seen whole or not at all.
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        current = current_heads(conn, target.schema)
+        if not current:
+            unmanaged = unmanaged_tables(conn, target.schema)
+            if unmanaged:
+                notes = (f"{UNMANAGED}: {', '.join(unmanaged[:5])}"
+                         + (f" and {len(unmanaged) - 5} more" if len(unmanaged) > 5 else ""),)
+    head = tuple(sorted(script.get_heads()))
+    try:
+        revisions = list(script.iterate_revisions("heads", current[0] if current else "base"))
+    except CommandError as exc:
+        raise StoreError(STORE, label(target), "plan",
+                         f"{exc}; is this checkout older than the database?") from None
+    pending = tuple(Step(STORE, target.env.name, target.schema, r.revision, r.doc or "")
+                    for r in reversed(revisions))
+    sql = None
+    if with_sql and pending:
+        sql = offline_sql(target, f"{current[0]}:head" if current else "head",
+                          script_location=script_location, project=project)
+    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql, notes, tuple(unmanaged))
+
+
+def offline_sql(target: PgTarget, revision_range: str, *, script_location: Path | None = None,
+                project: Project | None = None) -> str:
+    """The SQL an upgrade would run, as Alembic's offline mode writes it (psql-ready)."""
+    from alembic import command
+
+    out = io.StringIO()
+    command.upgrade(alembic_config([target], project=project, script_location=script_location,
+                                   output=out), revision_range, sql=True)
+    return out.getvalue()
+
+
+def upgrade(target: PgTarget, revision: str = "head", *, script_location: Path | None = None,
+            project: Project | None = None) -> list[str]:
+    """Upgrade one target; return the revisions applied."""
+    from alembic import command
+
+    command.upgrade(alembic_config([target], project=project, script_location=script_location), revision)
+    return list(target.applied)
+
+
+def downgrade(target: PgTarget, revision: str, *, script_location: Path | None = None,
+              project: Project | None = None) -> list[str]:
+    """Downgrade one target; return the revisions undone."""
+    from alembic import command
+
+    command.downgrade(alembic_config([target], project=project, script_location=script_location), revision)
+    return list(target.applied)
+
+
+def stamp(target: PgTarget, revision: str = "head", *, script_location: Path | None = None,
+          project: Project | None = None) -> None:
+    """Record a revision as applied without running it."""
+    from alembic import command
+
+    command.stamp(alembic_config([target], project=project, script_location=script_location), revision)
+
+
+def unmanaged_tables(conn: Connection, schema: str, meta: MetaData | None = None) -> list[str]:
+    """Model tables that exist in a schema that has no alembic_version (created outside Alembic)."""
+    import sqlalchemy as sa
+
+    from ...models import metadata
+
+    names = sorted((meta or metadata).tables)
+    rows = conn.execute(sa.text(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = :s "
+        "AND table_name = ANY(:names)"), {"s": schema, "names": names})
+    return sorted(r[0] for r in rows)

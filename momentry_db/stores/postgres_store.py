@@ -1,0 +1,238 @@
+"""PostgreSQL behind the store interface: migrate runs over many schemas, history, reset, verify,
+clone and unlock, on top of the stores/postgres package."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..environments import Environment
+from ..plan import TargetOutcome, TargetPlan, unplanned
+from .base import Consent, Context, Drop, MigrationWork, shown_path
+
+STORE = "postgres"
+
+
+def target(ctx: Context, env: Environment) -> Any:
+    """The environment's PgTarget; the embedded server is announced when it is used."""
+    from . import postgres
+
+    found = postgres.PgTarget(env, emit=ctx.emit, lock_wait=ctx.lock_timeout)
+    found.url()
+    if found.embedded:
+        ctx.run.notice(f"postgres: DATABASE_URL is not set; using the embedded server in "
+                       f"{shown_path(env.state_dir / 'pg')} (database momentry)")
+    return found
+
+
+def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: Path | None) -> None:
+    """Lint prod's pending SQL; risky statements need explicit consent."""
+    from ..errors import RefusedError
+    from ..lint import lint_sql
+    from . import postgres
+
+    env = target.env
+    if not plan.pending or (not plan.current and not plan.unmanaged):
+        return  # nothing pending, or none of our tables yet: no data to lock, no client to break
+    sql = plan.sql or postgres.offline_sql(target, f"{plan.current[0]}:head" if plan.current else "head",
+                                           script_location=scripts)
+    findings = lint_sql(sql, f"postgres {env.name} (schema {env.schema})")
+    if not findings:
+        return
+    summary = "; ".join(str(f) for f in findings[:5]) + (f"; and {len(findings) - 5} more" if len(findings) > 5 else "")
+    if not consent(f"{len(findings)} risky statement(s) in the pending revisions for {env.name}: {summary}"):
+        raise RefusedError(f"{env.name}: lint found {len(findings)} risky statement(s) in the pending revisions "
+                           f"({findings[0]}); review them with momentry-db lint --env {env.name}, then rerun "
+                           "with --accept-risky")
+
+
+class PostgresStore:
+    """PostgreSQL: one schema per environment, migrated by Alembic."""
+
+    name = STORE
+
+    def load(self, ctx: Context) -> Any:
+        from . import postgres
+
+        # loading checks the revision files: one that fails to import, or a branched history, stops here
+        return postgres.heads(ctx.scripts)
+
+    def migration(self, work: MigrationWork) -> _Migration:
+        return _Migration(work)
+
+    def history(self, ctx: Context, env: Environment, declared: Any, limit: int) -> list[dict[str, Any]]:
+        from . import postgres
+
+        return [{**row, "recorded_at": row["recorded_at"].isoformat(timespec="seconds")}
+                for row in postgres.history(target(ctx, env), limit)]
+
+    def drop(self, ctx: Context, env: Environment, declared: Any, closing: Any) -> Drop | None:
+        from . import postgres
+
+        found = target(ctx, env)
+        return Drop(STORE, f"{env.name} (schema {env.schema})", f"schema {env.schema}",
+                    lambda: postgres.preflight_drop(found),
+                    lambda: env.schema if postgres.drop_schema(found) else None)
+
+    def verify(self, ctx: Context, result: Any, env: Environment, others: list[Environment],
+               declared: Any) -> None:
+        from .. import verify as checks
+        from ..errors import MomentryError
+
+        try:
+            checks.check_postgres(result, env, target(ctx, env), script_location=ctx.scripts)
+        except MomentryError as exc:
+            result.add(STORE, "server reachable", [str(exc)])
+
+    def drift(self, ctx: Context, env: Environment, plan: TargetPlan) -> list[str] | None:
+        from . import postgres
+
+        if plan.pending:
+            return None
+        return [f"postgres {env.name} (schema {env.schema}): {d}"
+                for d in postgres.compare_live(postgres.PgTarget(env))]
+
+    def clone_check(self, ctx: Context, source: Environment, dest: Environment) -> None:
+        pass
+
+    def clone(self, ctx: Context, source: Environment, dest: Environment, declared: Any,
+              tables: Sequence[str], limit: int | None) -> dict[str, int] | None:
+        from ..errors import RefusedError, StoreError
+        from . import postgres
+
+        src_t, dst_t = target(ctx, source), postgres.PgTarget(dest)
+        if postgres.plan(dst_t, script_location=ctx.scripts).pending:
+            raise RefusedError(f"postgres {dest.name} is not at head; run momentry-db migrate --env {dest.name} first")
+        behind = postgres.plan(src_t, script_location=ctx.scripts)
+        if behind.pending:  # the destination is at head; a source behind it has other columns
+            at = ", ".join(behind.current) if behind.current else "base"
+            raise StoreError(STORE, f"{source.name} (schema {behind.target})", "clone",
+                             f"{source.name} is at revision {at}, behind {', '.join(behind.head)}; run "
+                             f"momentry-db migrate --env {source.name} first, then clone again")
+        return postgres.clone_tables(src_t, dst_t, tables, limit, ctx.emit)  # type: ignore[no-any-return]
+
+    @contextmanager
+    def lock_target(self, ctx: Context, env: Environment, declared: Any) -> Iterator[Any]:
+        from . import postgres
+
+        yield postgres, target(ctx, env), ()
+
+
+class _Migration:
+    """PostgreSQL's part of a run: read every schema's version, plan the ones behind, then upgrade them
+    public first, compiled where schemas stand at the same revision, else through Alembic (in worker
+    processes with ``parallel`` > 1)."""
+
+    def __init__(self, work: MigrationWork) -> None:
+        from . import postgres
+
+        self.work, self.pg = work, postgres
+        self.targets: list[Any] = []
+
+    def preflight(self) -> None:
+        w = self.work
+        if w.envs:
+            target(w, w.envs[0])  # the embedded-server notice, once
+        self.targets = [self.pg.PgTarget(env, emit=w.emit, lock_wait=w.lock_timeout) for env in w.envs]
+
+    def run(self) -> list[TargetOutcome]:
+        w, pg = self.work, self.pg
+        outcomes: dict[str, TargetOutcome] = {}
+        plans: dict[str, TargetPlan] = {}
+        if w.apply:
+            versions = pg.current_versions(self.targets)
+            head = pg.heads(w.scripts)
+        for t in self.targets:
+            if w.apply and versions[t.schema] == head:  # at head after one query: nothing to plan
+                outcomes[t.schema] = w.planned(TargetPlan("postgres", t.env.name, t.schema, head, head))
+                continue
+            try:
+                plan = pg.plan(t, with_sql=w.dry_run, script_location=w.scripts, project=w.project)
+                if w.apply and plan.pending:
+                    plan.raise_if_unmanaged()
+                    if t.primary:
+                        _consent_to_risks(t, plan, w.consent, w.scripts)
+            except Exception as exc:  # noqa: BLE001 - this target's outcome
+                outcomes[t.schema] = w.failed(unplanned("postgres", t.env.name, t.schema), exc, t.env)
+                continue
+            outcomes[t.schema] = w.planned(plan)
+            plans[t.schema] = plan
+        pending = [t for t in self.targets if t.schema in plans and plans[t.schema].pending]
+        if w.apply and pending:
+            results = self._upgrade(pending, versions)
+            for t in pending:
+                applied, error = results[t.schema]
+                plan = plans[t.schema]
+                if error is None:
+                    outcomes[t.schema] = w.done(plan, [s for s in plan.pending if s.name in applied])
+                else:
+                    outcomes[t.schema] = w.failed(plan, error, t.env)
+        return [outcomes[t.schema] for t in self.targets]
+
+    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
+        """Upgrade each target: (revisions applied, the error that stopped it) per schema."""
+        w, pg = self.work, self.pg
+        done: dict[str, tuple[list[str], Any]] = {}
+        primary = [t for t in pending if t.primary]
+        others = [t for t in pending if not t.primary]
+        if primary:  # public first
+            self._alembic(primary)
+        starts: dict[tuple[str, ...], list[Any]] = {}
+        left: list[Any] = []
+        for t in others:  # compile each revision path once for the schemas at the same revision
+            if versions[t.schema] == ():  # an empty alembic_version (downgraded to base): Alembic's path
+                left.append(t)
+            else:
+                starts.setdefault(versions[t.schema] or (), []).append(t)
+        for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
+            left += (self._guarded(pg.upgrade_compiled, group, start, script_location=w.scripts) or []
+                     if len(group) > 1 else group)
+        if left and w.parallel > 1:
+            done.update(self._workers(left))
+        elif left:
+            self._alembic(left)
+        for t in pending:
+            if t.schema not in done:
+                done[t.schema] = (list(t.applied), t.error)
+        return done
+
+    def _alembic(self, targets: list[Any]) -> None:
+        self._guarded(self.pg.upgrade_many, targets, script_location=self.work.scripts, project=self.work.project)
+
+    def _guarded(self, fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
+        """What stops a fan-out step early becomes the outcome of each target not yet done."""
+        try:
+            return fn(targets, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
+            for t in targets:
+                if t.error is None and not t.applied:
+                    t.error = self.pg.failure(t, exc)
+            return None
+
+    def _workers(self, targets: list[Any]) -> dict[str, tuple[list[str], Any]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from ..errors import MomentryError
+
+        w, pg = self.work, self.pg
+        parallel = w.parallel
+        chunks = [targets[i::parallel] for i in range(min(parallel, len(targets)))]
+        done: dict[str, tuple[list[str], Any]] = {}
+        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(pg.upgrade_chunk, [t.env for t in chunk], w.scripts, w.lock_timeout)
+                       for chunk in chunks]
+            for chunk, future in zip(chunks, futures):
+                try:
+                    rows = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
+                    for t in chunk:
+                        done[t.schema] = ([], pg.failure(t, exc))
+                    continue
+                for schema, applied, error in rows:
+                    done[schema] = (applied, MomentryError(error) if error else None)
+        return done
+
+
