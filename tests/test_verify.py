@@ -166,8 +166,8 @@ def test_a_check_lists_ten_problems_and_counts_the_rest() -> None:
     assert result.checks[1].detail == "; ".join(f"p{i}" for i in range(10))
     result.add("s", "o", ["p"], status=NOT_CHECKABLE, detail="why")
     assert result.checks[2] == Check("s", "o", NOT_CHECKABLE, "why")
-    assert result.to_json() == {"command": "verify", "env": "me", "ok": False, "notices": [],
-                                "checks": [c.to_json() for c in result.checks]}
+    assert result.to_json() == {"command": "verify", "env": "me", "envs": ["me"], "ok": False, "failed": ["me"],
+                                "notices": [], "checks": [{"env": "me", **c.to_json()} for c in result.checks]}
     assert result.checks[2].to_json() == {"store": "s", "name": "o", "status": NOT_CHECKABLE, "detail": "why"}
 
 
