@@ -254,7 +254,8 @@ def migrated_template(admin_url: str, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
     (root / "alembic.ini").write_text(
         (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
-    template = Project(root, {"DATABASE_URL": with_database(admin_url, name), "MOMENTRY_STATE_DIR": str(base / "state")})
+    template = Project(root, {"DATABASE_URL": with_database(admin_url, name), "MOMENTRY_STATE_DIR": str(base / "state"),
+                              **NO_EMBEDDED})
     try:
         with pytest.MonkeyPatch.context() as mp:
             for var in SETTINGS_VARS:
