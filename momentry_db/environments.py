@@ -74,6 +74,21 @@ def validate_schema(schema: str, *, primary: bool) -> str:
     return schema
 
 
+_RESERVED_ROLES = {"public", "none", "current_user", "session_user", "current_role"}
+
+
+def validate_role(role: str, what: str = "role") -> str:
+    """Check a PostgreSQL role or login name: [a-z_][a-z0-9_]*, at most 63 bytes, not pg_* or reserved."""
+    if not _PG_IDENT.fullmatch(role):
+        raise ConfigError(f"invalid {what} name {_shown(role)}: a PostgreSQL {what} is [a-z_][a-z0-9_]* "
+                          "(lowercase, unquoted)")
+    if len(role.encode()) > 63:
+        raise ConfigError(f"invalid {what} name {_shown(role)}: longer than PostgreSQL's 63 bytes")
+    if role.startswith("pg_") or role in _RESERVED_ROLES:
+        raise ConfigError(f"{what} name {role!r} is reserved by PostgreSQL")
+    return role
+
+
 def validate_mongo_database(database: str) -> str:
     """Check a MongoDB database name."""
     if not _MONGO_DB.fullmatch(database) or len(database.encode()) > 63:
@@ -114,6 +129,7 @@ class EnvSpec:
     prefix: str | None = None
     env_file: str | None = None
     port: int | None = None
+    role: str | None = None
     source: str = "built in"
 
     @property
@@ -146,6 +162,10 @@ class EnvSpec:
 
     def default_prefix(self) -> str:
         return self.prefix or f"{self.root}:"
+
+    def default_role(self) -> str:
+        """The environment's PostgreSQL group role: ``momentry_app``, ``momentry_dev_app``."""
+        return self.role or f"{self.root}_app"
 
     def default_port(self) -> int | None:
         if self.port is not None:
@@ -188,8 +208,10 @@ class Registry:
         """Add declared environments; a declaration of a known name replaces its spec."""
         specs = {s.name: s for s in self.specs}
         for spec in declared:
-            if spec.primary:
-                raise ConfigError(f"{spec.source}: prod is built in and cannot be redeclared")
+            only_role = EnvSpec(spec.name, role=spec.role, source=spec.source)
+            if spec.primary and (spec.role is None or spec != only_role):
+                raise ConfigError(f"{spec.source}: prod is built in and cannot be redeclared "
+                                  "(only its role may be set)")
             specs[spec.name] = spec
         registry = Registry(tuple(specs.values()))
         registry.check_distinct()
@@ -203,6 +225,7 @@ class Registry:
             ("Qdrant collection", EnvSpec.default_collection),
             ("Redis prefix", EnvSpec.default_prefix),
             ("env file", EnvSpec.default_env_file),
+            ("PostgreSQL role", EnvSpec.default_role),
         ):
             for i, spec in enumerate(self.specs):
                 for other in self.specs[:i]:
@@ -471,6 +494,8 @@ class Environment:
     embedded: bool = True  # a store with no URL uses its embedded server (MOMENTRY_EMBEDDED)
     pg_lock_timeout: str = "5s"
     pg_statement_timeout: str = "30min"
+    pg_role: str = ""  # the environment's NOLOGIN group role (momentry_dev_app)
+    pg_grants: bool = True  # momentry-db manages the role and its grants (MOMENTRY_PG_GRANTS)
     database_url: SecretURL | None = None
     mongodb_url: SecretURL | None = None
     qdrant_url: SecretURL | None = None

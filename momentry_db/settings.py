@@ -26,12 +26,14 @@ from .environments import (
     validate_mongo_database,
     validate_pg_duration,
     validate_redis_prefix,
+    validate_role,
     validate_schema,
 )
 from .errors import ConfigError
 
 CONFIG_FILE = "momentry-db.toml"
-_SPEC_KEYS = {"schema": str, "database": str, "collection": str, "prefix": str, "env_file": str, "port": int}
+_SPEC_KEYS = {"schema": str, "database": str, "collection": str, "prefix": str, "env_file": str, "port": int,
+              "role": str}
 _PG_SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg://")
 
 
@@ -121,6 +123,14 @@ def _embedded_switch(value: str | None) -> bool:
     return text == "on"
 
 
+def _switch(variable: str, value: str | None, off_means: str) -> bool:
+    """An on/off setting (on by default)."""
+    text = (value or "on").strip().lower()
+    if text not in {"on", "off"}:
+        raise ConfigError(f"{variable} must be on or off, not {value!r}; {off_means}")
+    return text == "on"
+
+
 def _script_location(ini: Path) -> Path | None:
     """The migrations folder an alembic.ini names, so momentry-db and alembic run the same revisions."""
     import configparser
@@ -164,6 +174,11 @@ def _declared_in_file(path: Path) -> list[EnvSpec]:
             if not isinstance(value, _SPEC_KEYS[key]) or isinstance(value, bool):
                 raise ConfigError(f"{where}: {key} must be a {_SPEC_KEYS[key].__name__}")
         spec = EnvSpec(name, source=where, **body)
+        if spec.role is not None:
+            try:
+                validate_role(spec.role)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         if spec.schema is not None:
             try:
                 validate_schema(spec.schema, primary=spec.primary)
@@ -268,6 +283,8 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     pg_statement_timeout = validate_pg_duration(lookup("MOMENTRY_PG_STATEMENT_TIMEOUT") or "30min",
                                                 "--pg-statement-timeout / MOMENTRY_PG_STATEMENT_TIMEOUT")
     database_url = lookup("DATABASE_URL")
+    pg_grants = _switch("MOMENTRY_PG_GRANTS", lookup("MOMENTRY_PG_GRANTS"),
+                        "off leaves PostgreSQL roles and grants to you")
     api_key = lookup("QDRANT_API_KEY")
     return Environment(
         name=spec.name,
@@ -286,6 +303,8 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
         embedded=project.embedded,
         pg_lock_timeout=pg_lock_timeout,
         pg_statement_timeout=pg_statement_timeout,
+        pg_role=validate_role(spec.default_role()),
+        pg_grants=pg_grants,
         database_url=SecretURL(normalize_database_url(check_url("DATABASE_URL", database_url)))
         if database_url else None,
         mongodb_url=_url(check_url("MONGODB_URL", lookup("MONGODB_URL"))),

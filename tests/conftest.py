@@ -30,7 +30,17 @@ from psycopg import sql
 if "mutmut" in sys.modules:
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 
-from tests.helpers import NO_EMBEDDED, REPO, SETTINGS_VARS, Database, Project, stop_embedded_servers, with_database
+from tests.helpers import (
+    NO_EMBEDDED,
+    NO_GRANTS,
+    REPO,
+    SETTINGS_VARS,
+    Database,
+    Granted,
+    Project,
+    stop_embedded_servers,
+    with_database,
+)
 
 # Hypothesis: in CI (the CI variable set) every run draws the same examples, so CI never fails on
 # an example no earlier run drew; a failure prints the blob that reproduces it. Elsewhere the
@@ -201,7 +211,7 @@ def project(tmp_path: Path, database: Database) -> Project:
     (root / "alembic.ini").write_text(
         (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
     return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(tmp_path / "state"),
-                          **NO_EMBEDDED})
+                          **NO_EMBEDDED, **NO_GRANTS})
 
 
 @pytest.fixture
@@ -255,7 +265,7 @@ def migrated_template(admin_url: str, tmp_path_factory: pytest.TempPathFactory) 
     (root / "alembic.ini").write_text(
         (root / "alembic.ini").read_text().replace("%(here)s/migrations", str(REPO / "migrations")))
     template = Project(root, {"DATABASE_URL": with_database(admin_url, name), "MOMENTRY_STATE_DIR": str(base / "state"),
-                              **NO_EMBEDDED})
+                              **NO_EMBEDDED, **NO_GRANTS})
     try:
         with pytest.MonkeyPatch.context() as mp:
             for var in SETTINGS_VARS:
@@ -282,6 +292,27 @@ def migrated(project: Project, database: Database, admin_url: str,
                                                                       sql.Identifier(template)))
     shutil.copytree(state, project.environ["MOMENTRY_STATE_DIR"], dirs_exist_ok=True)
     return project
+
+
+@pytest.fixture
+def granted(migrated: Project, database: Database, admin_url: str) -> Iterator[Granted]:
+    """A migrated project whose prod and dev roles are managed, named after this test's database, and
+    one service login; migrate ran once more for each so the roles hold their grants. Every role the
+    test creates through it is dropped afterwards: roles are cluster-wide."""
+    prefix = "t" + database.name.removeprefix("momentry_test_")
+    found = Granted(migrated, database, admin_url, {"prod": f"{prefix}_prod_app", "dev": f"{prefix}_dev_app"},
+                    f"{prefix}_svc")
+    found.created += [*found.roles.values(), found.login]
+    try:
+        found.write_toml()
+        migrated.environ["MOMENTRY_PG_GRANTS"] = "on"
+        found.database.execute(f"CREATE ROLE {found.login} LOGIN PASSWORD '{found.password}'")
+        for env in ("prod", "dev"):
+            result = migrated.cli("migrate", "--env", env, "--store", "postgres")
+            assert result.code == 0, result.err
+        yield found
+    finally:
+        found.drop_roles()
 
 
 def _free_port() -> int:
@@ -370,7 +401,7 @@ def mongo_project(tmp_path: Path, mongo_url: str, mongo_db_name: str) -> Project
     root = tmp_path / "project"
     root.mkdir()
     return Project(root, {"MONGODB_URL": mongo_url, "MONGODB_DATABASE": mongo_db_name,
-                          "MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED})
+                          "MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED, **NO_GRANTS})
 
 
 @pytest.fixture
@@ -378,4 +409,4 @@ def bare_project(tmp_path: Path) -> Project:
     """A project with its own state dir and no server configured (local defaults; embedded servers off)."""
     root = tmp_path / "project"
     root.mkdir()
-    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED})
+    return Project(root, {"MOMENTRY_STATE_DIR": str(tmp_path / "state"), **NO_EMBEDDED, **NO_GRANTS})

@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS_VARS = ("DATABASE_URL", "DATABASE_SCHEMA", "MONGODB_URL", "MONGODB_DATABASE", "QDRANT_URL",
                  "QDRANT_API_KEY", "QDRANT_COLLECTION", "REDIS_URL", "MOMENTRY_REDIS_PREFIX",
-                 "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR", "MOMENTRY_EMBEDDED")
+                 "MOMENTRY_EXTRA_ENVS", "MOMENTRY_STATE_DIR", "MOMENTRY_PROJECT_DIR", "MOMENTRY_EMBEDDED",
+                 "MOMENTRY_PG_GRANTS")
 # Tests start no embedded server unless they say so: each test has its own state dir, and a server
 # left running per test would add up to hundreds of processes.
 NO_EMBEDDED = {"MOMENTRY_EMBEDDED": "off"}
+# PostgreSQL roles are cluster-wide: tests leave them off unless they test them (tests/test_grants.py),
+# and those use role names of their own (see Granted), so no test shares a role with another run.
+NO_GRANTS = {"MOMENTRY_PG_GRANTS": "off"}
 
 
 def clean_environ() -> dict[str, str]:
@@ -72,6 +76,64 @@ class Database:
     def psql_file(self, path: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run([pg_bin("psql"), "-v", "ON_ERROR_STOP=1", "-q", "-f", str(path), self.url],
                               capture_output=True, text=True)
+
+
+def as_login(url: str, login: str, password: str) -> str:
+    """The same server and database, reached as another login."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{login}:{quote(password)}@{host}"))
+
+
+@dataclass
+class Granted:
+    """A migrated project whose prod and dev manage their PostgreSQL roles, named after this test's
+    database, with one service login; every role a test adds is tracked and dropped afterwards."""
+
+    project: Project
+    database: Database
+    admin_url: str
+    roles: dict[str, str]  # environment -> its group role
+    login: str  # a LOGIN role of this test, granted to nothing yet
+    password: str = "svc-pw-1"
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return self.login.rsplit("_", 1)[0]
+
+    def write_toml(self) -> None:
+        body = "".join(f'"{env}" = {{ role = "{role}" }}\n' for env, role in self.roles.items())
+        (self.project.root / "momentry-db.toml").write_text("[environments]\n" + body)
+
+    def declare(self, env: str) -> str:
+        """Declare an environment with a role of this test; return the role."""
+        role = f"{self.prefix}_{env.replace('-', '_')}_app"
+        self.roles[env] = role
+        self.created.append(role)
+        self.write_toml()
+        return role
+
+    def create_login(self, suffix: str, *, login: bool = True) -> str:
+        name = f"{self.prefix}_{suffix}"
+        self.created.append(name)
+        self.database.execute(f"CREATE ROLE {name} " + (f"LOGIN PASSWORD '{self.password}'" if login else "NOLOGIN"))
+        return name
+
+    def connect(self, login: str | None = None) -> psycopg.Connection:
+        """A session as the login, opened as the service would open it (its search_path from the server)."""
+        return psycopg.connect(as_login(self.database.url, login or self.login, self.password), autocommit=True)
+
+    def drop_roles(self) -> None:
+        names = [r[0] for r in self.database.query("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                                     (self.created,))]
+        if names:
+            self.database.execute(f"DROP OWNED BY {', '.join(names)}")
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                for name in names:
+                    conn.execute(f"DROP ROLE {name}")
 
 
 def with_database(url: str, name: str) -> str:

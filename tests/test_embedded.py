@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tests.helpers import Project, clean_environ, stop_embedded_servers
+from tests.helpers import NO_GRANTS, Project, clean_environ, stop_embedded_servers
 from pymongo import MongoClient
 
 REAL_BINARY = Path(sys.executable).parent / "secantusd-py"
@@ -49,7 +49,7 @@ def embedded(tmp_path: Path, state: Path, database) -> Project:
     """A project with no MONGODB_URL and MOMENTRY_EMBEDDED unset; PostgreSQL is this test's database."""
     root = tmp_path / "project"
     root.mkdir()
-    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(state)})
+    return Project(root, {"DATABASE_URL": database.url, "MOMENTRY_STATE_DIR": str(state), **NO_GRANTS})
 
 
 def _shape(port: int, name: str) -> dict[str, object]:
