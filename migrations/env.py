@@ -35,6 +35,12 @@ if targets is None:  # a plain `alembic` call
         targets = postgres.targets_from_x_args(project, x_args)
         postgres.refuse_unconfirmed_downgrade(context, targets, x_args)
         postgres.run_env(context, targets)
+        cmd = getattr(config.cmd_opts, "cmd", None)
+        if not context.is_offline_mode() and cmd and getattr(cmd[0], "__name__", "") == "upgrade":
+            from momentry_db.stores.postgres.grants import ensure_grants
+
+            for notice in ensure_grants(targets, project.environments()):  # as migrate keeps them
+                print(notice, file=sys.stderr)
     except MomentryError as exc:
         print(f"error: {scrub(str(exc), secrets)}", file=sys.stderr)
         sys.exit(exc.exit_code)

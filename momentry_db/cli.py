@@ -292,6 +292,26 @@ def verify(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, store
 
 @main.command()
 @env_option
+@click.option("--login", metavar="NAME", help="The existing login (role with LOGIN) the service connects with.")
+@click.option("--revoke", is_flag=True, help="Take the login out of the role and reset its search_path.")
+@click.option("--store", default="postgres", show_default=True, metavar="STORE",
+              help="The store whose access to grant (postgres).")
+@json_option
+@env_file_option
+@url_option
+@click.pass_context
+def grant(ctx: click.Context, env_name: str, login: str | None, revoke: bool, store: str, as_json: bool,
+          env_file: Path | None, database_url: str | None) -> None:
+    """Make a login a member of the environment's role, with search_path '<schema>, public'; --revoke undoes it."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.grant(
+        project, env_name, login=login, revoke=revoke, store=store, env_file=env_file,
+        overrides=_overrides(database_url), emit=emit))
+
+
+@main.command()
+@env_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 @click.pass_context

@@ -274,6 +274,48 @@ class ActionResult:
                 "skipped": self.skipped, "notices": self.notices}
 
 
+def grant(project: Project, env_name: str, *, login: str | None, revoke: bool = False, store: str = "postgres",
+          env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """Put a login into an environment's role, with the environment's search_path; revoke takes it out.
+
+    The login must exist; one that belongs to another environment's role is refused.
+    Every refusal, a malformed name first, comes before anything is written.
+    """
+    granters = {"postgres": _grant_postgres}
+    if store not in granters:
+        raise ConfigError(f"grant knows --store {', '.join(granters)}, not {store!r}")
+    env = project.environment(env_name, env_file=env_file, overrides=overrides)
+    result = ActionResult("grant", env.name)
+    granters[store](project, env, login, revoke, _context(project, sources, _Run(result, emit)), result)
+    return result
+
+
+def _grant_postgres(project: Project, env: Environment, login: str | None, revoke: bool, ctx: Any,
+                    result: ActionResult) -> None:
+    from .environments import validate_role
+    from .stores import postgres_store
+    from .stores.postgres import grants
+
+    if login is None:
+        raise ConfigError("grant --store postgres needs --login NAME, the login the service connects with")
+    validate_role(login, "login")
+    if not env.pg_grants:
+        raise ConfigError(f"MOMENTRY_PG_GRANTS=off: momentry-db does not manage {env.name}'s role and grants; "
+                          "unset it to use grant")
+    everyone = [env, *(e for e in project.environments() if e.name != env.name)]
+    done = grants.grant_login(postgres_store.target(ctx, env), login, everyone, revoke=revoke)
+    where = f"postgres {env.name}: login {login}"
+    if done.changed:
+        result.lines.append(f"{where}: {'; '.join(done.changed)}")
+    elif revoke:
+        result.lines.append(f"{where}: not in role {done.role}; nothing changed")
+    else:
+        result.lines.append(f"{where}: already in role {done.role} with search_path {done.search_path}; "
+                            "nothing changed")
+    result.data = done.to_json()
+
+
 def resettable(project: Project, env_name: str) -> Environment:
     """Resolve an environment that may be reset; prod is refused whatever the flags."""
     from .errors import RefusedError

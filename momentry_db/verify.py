@@ -203,6 +203,31 @@ def check_postgres(result: VerifyResult, env: Environment, target: Any, *,
                    [f"{a}.{b} -> {d}.{e} ({c})" for a, b, c, d, e in cross])
 
 
+def check_privileges(result: VerifyResult, env: Environment, others: list[Environment], target: Any) -> None:
+    """The environment's role, its members and their search_path: what each holds, and must not hold."""
+    import sqlalchemy as sa
+
+    from .stores import postgres
+    from .stores.postgres import grants
+
+    store = "postgres"
+    if not env.pg_grants:
+        result.add(store, f"role {env.pg_role} and its grants", status=NOT_CHECKABLE,
+                   detail="MOMENTRY_PG_GRANTS=off: momentry-db does not manage roles and grants here")
+        return
+    with postgres.connect(target) as conn:
+        exists = conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": env.schema}).scalar()
+    if not exists:
+        return  # the schema check already failed, naming the migrate to run
+    found = grants.inspect(target, [env, *others])
+    result.add(store, f"role {env.pg_role} exists",
+               [] if found.role_exists else [f"role {env.pg_role} does not exist, so grants were not managed; run "
+                                             f"momentry-db migrate --env {env.name} with a login that has CREATEROLE"])
+    if found.role_exists:
+        for name, problems in grants.verify_problems(env, found).items():
+            result.add(store, name, problems)
+
+
 # --- MongoDB, Qdrant, Redis, directories -------------------------------------------------------
 
 

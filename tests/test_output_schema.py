@@ -101,3 +101,14 @@ def test_read_commands_take_several_environments_and_all(migrated, database) -> 
     assert (lint["envs"], lint["failed"], [s["env"] for s in lint["pending"]]) == (["prod", "dev", "pr-1"], [], ["pr-1"])
     usage = document(project.cli("status", "--all", "--database-url", "postgresql://u@127.0.0.1:1/db", "--json"), 2)
     assert "take one --env" in usage["error"]["message"]
+
+
+def test_grant_prints_a_document_of_the_schema(granted) -> None:
+    project = granted.project
+    done = document(project.cli("grant", "--env", "dev", "--login", granted.login, "--json"))
+    assert (done["command"], done["login"], done["role"], done["revoke"], done["search_path"]) == (
+        "grant", granted.login, granted.roles["dev"], False, "dev, public")
+    undone = document(project.cli("grant", "--env", "dev", "--login", granted.login, "--revoke", "--json"))
+    assert (undone["revoke"], undone["search_path"], len(undone["changed"])) == (True, None, 2)
+    refused = document(project.cli("grant", "--env", "dev", "--login", "Bad Name", "--json"), 2)
+    assert refused["error"]["type"] == "ConfigError"

@@ -82,7 +82,9 @@ class PostgresStore:
         from ..errors import MomentryError
 
         try:
-            checks.check_postgres(result, env, target(ctx, env), script_location=ctx.scripts)
+            found = target(ctx, env)
+            checks.check_postgres(result, env, found, script_location=ctx.scripts)
+            checks.check_privileges(result, env, others, found)
         except MomentryError as exc:
             result.add(STORE, "server reachable", [str(exc)])
 
@@ -169,7 +171,23 @@ class _Migration:
                     outcomes[t.schema] = w.done(plan, [s for s in plan.pending if s.name in applied])
                 else:
                     outcomes[t.schema] = w.failed(plan, error, t.env)
+        if w.apply:
+            self._grants([t for t in self.targets if outcomes[t.schema].ok])
         return [outcomes[t.schema] for t in self.targets]
+
+    def _grants(self, targets: list[Any]) -> None:
+        """Keep each migrated environment's role and grants current (a no-op run only reads)."""
+        from ..errors import MomentryError
+        from .postgres import grants
+
+        everyone = list(self.work.envs)
+        if any(t.primary for t in targets):  # prod's new shared tables reach every environment's role
+            try:
+                everyone += [e for e in self.work.project.environments() if e.name not in {x.name for x in everyone}]
+            except MomentryError:
+                pass  # an environment that cannot be resolved is refused by its own run
+        for notice in grants.ensure_grants(targets, everyone):
+            self.work.run.notice(notice)
 
     def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
         """Upgrade each target: (revisions applied, the error that stopped it) per schema."""

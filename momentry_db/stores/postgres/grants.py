@@ -1,0 +1,511 @@
+"""Privileges: one NOLOGIN group role per environment, its grants, and the logins that belong to it.
+
+An environment's role may use its own schema's tables and sequences, and, for any role but
+prod's, the shared tables and views in public and nothing else there: not one privilege on
+public's isolated tables. A login granted to the environment inherits exactly that and gets
+``search_path = <schema>, public``, so an unqualified name reaches the environment's table, a
+shared table in public, or, when the environment's table is missing, a "permission denied"
+instead of prod's copy. What a role should hold is computed from the catalogs and the models'
+marking; only what is missing (or forbidden and held) is written, so a no-op run writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...environments import PRIMARY_SCHEMA, Environment, scrub
+from ...errors import ConfigError, RefusedError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+from .connection import LOCK_CLASS, PgTarget, connect
+
+#: Every table privilege that verify checks a non-prod role does not hold on public's isolated tables.
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+DML = ("SELECT", "INSERT", "UPDATE", "DELETE")
+SEQUENCE_PRIVILEGES = ("USAGE", "SELECT")
+_FORBIDDEN_SEQUENCE = ("USAGE", "SELECT", "UPDATE")
+#: Serializes grant writes across runs: GRANTs on one table from two sessions at once can fail.
+_GRANTS_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, hashtext('momentry-db grants'))"
+
+_RELATIONS = """
+SELECT n.nspname, c.relname, c.relkind,
+       (SELECT t.relname FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid
+        WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass
+          AND d.deptype IN ('a', 'i') LIMIT 1)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(CAST(:schemas AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+ORDER BY 1, 2
+"""
+_HELD = """
+SELECT CASE k WHEN 'schema' THEN has_schema_privilege(CAST(:role AS name), s, p)
+              WHEN 'sequence' THEN has_sequence_privilege(CAST(:role AS name), format('%I.%I', s, n), p)
+              WHEN 'function' THEN has_function_privilege(CAST(:role AS name), CAST(n AS oid), p)
+              ELSE has_table_privilege(CAST(:role AS name), format('%I.%I', s, n), p) END
+FROM unnest(CAST(:kinds AS text[]), CAST(:schemas AS text[]), CAST(:names AS text[]), CAST(:privs AS text[]))
+     WITH ORDINALITY AS x(k, s, n, p, i)
+ORDER BY i
+"""
+_HAS_ROLE = "SELECT pg_has_role(CAST(:m AS name), CAST(:r AS name), 'MEMBER')"
+_ROLE = "SELECT rolcanlogin, rolsuper FROM pg_roles WHERE rolname = :r"
+_MAY_MANAGE = "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+_PUBLIC_CREATE = """
+SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+               WHERE n.nspname = 'public' AND a.grantee = 0 AND a.privilege_type = 'CREATE')
+"""
+_MEMBERS = """
+WITH RECURSIVE m(oid) AS (
+    SELECT a.member FROM pg_auth_members a JOIN pg_roles g ON g.oid = a.roleid WHERE g.rolname = :r
+    UNION SELECT a.member FROM pg_auth_members a JOIN m ON a.roleid = m.oid)
+SELECT r.rolname, r.rolcanlogin, r.rolsuper FROM pg_roles r JOIN m ON m.oid = r.oid ORDER BY 1
+"""
+_DIRECT_MEMBER = """
+SELECT EXISTS (SELECT 1 FROM pg_auth_members a JOIN pg_roles g ON g.oid = a.roleid
+               JOIN pg_roles m ON m.oid = a.member WHERE g.rolname = :r AND m.rolname = :m)
+"""
+# The setting a new session of the login gets: one for this database wins over one for every database.
+_SEARCH_PATH = """
+SELECT substr(c, length('search_path=') + 1) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole,
+       unnest(s.setconfig) c
+WHERE r.rolname = :m AND c LIKE 'search_path=%'
+  AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+ORDER BY s.setdatabase DESC LIMIT 1
+"""
+# Functions that run with their owner's rights can read what the caller may not: outside the
+# environment's schema, a role must not be able to call one.
+_DEFINER_FUNCTIONS = """
+SELECT n.nspname, p.oid::text, p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef AND n.nspname <> ALL(CAST(:skip AS text[])) ORDER BY 3
+"""
+
+
+@dataclass(frozen=True)
+class Privilege:
+    """One privilege on one object: ``USAGE on schema dev``, ``SELECT on public.api_keys``."""
+
+    kind: str  # schema, table (views too), sequence or function
+    schema: str
+    name: str  # the object's name; for a function its oid, shown as ``shown``
+    privilege: str
+    shown: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "schema":
+            return f"{self.privilege} on schema {self.schema}"
+        return f"{self.privilege} on {self.shown or f'{self.schema}.{self.name}'}"
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A table, view or sequence of the environment's schema or public, as the catalogs list it."""
+
+    schema: str
+    name: str
+    kind: str  # pg_class.relkind: r, p, v, m or S
+    owner_table: str | None = None  # for a sequence, the table whose column owns it
+
+
+def search_path_for(env: Environment) -> tuple[str, ...]:
+    """What an environment's logins resolve names through: the schema, then public for the shared tables."""
+    return (PRIMARY_SCHEMA,) if env.primary else (env.schema, PRIMARY_SCHEMA)
+
+
+def wanted(env: Environment, relations: Sequence[Relation]) -> list[Privilege]:
+    """Every privilege the environment's role needs: its schema's tables and sequences, and (for any
+    environment but prod) the shared tables, their sequences and the shared views in public."""
+    from ...tables import BOOKKEEPING_TABLES, shared_tables, view_names
+
+    out = [Privilege("schema", s, "", "USAGE") for s in search_path_for(env)]
+    for rel in relations:
+        mine = rel.schema == env.schema
+        shared = rel.schema == PRIMARY_SCHEMA and not env.primary
+        if rel.kind in ("r", "p") and (mine and rel.name not in BOOKKEEPING_TABLES
+                                       or shared and rel.name in shared_tables()):
+            out += [Privilege("table", rel.schema, rel.name, p) for p in DML]
+        elif rel.kind in ("v", "m") and (mine or shared and rel.name in view_names()):
+            out.append(Privilege("table", rel.schema, rel.name, "SELECT"))
+        elif rel.kind == "S" and (mine and rel.owner_table not in BOOKKEEPING_TABLES
+                                  or shared and rel.owner_table in shared_tables()):
+            out += [Privilege("sequence", rel.schema, rel.name, p) for p in SEQUENCE_PRIVILEGES]
+    return out
+
+
+def forbidden(env: Environment, relations: Sequence[Relation]) -> list[Privilege]:
+    """What a non-prod role must never hold: any privilege on public's isolated tables and their sequences."""
+    from ...tables import isolated_tables
+
+    if env.primary:
+        return []
+    out: list[Privilege] = []
+    for rel in relations:
+        if rel.schema != PRIMARY_SCHEMA:
+            continue
+        if rel.kind in ("r", "p") and rel.name in isolated_tables():
+            out += [Privilege("table", rel.schema, rel.name, p) for p in TABLE_PRIVILEGES]
+        elif rel.kind == "S" and rel.owner_table in isolated_tables():
+            out += [Privilege("sequence", rel.schema, rel.name, p) for p in _FORBIDDEN_SEQUENCE]
+    return out
+
+
+def _relations(conn: Connection, env: Environment) -> list[Relation]:
+    import sqlalchemy as sa
+
+    rows = conn.execute(sa.text(_RELATIONS), {"schemas": list(dict.fromkeys([env.schema, PRIMARY_SCHEMA]))})
+    return [Relation(*row) for row in rows]
+
+
+def _held(conn: Connection, role: str, privileges: Sequence[Privilege]) -> list[bool]:
+    """Whether ``role`` holds each privilege, directly, through a role it belongs to, or through PUBLIC."""
+    import sqlalchemy as sa
+
+    if not privileges:
+        return []
+    return list(conn.execute(sa.text(_HELD), {
+        "role": role, "kinds": [p.kind for p in privileges], "schemas": [p.schema for p in privileges],
+        "names": [p.name for p in privileges], "privs": [p.privilege for p in privileges]}).scalars())
+
+
+def _role(conn: Connection, name: str) -> tuple[bool, bool] | None:
+    """(can log in, superuser) of a role, or None when it does not exist."""
+    import sqlalchemy as sa
+
+    row = conn.execute(sa.text(_ROLE), {"r": name}).first()
+    return None if row is None else (bool(row[0]), bool(row[1]))
+
+
+def _may_manage_roles(conn: Connection) -> bool:
+    import sqlalchemy as sa
+
+    return bool(conn.execute(sa.text(_MAY_MANAGE)).scalar())
+
+
+# --- keeping an environment's grants current (migrate) -----------------------------------------
+
+
+@dataclass
+class _Changes:
+    """What one environment's role lacks, or holds and must not; written only when not empty."""
+
+    create_role: bool = False
+    grant: list[Privilege] = field(default_factory=list)
+    revoke: list[Privilege] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.create_role or bool(self.grant or self.revoke)
+
+
+def _changes(conn: Connection, env: Environment, relations: Sequence[Relation], *,
+             public_only: bool = False) -> _Changes:
+    """The difference between what the role holds and what it should. ``public_only`` limits it to
+    public's objects: prod's run keeps the other roles current on the shared tables it adds."""
+    want = wanted(env, relations)
+    deny = forbidden(env, relations)
+    if public_only:
+        want = [p for p in want if p.schema == PRIMARY_SCHEMA]
+    if _role(conn, env.pg_role) is None:
+        return _Changes(create_role=not public_only, grant=want if not public_only else [])
+    return _Changes(grant=[p for p, held in zip(want, _held(conn, env.pg_role, want)) if not held],
+                    revoke=[p for p, held in zip(deny, _held(conn, env.pg_role, deny)) if held])
+
+
+def _public_may_create(conn: Connection) -> bool:
+    import sqlalchemy as sa
+
+    return bool(conn.execute(sa.text(_PUBLIC_CREATE)).scalar())
+
+
+def _statements(role: str, changes: _Changes) -> list[str]:
+    from psycopg import sql
+
+    ident = sql.Identifier(role)
+    out: list[sql.Composable] = []
+    if changes.create_role:
+        # Another database of the cluster may create it at the same moment: roles are cluster-wide.
+        create = sql.SQL("CREATE ROLE {} NOLOGIN").format(ident).as_string(None)
+        out.append(sql.SQL("DO $momentry$ BEGIN " + create + "; EXCEPTION WHEN duplicate_object OR "
+                           "unique_violation THEN NULL; END $momentry$"))
+    for verb, items, to in (("GRANT", changes.grant, "TO"), ("REVOKE", changes.revoke, "FROM")):
+        groups: dict[tuple[str, str], list[Privilege]] = {}
+        for p in items:
+            groups.setdefault((p.kind, p.privilege), []).append(p)
+        for (kind, privilege), group in groups.items():
+            names = sql.SQL(", ").join(sql.Identifier(p.schema) if kind == "schema"
+                                       else sql.Identifier(p.schema, p.name) for p in group)
+            out.append(sql.SQL("{verb} {privilege} ON {kind} {names} {to} {role}").format(
+                verb=sql.SQL(verb), privilege=sql.SQL(privilege), kind=sql.SQL(kind.upper()), names=names,
+                to=sql.SQL(to), role=ident))
+    return [s.as_string(None) for s in out]
+
+
+def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] = ()) -> list[str]:
+    """Bring each target environment's role and grants up to date; return one notice per environment
+    whose grants changed or could not be managed.
+
+    The role is created when missing (which needs CREATEROLE), then granted what it lacks, and a
+    non-prod role loses any privilege on public's isolated tables. PUBLIC loses CREATE on schema
+    public (PostgreSQL before 15 grants it), so no login can plant a table or function there. When
+    prod is among the targets, every other environment's existing role in ``everyone`` is also
+    kept current on public's shared tables and views. Nothing is written when nothing is missing.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from ...errors import MomentryError
+
+    notices: list[str] = []
+    by_url: dict[str, list[PgTarget]] = {}
+    for target in targets:
+        if target.env.pg_grants:
+            by_url.setdefault(target.url(), []).append(target)
+    for group in by_url.values():
+        try:
+            conn = connect(group[0])
+        except MomentryError as exc:
+            notices.append(f"postgres: grants not managed: {exc}")
+            continue
+        with conn:
+            for target in group:
+                env = target.env
+                others = [e for e in everyone if target.primary and not e.primary and e.pg_grants]
+                try:
+                    done = _ensure_one(conn, env, others)
+                except (RefusedError, DBAPIError) as exc:
+                    conn.rollback()
+                    reason = str(exc.orig or exc) if isinstance(exc, DBAPIError) else str(exc)
+                    reason = scrub(reason.strip().splitlines()[0], env.secrets())
+                    notices.append(f"postgres {env.name}: grants not managed ({reason}); "
+                                   f"momentry-db verify --env {env.name} names what is missing")
+                    continue
+                if done:
+                    notices.append(f"postgres {env.name}: role {env.pg_role}: {done}")
+    return notices
+
+
+def _ensure_one(conn: Connection, env: Environment, others: Sequence[Environment]) -> str:
+    """Write what ``env``'s role (and, from prod, the others' roles in public) lack; say what changed."""
+    def plan() -> tuple[list[tuple[Environment, _Changes]], bool]:
+        relations = _relations(conn, env)
+        found = [(env, _changes(conn, env, relations))]
+        for other in others:
+            if _role(conn, other.pg_role) is not None:
+                found.append((other, _changes(conn, other, [r for r in relations if r.schema == PRIMARY_SCHEMA],
+                                              public_only=True)))
+        return [(e, c) for e, c in found if c], _public_may_create(conn)
+
+    todo, public_create = plan()
+    conn.rollback()
+    if not todo and not public_create:
+        return ""  # a no-op run: two catalog reads, nothing written
+    import sqlalchemy as sa
+
+    if any(c.create_role for _, c in todo) and not _may_manage_roles(conn):
+        raise RefusedError(f"role {env.pg_role} does not exist and login {_current_user(conn)} lacks CREATEROLE; "
+                           f"create it (CREATE ROLE {env.pg_role} NOLOGIN) or migrate with a login that may")
+    conn.execute(sa.text(_GRANTS_LOCK))
+    todo, public_create = plan()  # again, under the lock: another run may have done part of it
+    said: list[str] = []
+    if public_create:
+        conn.exec_driver_sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        said.append("CREATE on schema public revoked from PUBLIC")
+    for who, changes in todo:
+        for statement in _statements(who.pg_role, changes):
+            conn.exec_driver_sql(statement)
+        part = (["role created"] if changes.create_role else []) + (
+            [f"{len(changes.grant)} privilege(s) granted"] if changes.grant else []) + (
+            [f"{len(changes.revoke)} privilege(s) on public's isolated tables revoked"] if changes.revoke else [])
+        said.append(", ".join(part) if who is env else f"{who.pg_role} ({who.name}): " + ", ".join(part))
+    conn.commit()
+    return "; ".join(said)
+
+
+def _current_user(conn: Connection) -> str:
+    import sqlalchemy as sa
+
+    return str(conn.execute(sa.text("SELECT current_user")).scalar())
+
+
+# --- logins: momentry-db grant --login NAME [--revoke] -----------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginGrant:
+    """What ``grant`` did for one login: its membership in the environment's role and its search_path."""
+
+    env: str
+    login: str
+    role: str
+    revoke: bool
+    search_path: str | None  # the setting the login now has (None: not set)
+    changed: tuple[str, ...]  # what this run changed; empty when it was already so
+
+    def to_json(self) -> dict[str, Any]:
+        return {"store": "postgres", "login": self.login, "role": self.role, "revoke": self.revoke,
+                "search_path": self.search_path, "changed": list(self.changed)}
+
+
+def _shown_path(path: Sequence[str]) -> str:
+    return ", ".join(path)
+
+
+def _setting(value: str | None) -> tuple[str, ...] | None:
+    """A stored search_path setting as a list of schema names."""
+    if value is None:
+        return None
+    return tuple(part.strip().strip('"') for part in value.split(",") if part.strip())
+
+
+def grant_login(target: PgTarget, login: str, everyone: Sequence[Environment], *,
+                revoke: bool = False) -> LoginGrant:
+    """Make an existing login a member of the environment's role with the environment's search_path,
+    or with ``revoke`` undo both. Every refusal comes before the first write."""
+    import sqlalchemy as sa
+    from psycopg import sql
+    from sqlalchemy.exc import DBAPIError
+
+    from ...environments import validate_role
+
+    env = target.env
+    validate_role(login, "login")
+    roles = {e.pg_role: e for e in everyone}
+    if login in roles:
+        raise ConfigError(f"{login!r} is environment {roles[login].name}'s group role, not a login; "
+                          "give the login the service connects with")
+    path = search_path_for(env)
+    with connect(target) as conn:
+        if not _may_manage_roles(conn):
+            raise RefusedError(f"login {_current_user(conn)} may not manage roles (it needs CREATEROLE or "
+                               "superuser); run grant with a login that may")
+        found = _role(conn, login)
+        if found is None:
+            raise ConfigError(f"login {login!r} does not exist; create it first (CREATE ROLE {login} LOGIN "
+                              f"PASSWORD '...'), then run grant again")
+        can_login, superuser = found
+        if not can_login:
+            raise ConfigError(f"role {login!r} cannot log in (NOLOGIN); give the login the service connects with")
+        if superuser:
+            raise RefusedError(f"login {login!r} is a superuser: no privilege binds it, so it cannot be "
+                               "isolated; give the service a login without SUPERUSER")
+        member = bool(conn.execute(sa.text(_DIRECT_MEMBER), {"r": env.pg_role, "m": login}).scalar())
+        current = conn.execute(sa.text(_SEARCH_PATH), {"m": login}).scalar()
+        changed: list[str] = []
+        ident, role = sql.Identifier(login), sql.Identifier(env.pg_role)
+        try:
+            if revoke:
+                if member:
+                    conn.exec_driver_sql(sql.SQL("REVOKE {} FROM {}").format(role, ident).as_string(None))
+                    changed.append(f"removed from role {env.pg_role}")
+                if _setting(current) == path:
+                    conn.exec_driver_sql(sql.SQL("ALTER ROLE {} RESET search_path").format(ident).as_string(None))
+                    changed.append("search_path reset")
+                    current = conn.execute(sa.text(_SEARCH_PATH), {"m": login}).scalar()
+                conn.commit()
+                return LoginGrant(env.name, login, env.pg_role, True, current, tuple(changed))
+            for other in everyone:
+                if other.name != env.name and _role(conn, other.pg_role) is not None and conn.execute(
+                        sa.text(_HAS_ROLE), {"m": login, "r": other.pg_role}).scalar():
+                    raise RefusedError(f"login {login!r} already belongs to environment {other.name}'s role "
+                                       f"{other.pg_role}; one login serves one environment (revoke it there first: "
+                                       f"momentry-db grant --env {other.name} --login {login} --revoke)")
+            if not conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": env.schema}).scalar():
+                raise RefusedError(f"schema {env.schema} does not exist; run momentry-db migrate --env {env.name} "
+                                   "first")
+            conn.rollback()
+            _ensure_one(conn, env, ())
+            if not member:
+                conn.exec_driver_sql(sql.SQL("GRANT {} TO {}").format(role, ident).as_string(None))
+                changed.append(f"added to role {env.pg_role}")
+            if _setting(current) != path:
+                conn.exec_driver_sql(sql.SQL("ALTER ROLE {} SET search_path = {}").format(
+                    ident, sql.SQL(", ").join(sql.Identifier(s) for s in path)).as_string(None))
+                changed.append(f"search_path set to {_shown_path(path)}")
+            conn.commit()
+        except DBAPIError as exc:
+            conn.rollback()
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            raise RefusedError(f"postgres {env.name}: grant for login {login} refused by the server: "
+                               f"{scrub(reason, env.secrets())}; nothing was changed") from None
+    return LoginGrant(env.name, login, env.pg_role, False, _shown_path(path), tuple(changed))
+
+
+# --- what verify reads ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The environment's role or one of its members, as verify names it."""
+
+    name: str
+    login: bool
+    superuser: bool = False
+
+    def __str__(self) -> str:
+        return f"{'login' if self.login else 'role'} {self.name}"
+
+
+@dataclass
+class Privileges:
+    """What verify found about one environment's role, its members and their settings."""
+
+    role_exists: bool
+    subjects: list[Subject] = field(default_factory=list)  # the role first, then its members
+    missing: list[tuple[Subject, Privilege]] = field(default_factory=list)
+    forbidden_held: list[tuple[Subject, Privilege]] = field(default_factory=list)
+    search_paths: dict[str, str | None] = field(default_factory=dict)  # login -> its setting
+    also_in: dict[str, list[str]] = field(default_factory=dict)  # login -> other environments it belongs to
+
+
+def inspect(target: PgTarget, everyone: Sequence[Environment]) -> Privileges:
+    """Read, without writing, what the environment's role and its members hold and how they are set."""
+    import sqlalchemy as sa
+
+    env = target.env
+    with connect(target) as conn:
+        if _role(conn, env.pg_role) is None:
+            return Privileges(False)
+        relations = _relations(conn, env)
+        found = Privileges(True, [Subject(env.pg_role, False)])
+        found.subjects += [Subject(n, bool(login), bool(su))
+                           for n, login, su in conn.execute(sa.text(_MEMBERS), {"r": env.pg_role})]
+        want, deny = wanted(env, relations), forbidden(env, relations)
+        if not env.primary:
+            skip = ["pg_catalog", "information_schema", env.schema]
+            deny += [Privilege("function", nsp, oid, "EXECUTE", f"function {shown} (SECURITY DEFINER)")
+                     for nsp, oid, shown in conn.execute(sa.text(_DEFINER_FUNCTIONS), {"skip": skip})]
+        for subject in found.subjects:
+            if subject.superuser:
+                continue  # named on its own: every privilege check passes for a superuser
+            found.missing += [(subject, p) for p, held in zip(want, _held(conn, subject.name, want)) if not held]
+            found.forbidden_held += [(subject, p) for p, held in zip(deny, _held(conn, subject.name, deny)) if held]
+        others = {e.pg_role: e.name for e in everyone if e.name != env.name}
+        for subject in found.subjects[1:]:
+            if subject.login and not subject.superuser:
+                found.search_paths[subject.name] = conn.execute(sa.text(_SEARCH_PATH), {"m": subject.name}).scalar()
+                found.also_in[subject.name] = [
+                    f"{name} ({role})" for role, name in others.items() if _role(conn, role) is not None
+                    and conn.execute(sa.text(_HAS_ROLE),
+                                     {"m": subject.name, "r": role}).scalar()]
+        conn.rollback()
+    return found
+
+
+def verify_problems(env: Environment, found: Privileges) -> dict[str, list[str]]:
+    """verify's checks from what ``inspect`` read: check name -> the violations, each naming the role or
+    login, the object and the privilege."""
+    role = env.pg_role
+    checks: dict[str, list[str]] = {}
+    if not env.primary:
+        checks[f"{role} and its members hold nothing on public's isolated tables"] = [
+            f"{s}: {p}" for s, p in found.forbidden_held] + [
+            f"{s} is a superuser: no privilege binds it" for s in found.subjects if s.superuser]
+    where = f"schema {env.schema}" + ("" if env.primary else " and the shared tables in public")
+    checks[f"{role} and its members can use {where}"] = [f"{s}: missing {p}" for s, p in found.missing]
+    path = _shown_path(search_path_for(env))
+    checks[f"members of {role} have search_path {path}"] = [
+        f"login {login}: search_path is " + (f"{value!r}" if value is not None else "not set") + f", not {path!r}"
+        for login, value in found.search_paths.items() if _setting(value) != search_path_for(env)]
+    checks["no login belongs to two environments' roles"] = [
+        f"login {login} belongs to {role} ({env.name}) and to {', '.join(others)}"
+        for login, others in found.also_in.items() if others]
+    return checks

@@ -1,0 +1,330 @@
+"""Privilege isolation in PostgreSQL: each environment's group role, the logins granted to it, and
+verify's proof, tested as the service would meet them: logged in as a granted login."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from momentry_db.environments import EnvSpec, Registry, validate_role
+from momentry_db.errors import ConfigError
+from momentry_db.settings import load_project
+from tests.helpers import Granted, as_login, plant
+
+DENIED = psycopg.errors.InsufficientPrivilege
+
+
+def _members(granted: Granted) -> set[tuple[str, str]]:
+    """(group role, member) for every role of this test."""
+    return set(granted.database.query(
+        "SELECT g.rolname, m.rolname FROM pg_auth_members a JOIN pg_roles g ON g.oid = a.roleid "
+        "JOIN pg_roles m ON m.oid = a.member WHERE g.rolname = ANY(%s) OR m.rolname = ANY(%s)",
+        (granted.created, granted.created)))
+
+
+def _settings(granted: Granted) -> set[tuple[str, tuple[str, ...]]]:
+    return {(r[0], tuple(r[1])) for r in granted.database.query(
+        "SELECT r.rolname, s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+        "WHERE r.rolname = ANY(%s)", (granted.created,))}
+
+
+def _acls(granted: Granted) -> list[tuple]:
+    """Every privilege, and the version of the catalog row that holds them, of public's and dev's relations."""
+    return granted.database.query(
+        "SELECT n.nspname, c.relname, ARRAY(SELECT x::text FROM unnest(c.relacl) x ORDER BY 1), c.xmin::text "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname IN ('public', 'dev') "
+        "ORDER BY 1, 2")
+
+
+def _verify(granted: Granted, env: str = "dev") -> tuple[int, dict[str, str]]:
+    result = granted.project.cli("verify", "--env", env, "--store", "postgres", "--json")
+    doc = json.loads(result.out)
+    return result.code, {c["name"]: c["detail"] for c in doc["checks"] if c["status"] == "fail"}
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def test_each_environment_has_a_role_named_after_its_root() -> None:
+    assert [s.default_role() for s in (EnvSpec("prod"), EnvSpec("dev"), EnvSpec("pr-42"))] == [
+        "momentry_app", "momentry_dev_app", "momentry_pr_42_app"]
+    assert EnvSpec("dev", role="playground").default_role() == "playground"
+    with pytest.raises(ConfigError, match="would share the PostgreSQL role 'shared'"):
+        Registry().with_declared([EnvSpec("staging", role="shared"), EnvSpec("qa", role="shared")])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("Robert", "invalid role name 'Robert'"), ("x; DROP TABLE videos", "invalid role name"),
+    ('a"b', "invalid role name"), ("", "invalid role name"), ("a" * 64, "longer than PostgreSQL's 63 bytes"),
+    ("pg_monitor", "reserved by PostgreSQL"), ("public", "reserved by PostgreSQL"),
+    ("current_user", "reserved by PostgreSQL"),
+])
+def test_a_role_name_is_a_plain_postgresql_identifier(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_role(name)
+    assert validate_role("a" * 63) == "a" * 63
+
+
+def test_the_role_key_of_momentry_db_toml(tmp_path) -> None:
+    (tmp_path / "momentry-db.toml").write_text('[environments]\nprod = { role = "app_prod" }\n'
+                                               'dev = { role = "app_dev" }\n"pr-42" = {}\n')
+    project = load_project(tmp_path, {})
+    assert [project.environment(n).pg_role for n in ("prod", "dev", "pr-42")] == [
+        "app_prod", "app_dev", "momentry_pr_42_app"]
+    for body, message in [('dev = { role = "Dev-App" }', "[environments.dev]: invalid role name 'Dev-App'"),
+                          ('dev = { role = 42 }', "role must be a str"),
+                          ('prod = { role = "p", schema = "public" }', "only its role may be set")]:
+        (tmp_path / "momentry-db.toml").write_text(f"[environments]\n{body}\n")
+        with pytest.raises(ConfigError) as caught:
+            load_project(tmp_path, {})
+        assert message in str(caught.value)
+
+
+def test_a_bad_role_in_the_config_is_exit_2_before_any_connection(bare_project, silent_server) -> None:
+    port, accepted = silent_server
+    (bare_project.root / "momentry-db.toml").write_text('[environments]\ndev = { role = "pg_dev" }\n')
+    result = bare_project.cli("migrate", "--env", "dev", "--store", "postgres",
+                              "--database-url", f"postgresql://u@127.0.0.1:{port}/db")
+    assert result.code == 2 and accepted == []
+    assert result.err.splitlines() == [
+        "error: momentry-db.toml [environments.dev]: role name 'pg_dev' is reserved by PostgreSQL"]
+
+
+# --- what a granted login can and cannot reach ---------------------------------------------------
+
+
+def test_a_login_granted_to_dev_works_in_dev_and_never_reaches_prod(granted: Granted) -> None:
+    db, project = granted.database, granted.project
+    result = project.cli("grant", "--env", "dev", "--login", granted.login)
+    assert result.code == 0, result.err
+    assert result.out.splitlines() == [f"postgres dev: login {granted.login}: added to role "
+                                       f"{granted.roles['dev']}; search_path set to dev, public"]
+    db.execute("INSERT INTO public.api_keys (name, key_hash) VALUES ('shared key', 'h1')")
+    with granted.connect() as conn:
+        assert conn.execute("SHOW search_path").fetchone() == ("dev, public",)
+        conn.execute("INSERT INTO videos (title, source_path) VALUES ('mine', '/v/1')")
+        assert conn.execute("SELECT name FROM api_keys").fetchall() == [("shared key",)]
+        conn.execute("INSERT INTO api_keys (name, key_hash, environment) VALUES ('dev key', 'h2', 'dev')")
+        for statement in ["SELECT * FROM public.videos", "SELECT * FROM public.chunks",
+                          "INSERT INTO public.videos (source_path) VALUES ('/p')", "UPDATE public.chunks SET id = id",
+                          "DELETE FROM public.videos", "TRUNCATE public.chunks",
+                          "CREATE TABLE public.planted (id int)"]:
+            with pytest.raises(DENIED, match="permission denied"):
+                conn.execute(statement)
+        for table in ("public.videos", "public.chunks"):
+            with pytest.raises(DENIED, match="must be owner"):
+                conn.execute(f"DROP TABLE {table}")
+    assert db.query("SELECT title FROM dev.videos") == [("mine",)]
+    assert db.query("SELECT count(*) FROM public.videos") == [(0,)]
+    assert db.query("SELECT name, environment FROM public.api_keys ORDER BY id") == [
+        ("shared key", "prod"), ("dev key", "dev")]
+    assert db.tables("public") >= {"videos", "chunks"} and "planted" not in db.tables("public")
+
+    # No fall-through: without dev.frames, an unqualified frames resolves to public.frames and is refused.
+    db.execute("DROP TABLE dev.frames CASCADE")
+    with granted.connect() as conn:
+        for statement in ["SELECT * FROM frames",
+                          "INSERT INTO frames (video_id, frame_number, timestamp_seconds) VALUES (1, 1, 0)"]:
+            with pytest.raises(DENIED, match="permission denied for table frames"):
+                conn.execute(statement)
+    assert db.query("SELECT count(*) FROM public.frames") == [(0,)]
+    code, failed = _verify(granted)
+    assert code == 1 and failed == {
+        "dev holds every isolated table": "isolated table frames missing from dev",
+        "dev tables have public's structure": "face_detections: constraint fk_face_detections_frame_id_frames "
+                                              "missing in dev"}
+
+
+def test_migrate_revokes_what_undoes_isolation_and_writes_nothing_when_current(granted: Granted) -> None:
+    db, project, role = granted.database, granted.project, granted.roles["dev"]
+    before = _acls(granted)
+    again = project.cli("migrate", "--env", "dev", "--store", "postgres")
+    assert again.code == 0 and again.err == ""
+    assert _acls(granted) == before  # a no-op run rewrites no privilege list, not even in place
+    # By hand: PUBLIC may create in public (PostgreSQL before 15 grants it), dev's role may read prod's
+    # videos, and it lost a shared table.
+    db.execute(f"GRANT CREATE ON SCHEMA public TO PUBLIC; GRANT SELECT, UPDATE ON public.videos TO {role}; "
+               f"REVOKE ALL ON public.api_keys FROM {role}")
+    result = project.cli("migrate", "--env", "dev", "--store", "postgres")
+    assert result.code == 0, result.err
+    assert result.err.splitlines() == [f"postgres dev: role {role}: CREATE on schema public revoked from PUBLIC; "
+                                       "4 privilege(s) granted, 2 privilege(s) on public's isolated tables revoked"]
+    assert [a[:3] for a in _acls(granted)] == [a[:3] for a in before]
+    assert db.query("SELECT has_schema_privilege('public', 'public', 'CREATE')") == [(False,)]
+    assert db.query(f"SELECT has_table_privilege('{role}', 'public.videos', 'SELECT'), "
+                    f"has_table_privilege('{role}', 'public.api_keys', 'INSERT')") == [(False, True)]
+    # prod's run keeps the other roles current on the shared tables it owns.
+    db.execute(f"REVOKE ALL ON public.monitor_alerts FROM {role}")
+    result = project.cli("migrate", "--env", "prod", "--store", "postgres")
+    assert result.code == 0, result.err
+    assert result.err.splitlines() == [f"postgres prod: role {granted.roles['prod']}: {role} (dev): "
+                                       "4 privilege(s) granted"]
+    assert [a[:3] for a in _acls(granted)] == [a[:3] for a in before]
+
+
+def test_grant_refuses_bad_names_unknown_logins_and_a_second_environment(granted: Granted, silent_server) -> None:
+    project = granted.project
+    port, accepted = silent_server
+    for name in ["Robert", "x; DROP TABLE videos", 'svc"; --', "pg_read_all_data", "a" * 64, ""]:
+        result = project.cli("grant", "--env", "dev", "--login", name,
+                             "--database-url", f"postgresql://u@127.0.0.1:{port}/db")
+        assert result.code == 2 and len(result.err.splitlines()) == 1, (name, result.err)
+        assert result.err.startswith("error: invalid login name") or "reserved by PostgreSQL" in result.err
+    assert accepted == []  # refused before any connection
+    members, settings = _members(granted), _settings(granted)
+    other = granted.create_login("other")
+    nologin = granted.create_login("group", login=False)
+    cases = [
+        (("--env", "dev", "--login", f"{granted.prefix}_nobody"),
+         f"error: login '{granted.prefix}_nobody' does not exist; create it first (CREATE ROLE "
+         f"{granted.prefix}_nobody LOGIN PASSWORD '...'), then run grant again"),
+        (("--env", "dev", "--login", nologin),
+         f"error: role '{nologin}' cannot log in (NOLOGIN); give the login the service connects with"),
+        (("--env", "dev", "--login", granted.roles["prod"]),
+         f"error: '{granted.roles['prod']}' is environment prod's group role, not a login; give the login "
+         "the service connects with"),
+        (("--env", "dev", "--login", "postgres"),
+         "error: login 'postgres' is a superuser: no privilege binds it, so it cannot be isolated; give the "
+         "service a login without SUPERUSER"),
+        (("--env", "dev", "--login", other, "--store", "redis"), "error: grant knows --store postgres, not 'redis'"),
+        (("--env", "dev"), "error: grant --store postgres needs --login NAME, the login the service connects with"),
+    ]
+    for args, error in cases:
+        result = project.cli("grant", *args)
+        assert (result.code, result.err.splitlines()) == (2, [error])
+    assert (_members(granted), _settings(granted)) == (members, settings)  # nothing written
+    assert project.cli("grant", "--env", "prod", "--login", other).code == 0
+    members, settings = _members(granted), _settings(granted)
+    result = project.cli("grant", "--env", "dev", "--login", other, "--json")
+    assert result.code == 2
+    message = (f"login '{other}' already belongs to environment prod's role {granted.roles['prod']}; one login "
+               f"serves one environment (revoke it there first: momentry-db grant --env prod --login {other} "
+               "--revoke)")
+    assert json.loads(result.out)["error"] == {"type": "RefusedError", "message": message, "exit_code": 2}
+    assert (_members(granted), _settings(granted)) == (members, settings)
+    assert (granted.roles["prod"], other) in members and _settings(granted) >= {(other, ("search_path=public",))}
+
+
+def test_verify_names_each_privilege_that_undoes_isolation(granted: Granted) -> None:
+    db, project, login, dev_role = granted.database, granted.project, granted.login, granted.roles["dev"]
+    assert project.cli("grant", "--env", "dev", "--login", login).code == 0
+    assert _verify(granted) == (0, {})
+    assert _verify(granted, "prod") == (0, {})
+    db.execute(f"GRANT SELECT ON public.videos TO {login}")
+    code, failed = _verify(granted)
+    assert code == 1 and failed == {
+        f"{dev_role} and its members hold nothing on public's isolated tables": f"login {login}: SELECT on public.videos"}
+    text = project.cli("verify", "--env", "dev", "--store", "postgres")
+    assert text.code == 1 and (f"FAIL postgres {dev_role} and its members hold nothing on public's isolated tables: "
+                               f"login {login}: SELECT on public.videos") in text.out.splitlines()
+    db.execute(f"REVOKE SELECT ON public.videos FROM {login}; GRANT TRUNCATE, REFERENCES, TRIGGER ON public.chunks "
+               f"TO {dev_role}; ALTER ROLE {login} SET search_path = public; REVOKE INSERT ON dev.videos FROM {dev_role}")
+    code, failed = _verify(granted)
+    assert code == 1 and failed == {
+        f"{dev_role} and its members hold nothing on public's isolated tables": "; ".join(
+            f"{who}: {p} on public.chunks" for who in (f"role {dev_role}", f"login {login}")
+            for p in ("TRUNCATE", "REFERENCES", "TRIGGER")),
+        f"{dev_role} and its members can use schema dev and the shared tables in public":
+            f"role {dev_role}: missing INSERT on dev.videos; login {login}: missing INSERT on dev.videos",
+        f"members of {dev_role} have search_path dev, public":
+            f"login {login}: search_path is 'public', not 'dev, public'",
+    }
+    db.execute(f"GRANT {granted.roles['prod']} TO {login}")
+    code, failed = _verify(granted)
+    assert failed["no login belongs to two environments' roles"] == (
+        f"login {login} belongs to {dev_role} (dev) and to prod ({granted.roles['prod']})")
+    assert f"login {login}: SELECT on public.chunk_vectors" in failed[
+        f"{dev_role} and its members hold nothing on public's isolated tables"].split("; ")
+    db.execute(f"DROP OWNED BY {dev_role}")  # every grant the role held, gone
+    code, failed = _verify(granted)
+    assert failed[f"{dev_role} and its members can use schema dev and the shared tables in public"].startswith(
+        f"role {dev_role}: missing USAGE on schema dev; role {dev_role}: missing SELECT on dev.chunk_vectors")
+
+
+def test_grants_survive_reset_and_clone_and_revoke_undoes_them(granted: Granted) -> None:
+    db, project, login, dev_role = granted.database, granted.project, granted.login, granted.roles["dev"]
+    first = project.cli("grant", "--env", "dev", "--login", login, "--json")
+    assert first.code == 0 and json.loads(first.out)["changed"] == [
+        f"added to role {dev_role}", "search_path set to dev, public"]
+    members, settings = _members(granted), _settings(granted)
+    again = project.cli("grant", "--env", "dev", "--login", login)
+    assert again.out.splitlines() == [f"postgres dev: login {login}: already in role {dev_role} with search_path "
+                                      "dev, public; nothing changed"]
+    assert (_members(granted), _settings(granted)) == (members, settings)
+
+    reset = project.cli("reset", "--env", "dev", "--yes")
+    assert reset.code == 0, reset.err
+    with granted.connect() as conn:
+        conn.execute("INSERT INTO videos (title, source_path) VALUES ('after reset', '/v/2')")
+    assert db.query("SELECT title FROM dev.videos") == [("after reset",)]
+    assert _verify(granted) == (0, {})
+
+    db.execute("INSERT INTO public.videos (title, source_path) VALUES ('prod video', '/p/1')")
+    assert project.cli("clone", "--from", "prod", "--to", "dev", "--store", "postgres").code == 0
+    with granted.connect() as conn:
+        assert conn.execute("SELECT title FROM videos").fetchall() == [("prod video",)]
+
+    revoke = project.cli("grant", "--env", "dev", "--login", login, "--revoke", "--json")
+    assert revoke.code == 0, revoke.err
+    assert {k: v for k, v in json.loads(revoke.out).items() if k in ("revoke", "search_path", "changed")} == {
+        "revoke": True, "search_path": None, "changed": [f"removed from role {dev_role}", "search_path reset"]}
+    assert (dev_role, login) not in _members(granted) and login not in {s[0] for s in _settings(granted)}
+    with granted.connect() as conn:
+        assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        with pytest.raises(DENIED):
+            conn.execute("SELECT * FROM dev.videos")
+    twice = project.cli("grant", "--env", "dev", "--login", login, "--revoke")
+    assert twice.out.splitlines() == [f"postgres dev: login {login}: not in role {dev_role}; nothing changed"]
+
+
+def test_every_migrate_path_keeps_the_roles_current(granted: Granted, tmp_path) -> None:
+    project, db = granted.project, granted.database
+    roles = [granted.declare(env) for env in ("pr-1", "pr-2", "pr-3")]
+    plant(project, tmp_path, 'op.create_table("extras", sa.Column("id", sa.Integer, primary_key=True))',
+          doc="a table added later")
+    # dev goes through Alembic alone; pr-1 and pr-2 stand at the same revision: one compiled script.
+    result = project.cli("migrate", "--env", "dev", "--env", "pr-1", "--env", "pr-2", "--store", "postgres")
+    assert result.code == 0, result.err
+    # USAGE on two schemas; DML on 13 tables of its own (extras too) and 16 shared ones, USAGE and SELECT
+    # on their identity sequences; SELECT on 4 shared views.
+    everything = 2 + (13 + 16) * (4 + 2) + 4
+    assert result.err.splitlines() == [
+        f"postgres dev: role {granted.roles['dev']}: 6 privilege(s) granted",  # extras and its sequence
+        f"postgres pr-1: role {roles[0]}: role created, {everything} privilege(s) granted",
+        f"postgres pr-2: role {roles[1]}: role created, {everything} privilege(s) granted"]
+    # plain alembic keeps them too
+    alembic = project.alembic("-x", "schema=pr_3", "upgrade", "head")
+    assert alembic.code == 0, alembic.err
+    assert f"postgres pr-3: role {roles[2]}: role created, {everything} privilege(s) granted" in alembic.err.splitlines()
+    for env in ("dev", "pr-1", "pr-3"):
+        assert project.cli("grant", "--env", env, "--login", granted.create_login(env.replace("-", "_"))).code == 0
+    for env in ("dev", "pr_1", "pr_3"):
+        with granted.connect(f"{granted.prefix}_{env}") as conn:
+            conn.execute("INSERT INTO extras (id) VALUES (1)")  # a table a later revision added
+    assert [db.query(f"SELECT count(*) FROM {s}.extras")[0][0] for s in ("dev", "pr_1", "pr_2", "pr_3")] == [1, 1, 0, 1]
+    code, failed = _verify(granted, "pr-1")
+    assert code == 1 and set(failed) == {"pr_1 holds only isolated tables"}  # extras is in no model
+
+
+def test_migrate_without_createrole_says_grants_were_not_managed(granted: Granted) -> None:
+    db, project = granted.database, granted.project
+    owner = granted.create_login("owner")
+    role = granted.declare("pr-9")
+    db.execute(f"GRANT CREATE ON DATABASE {db.name} TO {owner}")
+    url = as_login(db.url, owner, granted.password)
+    result = project.cli("migrate", "--env", "pr-9", "--store", "postgres", "--database-url", url)
+    assert result.code == 0, result.err
+    assert result.err.splitlines() == [
+        f"postgres pr-9: grants not managed (role {role} does not exist and login {owner} lacks CREATEROLE; create "
+        f"it (CREATE ROLE {role} NOLOGIN) or migrate with a login that may); momentry-db verify --env pr-9 names "
+        "what is missing"]
+    code, failed = _verify(granted, "pr-9")
+    assert code == 1 and failed == {f"role {role} exists": f"role {role} does not exist, so grants were not "
+                                    f"managed; run momentry-db migrate --env pr-9 with a login that has CREATEROLE"}
+    refused = project.cli("grant", "--env", "pr-9", "--login", granted.login, "--database-url", url)
+    assert (refused.code, refused.err.splitlines()) == (2, [
+        f"error: login {owner} may not manage roles (it needs CREATEROLE or superuser); run grant with a login "
+        "that may"])
+    assert db.query("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)) == [(0,)]
