@@ -328,3 +328,18 @@ def test_migrate_without_createrole_says_grants_were_not_managed(granted: Grante
         f"error: login {owner} may not manage roles (it needs CREATEROLE or superuser); run grant with a login "
         "that may"])
     assert db.query("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)) == [(0,)]
+
+
+def test_verify_names_a_function_that_runs_with_its_owners_rights(granted: Granted) -> None:
+    db, dev_role = granted.database, granted.roles["dev"]
+    assert granted.project.cli("grant", "--env", "dev", "--login", granted.login).code == 0
+    db.execute("CREATE FUNCTION public.peek() RETURNS bigint LANGUAGE sql SECURITY DEFINER "
+               "AS 'SELECT count(*) FROM public.videos'")
+    with granted.connect() as conn:
+        assert conn.execute("SELECT public.peek()").fetchone() == (0,)  # PUBLIC may execute it: prod's rows leak
+    code, failed = _verify(granted)
+    assert code == 1 and failed == {f"{dev_role} and its members hold nothing on public's isolated tables": (
+        f"role {dev_role}: EXECUTE on function peek() (SECURITY DEFINER); "
+        f"login {granted.login}: EXECUTE on function peek() (SECURITY DEFINER)")}
+    db.execute("REVOKE EXECUTE ON FUNCTION public.peek() FROM PUBLIC")
+    assert _verify(granted) == (0, {})
