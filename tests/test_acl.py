@@ -1,15 +1,19 @@
-"""Privileges in Redis and MongoDB: dev's credentials cannot reach prod's data.
+"""Privileges in Redis, MongoDB and Qdrant: dev's credentials cannot reach prod's data.
 
 Redis runs on the machine's Redis 7 (tests marked redis): each test makes ACL users of its own and
-deletes them. MongoDB runs on SecantusDB with ``--auth`` (roles enforced), over the wire.
+deletes them. MongoDB runs on SecantusDB with ``--auth`` (roles enforced), over the wire. Qdrant
+tokens are checked by decoding them.
 """
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
 
 from momentry_db.environments import Environment
@@ -18,8 +22,9 @@ from momentry_db.settings import Project as Settings
 from momentry_db.settings import load_project
 from momentry_db.verify import FAIL, NOT_CHECKABLE, PASS, Check, VerifyResult
 
-from .helpers import NO_EMBEDDED, Project, secantus_with_auth
+from .helpers import NO_EMBEDDED, REPO, Project, secantus_with_auth
 
+KEY = "k" * 16 + uuid.uuid4().hex  # 48 bytes: PyJWT warns below 32 for HS256
 
 
 def settings(root: Path, environ: dict[str, str], files: dict[str, str] | None = None) -> Settings:
@@ -417,3 +422,104 @@ def test_mongo_grant_needs_a_named_user_with_a_password_before_connecting(tmp_pa
     project = settings(tmp_path / "p", {"MONGODB_URL": url} if url else {})
     with pytest.raises(ConfigError, match=message):
         mongo_users.grant(project.environment("dev"), "mongodb://root:pw@127.0.0.1:1/")
+
+
+# --- Qdrant ---------------------------------------------------------------------------------------
+
+
+class Spec:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_the_token_grants_read_write_on_the_environments_collections_only(tmp_path) -> None:
+    from momentry_db.stores import qdrant_token
+
+    dev = settings(tmp_path / "p", {"QDRANT_API_KEY": KEY}).environment("dev")
+    now = time.time()
+    signed, claims = qdrant_token.token(dev, [Spec("rule1"), Spec("frames")], expires_in=3600, now=now)
+    expected = {"access": [{"collection": "momentry_dev_rule1", "access": "rw"},
+                           {"collection": "momentry_dev_frames", "access": "rw"}], "exp": int(now) + 3600}
+    assert claims == expected
+    assert jwt.get_unverified_header(signed) == {"alg": "HS256", "typ": "JWT"}
+    assert jwt.decode(signed, KEY, algorithms=["HS256"]) == expected
+    with pytest.raises(jwt.InvalidSignatureError, match="Signature verification failed"):
+        jwt.decode(signed, KEY + "x", algorithms=["HS256"])
+    expired, _ = qdrant_token.token(dev, [Spec("rule1")], expires_in=60, now=now - 61)
+    with pytest.raises(jwt.ExpiredSignatureError, match="Signature has expired"):
+        jwt.decode(expired, KEY, algorithms=["HS256"])
+    forever, claims = qdrant_token.token(dev, [Spec("rule1")])
+    assert jwt.decode(forever, KEY, algorithms=["HS256"]) == claims == {
+        "access": [{"collection": "momentry_dev_rule1", "access": "rw"}]}
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800),
+                                           ("2w", 1209600), ("3650d", 315360000)])
+def test_expiry_durations(text: str, seconds: int) -> None:
+    from momentry_db.stores import qdrant_token
+
+    assert qdrant_token.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0s", "must be between 1s and 3650d"), ("3651d", "must be between 1s and 3650d"),
+    ("1y", "is not a duration"), ("", "is not a duration"), ("-1h", "is not a duration"), ("1.5h", "is not a duration"),
+    ("h", "is not a duration"),
+])
+def test_bad_expiry_durations_are_refused(text: str, message: str) -> None:
+    from momentry_db.stores import qdrant_token
+
+    with pytest.raises(ConfigError, match=f"--expires-in {text!r} {message}"):
+        qdrant_token.parse_duration(text)
+
+
+def test_no_collection_means_no_token(tmp_path) -> None:
+    from momentry_db.stores import qdrant_token
+
+    dev = settings(tmp_path / "p", {"QDRANT_API_KEY": KEY}).environment("dev")
+    with pytest.raises(ConfigError, match="no Qdrant collection is declared"):
+        qdrant_token.token(dev, [])
+
+
+def token_project(tmp_path: Path, environ: dict[str, str]) -> Project:
+    root = tmp_path / "t"
+    root.mkdir()
+    (root / "qdrant_specs").mkdir()
+    spec = (REPO / "qdrant_specs" / "rule1.toml").read_text()
+    (root / "qdrant_specs" / "rule1.toml").write_text(spec)
+    (root / "qdrant_specs" / "frames.toml").write_text(spec.replace('name = "rule1"', 'name = "frames"'))
+    return Project(root, {**NO_EMBEDDED, "MOMENTRY_STATE_DIR": str(tmp_path / "state"), **environ})
+
+
+def test_the_token_command_prints_only_the_token_on_stdout(tmp_path) -> None:
+    project = token_project(tmp_path, {"QDRANT_API_KEY": KEY, "MOMENTRY_EXTRA_ENVS": "pr-7"})
+    before = time.time()
+    result = project.cli("token", "--env", "pr-7", "--expires-in", "2h")
+    assert result.code == 0, result.err
+    signed = result.out.strip()
+    assert result.out == signed + "\n" and result.err == ""
+    claims = jwt.decode(signed, KEY, algorithms=["HS256"])
+    assert claims["access"] == [{"collection": "momentry_pr_7_frames", "access": "rw"},
+                                {"collection": "momentry_pr_7_rule1", "access": "rw"}]
+    assert int(before) + 7200 <= claims["exp"] <= time.time() + 7200
+    assert KEY not in result.out + result.err
+
+    forever = project.cli("token", "--env", "dev", "--json")
+    doc = json.loads(forever.out)
+    assert (doc["command"], doc["env"], doc["ok"], doc["expires_at"]) == ("token", "dev", True, None)
+    assert jwt.decode(doc["token"], KEY, algorithms=["HS256"]) == {"access": doc["access"]}
+    assert forever.err == ("qdrant: the token for dev does not expire; it is revoked only by changing the server's "
+                           "API key (give --expires-in to bound it)\n")
+    assert doc["token"] not in forever.err and KEY not in forever.out + forever.err
+
+
+@pytest.mark.parametrize("args, environ, message", [
+    (("--env", "dev"), {}, "error: QDRANT_API_KEY is not set for dev; a token is signed with the server's API key\n"),
+    (("--env", "dev", "--expires-in", "soon"), {"QDRANT_API_KEY": KEY},
+     "error: --expires-in 'soon' is not a duration: use a number with s, m, h, d or w (such as 30d)\n"),
+    (("--env", "nowhere"), {"QDRANT_API_KEY": KEY}, "error: unknown environment 'nowhere'; known: prod, dev "
+     "(declare more in momentry-db.toml [environments] or MOMENTRY_EXTRA_ENVS)\n"),
+])
+def test_the_token_command_refuses_in_one_line(tmp_path, args, environ, message) -> None:
+    result = token_project(tmp_path, environ).cli("token", *args)
+    assert (result.code, result.out, result.err) == (2, "", message)
