@@ -420,6 +420,19 @@ def envs(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@env_option
+@click.option("--expires-in", metavar="DURATION",
+              help="Lifetime of the token: a number with s, m, h, d or w, such as 30d (default: no expiry).")
+@json_option
+@click.pass_context
+def token(ctx: click.Context, env_name: str, expires_in: str | None, as_json: bool) -> None:
+    """Print a Qdrant JWT (signed with QDRANT_API_KEY) granting read-write on the env's collections only."""
+    from . import command
+
+    _run(ctx, as_json, lambda project, emit: command.token(project, env_name, expires_in=expires_in, emit=emit))
+
+
+@main.command()
 @read_options
 @click.pass_context
 def check(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, stores: tuple[str, ...], as_json: bool, env_file: Path | None,

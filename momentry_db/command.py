@@ -619,6 +619,31 @@ def envs(project: Project, emit: Emit = _ignore) -> ActionResult:
     return result
 
 
+def token(project: Project, env_name: str, *, expires_in: str | None = None, emit: Emit = _ignore,
+          sources: Sources = Sources()) -> ActionResult:
+    """A Qdrant JWT granting read-write on the environment's collections only (signed with QDRANT_API_KEY)."""
+    from datetime import datetime, timezone
+
+    from .stores import qdrant_token
+    from .stores.base import store
+
+    env = project.environment(env_name)
+    seconds = qdrant_token.parse_duration(expires_in) if expires_in is not None else None
+    result = ActionResult("token", env.name)
+    qdrant = store("qdrant")
+    specs = qdrant.load(_context(project, sources, _Run(result, emit)))
+    signed, claims = qdrant_token.token(env, specs, expires_in=seconds)
+    expires = claims.get("exp")
+    if expires is None:
+        result.notices.append(f"qdrant: the token for {env.name} does not expire; it is revoked only by changing "
+                              "the server's API key (give --expires-in to bound it)")
+        emit("notice", result.notices[-1])
+    result.lines.append(signed)  # the result itself, on stdout; never in a notice or a log
+    result.data = {"token": signed, "access": claims["access"], "expires_at":
+                   datetime.fromtimestamp(expires, timezone.utc).isoformat() if expires is not None else None}
+    return result
+
+
 def check(project: Project, env_names: str | Sequence[str] | None, *, stores: Sequence[str] | None = None,
           env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None,
           emit: Emit = _ignore, sources: Sources = Sources()) -> ActionResult:

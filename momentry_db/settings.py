@@ -82,6 +82,15 @@ class Project:
                     found += secret_values(key, value)  # type: ignore[arg-type]
         return list(dict.fromkeys(found))
 
+    def admin_url(self, store: str, given: str | None = None) -> str:
+        """The administrative URL grant connects with: the one given, else MOMENTRY_<STORE>_ADMIN_URL."""
+        variable = ADMIN_URL_VARS[store]
+        url = given or self.environ.get(variable)
+        if not url:
+            raise ConfigError(f"grant --store {store} needs an administrative URL: pass --admin-url URL "
+                              f"or set {variable}")
+        return url
+
     def process_isolation_vars(self) -> list[str]:
         """Isolation names set in the process environment, which multi-environment commands ignore."""
         return [k for k in ISOLATION_VARS if self.environ.get(k)]
@@ -314,7 +323,9 @@ def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
     )
 
 
-SECRET_VARS = ("DATABASE_URL", "MONGODB_URL", "QDRANT_URL", "REDIS_URL", "QDRANT_API_KEY")
+# The administrative URLs grant uses (never an environment's own: they may create and drop users).
+ADMIN_URL_VARS = {"redis": "MOMENTRY_REDIS_ADMIN_URL", "mongo": "MOMENTRY_MONGO_ADMIN_URL"}
+SECRET_VARS = ("DATABASE_URL", "MONGODB_URL", "QDRANT_URL", "REDIS_URL", "QDRANT_API_KEY", *ADMIN_URL_VARS.values())
 
 
 def secret_values(key: str, value: str) -> list[str | Secret]:

@@ -262,6 +262,9 @@ def check_mongo(result: VerifyResult, env: Environment, others: list[Environment
             if plan.current:
                 _mongo_shape(result, env, db, plan.current[-1], migrations, primary)
         del db
+        from .stores import mongo_users
+
+        mongo_users.check(result, env, others)
     except Exception as exc:  # an unreachable server is a failed check, not a crash
         result.add("mongo", "server reachable", [scrub(str(exc), env.secrets())])
     finally:
@@ -356,6 +359,9 @@ def check_redis(result: VerifyResult, env: Environment, others: list[Environment
                    [f"cannot reach {env.redis_url.masked}: {scrub(str(exc), env.secrets())}"])
         return
     result.add("redis", "keys under the prefix", ok_detail=f"{count} keys under {env.redis_prefix}")
+    from .stores import redis_acl
+
+    redis_acl.check(result, env, others)
 
 
 def check_directories(result: VerifyResult, env: Environment, others: list[Environment]) -> None:

@@ -259,3 +259,72 @@ def stop_embedded_servers(state_dir: Path) -> None:
         embedded_mongo.stop(state_dir)
     if (state_dir / "pg" / "postmaster.pid").exists():
         stop_embedded(state_dir)
+
+
+@contextmanager
+def secantus_with_auth(storage: Path, user: str, password: str) -> Iterator[str]:
+    """SecantusDB with authentication and roles enforced (``--auth``), as a separate process; yields
+    the administrator's URL (``user`` holds root).
+
+    SecantusDB has no localhost exception: the administrator is created on a first start without
+    ``--auth``, which is stopped gracefully (so the user is on disk), then the server starts again
+    on the same storage with ``--auth``.
+    """
+    import socket
+    import time
+
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    binary = Path(sys.executable).parent / "secantusd-py"
+
+    def start(*flags: str) -> tuple[subprocess.Popen, int]:
+        for _ in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path",
+                                     str(storage), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            probe: MongoClient = MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                                             serverSelectionTimeoutMS=300)
+            deadline = time.monotonic() + 20
+            try:
+                while proc.poll() is None and time.monotonic() < deadline:
+                    try:  # hello needs no login; its answer must come from this process's server
+                        probe.admin.command("hello")
+                        if _listens(proc.pid, port):
+                            return proc, port
+                    except PyMongoError:
+                        pass
+                    time.sleep(0.1)
+            finally:
+                probe.close()
+            proc.kill()
+            proc.wait()
+        raise RuntimeError("secantusd-py did not start on a port of its own in 5 tries")
+
+    proc, port = start()
+    try:
+        client: MongoClient = MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true")
+        client.admin.command("createUser", user, pwd=password, roles=["root"])
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc, port = start("--auth")
+    try:
+        yield f"mongodb://{user}:{password}@127.0.0.1:{port}/?authSource=admin&directConnection=true"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` listens on ``port`` (another run's server may have taken the port first)."""
+    import psutil
+
+    try:
+        return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in psutil.Process(pid).net_connections("tcp"))
+    except psutil.Error:
+        return False

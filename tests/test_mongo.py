@@ -306,7 +306,9 @@ def test_verify_checks_the_mongo_database_against_its_migrations(mongo_project) 
     assert missing.code == 1
     assert [(c["name"], c["status"], c["detail"]) for c in json.loads(missing.out)["checks"]] == [
         ("database differs from other environments'", "pass", name),
-        (f"database {name} exists", "fail", f"database {name} does not exist; run migrate")]
+        (f"database {name} exists", "fail", f"database {name} does not exist; run migrate"),
+        (f"login is limited to {name}", "not checkable here",
+         "MONGODB_URL names no user; name a user of dev's own in it, then run momentry-db grant --env dev --store mongo")]
 
     assert migrate(mongo_project).code == 0
     passing = mongo_project.cli("verify", "--env", "dev", "--store", "mongo")

@@ -112,3 +112,19 @@ def test_grant_prints_a_document_of_the_schema(granted) -> None:
     assert (undone["revoke"], undone["search_path"], len(undone["changed"])) == (True, None, 2)
     refused = document(project.cli("grant", "--env", "dev", "--login", "Bad Name", "--json"), 2)
     assert refused["error"]["type"] == "ConfigError"
+
+
+def test_the_token_document(tmp_path) -> None:
+    from .helpers import NO_EMBEDDED, Project
+
+    key = "0123456789abcdef" * 3
+    project = Project(tmp_path, {**NO_EMBEDDED, "MOMENTRY_STATE_DIR": str(tmp_path / ".state"), "QDRANT_API_KEY": key})
+    forever = document(project.cli("token", "--env", "dev", "--json"))
+    bounded = document(project.cli("token", "--env", "prod", "--expires-in", "30d", "--json"))
+    assert (forever["env"], forever["access"], forever["expires_at"]) == (
+        "dev", [{"collection": "momentry_dev_rule1", "access": "rw"}], None)
+    assert (bounded["env"], bounded["access"]) == ("prod", [{"collection": "momentry_rule1", "access": "rw"}])
+    assert bounded["expires_at"].endswith("+00:00") and len(forever["notices"]) == 1 and bounded["notices"] == []
+    missing = document(project.cli("token", "--env", "dev", "--json", env={"QDRANT_API_KEY": ""}), 2)
+    assert missing["error"] == {"type": "ConfigError", "exit_code": 2,
+                                "message": "QDRANT_API_KEY is not set for dev; a token is signed with the server's API key"}
