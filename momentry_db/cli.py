@@ -71,8 +71,9 @@ def _known_secrets(ctx: click.Context, project: Any) -> list[Any]:
 
     env_file = ctx.params.get("env_file")
     found = list(project.secrets([env_file] if env_file else []))
-    if ctx.params.get("database_url"):
-        found += secret_values("DATABASE_URL", ctx.params["database_url"])
+    for option, variable in (("database_url", "DATABASE_URL"), ("admin_url", "--admin-url")):
+        if ctx.params.get(option):
+            found += secret_values(variable, ctx.params[option])
     return found
 
 
@@ -295,18 +296,23 @@ def verify(ctx: click.Context, env_names: tuple[str, ...], all_envs: bool, store
 @click.option("--login", metavar="NAME", help="The existing login (role with LOGIN) the service connects with.")
 @click.option("--revoke", is_flag=True, help="Take the login out of the role and reset its search_path.")
 @click.option("--store", default="postgres", show_default=True, metavar="STORE",
-              help="The store whose access to grant (postgres).")
+              help="The store whose access to grant: postgres, redis (the user in REDIS_URL) or mongo "
+                   "(the user in MONGODB_URL).")
+@click.option("--admin-url", metavar="URL",
+              help="redis/mongo: the administrative URL to connect with "
+                   "(default: MOMENTRY_REDIS_ADMIN_URL / MOMENTRY_MONGO_ADMIN_URL).")
 @json_option
 @env_file_option
 @url_option
 @click.pass_context
-def grant(ctx: click.Context, env_name: str, login: str | None, revoke: bool, store: str, as_json: bool,
-          env_file: Path | None, database_url: str | None) -> None:
-    """Make a login a member of the environment's role, with search_path '<schema>, public'; --revoke undoes it."""
+def grant(ctx: click.Context, env_name: str, login: str | None, revoke: bool, store: str, admin_url: str | None,
+          as_json: bool, env_file: Path | None, database_url: str | None) -> None:
+    """Limit a login to the environment: PostgreSQL role membership and search_path '<schema>, public',
+    or a Redis ACL / MongoDB user limited to its prefix / database; --revoke undoes it."""
     from . import command
 
     _run(ctx, as_json, lambda project, emit: command.grant(
-        project, env_name, login=login, revoke=revoke, store=store, env_file=env_file,
+        project, env_name, login=login, revoke=revoke, store=store, admin_url=admin_url, env_file=env_file,
         overrides=_overrides(database_url), emit=emit))
 
 

@@ -275,24 +275,48 @@ class ActionResult:
 
 
 def grant(project: Project, env_name: str, *, login: str | None, revoke: bool = False, store: str = "postgres",
-          env_file: Path | None = None, overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
+          admin_url: str | None = None, env_file: Path | None = None,
+          overrides: Mapping[str, str | None] | None = None, emit: Emit = _ignore,
           sources: Sources = Sources()) -> ActionResult:
-    """Put a login into an environment's role, with the environment's search_path; revoke takes it out.
+    """Limit a login to one environment; revoke undoes it.
 
-    The login must exist; one that belongs to another environment's role is refused.
-    Every refusal, a malformed name first, comes before anything is written.
+    PostgreSQL: put an existing login into the environment's role, with its search_path.
+    Redis and MongoDB: set up the user named in REDIS_URL / MONGODB_URL, connecting with an
+    administrative URL. Every refusal, a malformed name first, comes before anything is written.
     """
-    granters = {"postgres": _grant_postgres}
+    granters = {"postgres": _grant_postgres, "redis": _grant_user("redis", "redis_acl", "REDIS_URL"),
+                "mongo": _grant_user("mongo", "mongo_users", "MONGODB_URL")}
     if store not in granters:
         raise ConfigError(f"grant knows --store {', '.join(granters)}, not {store!r}")
+    if admin_url is not None and store == "postgres":
+        raise ConfigError("--admin-url is for --store redis or mongo; PostgreSQL grants connect with DATABASE_URL")
     env = project.environment(env_name, env_file=env_file, overrides=overrides)
     result = ActionResult("grant", env.name)
-    granters[store](project, env, login, revoke, _context(project, sources, _Run(result, emit)), result)
+    granters[store](project, env, login, revoke, _context(project, sources, _Run(result, emit)), result,
+                    admin_url)
     return result
 
 
+def _grant_user(name: str, module: str, variable: str) -> Callable[..., None]:
+    """grant for a store whose user, and its password, come from the environment's ``variable``."""
+    def grant_user(project: Project, env: Environment, login: str | None, revoke: bool, ctx: Any,
+                   result: ActionResult, admin_url: str | None) -> None:
+        import importlib
+
+        store = importlib.import_module(f"momentry_db.stores.{module}")
+        url = getattr(env, variable.lower())
+        user = store.login(url.reveal()).user if url is not None else None
+        if login is not None and login != user:
+            raise ConfigError(f"grant --store {name} sets up the user named in {env.name}'s {variable}; "
+                              "drop --login")
+        changed = store.grant(env, project.admin_url(name, admin_url), revoke=revoke)
+        result.lines += changed
+        result.data = {"store": name, "user": user, "revoke": revoke, "changed": changed}
+    return grant_user
+
+
 def _grant_postgres(project: Project, env: Environment, login: str | None, revoke: bool, ctx: Any,
-                    result: ActionResult) -> None:
+                    result: ActionResult, admin_url: str | None = None) -> None:
     from .environments import validate_role
     from .stores import postgres_store
     from .stores.postgres import grants

@@ -3,6 +3,7 @@ revisions and Qdrant points. Test modules import from here, never from one anoth
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -328,3 +329,16 @@ def _listens(pid: int, port: int) -> bool:
                    for c in psutil.Process(pid).net_connections("tcp"))
     except psutil.Error:
         return False
+
+
+def document(result: CliResult, code: int | None = 0) -> dict[str, Any]:
+    """The one JSON document a command printed, checked against docs/output.schema.json (and its exit code)."""
+    import jsonschema
+
+    if code is not None:
+        assert result.code == code, result.out + result.err
+    doc = json.loads(result.out)
+    validator = jsonschema.Draft202012Validator(json.loads((REPO / "docs" / "output.schema.json").read_text()))
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
+    return doc  # type: ignore[no-any-return]

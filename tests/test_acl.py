@@ -22,7 +22,7 @@ from momentry_db.settings import Project as Settings
 from momentry_db.settings import load_project
 from momentry_db.verify import FAIL, NOT_CHECKABLE, PASS, Check, VerifyResult
 
-from .helpers import NO_EMBEDDED, REPO, Project, secantus_with_auth
+from .helpers import NO_EMBEDDED, REPO, Project, document, secantus_with_auth
 
 KEY = "k" * 16 + uuid.uuid4().hex  # 48 bytes: PyJWT warns below 32 for HS256
 
@@ -523,3 +523,58 @@ def test_the_token_command_prints_only_the_token_on_stdout(tmp_path) -> None:
 def test_the_token_command_refuses_in_one_line(tmp_path, args, environ, message) -> None:
     result = token_project(tmp_path, environ).cli("token", *args)
     assert (result.code, result.out, result.err) == (2, "", message)
+
+
+# --- grant --store redis|mongo through the command line -------------------------------------------
+
+
+@pytest.mark.redis
+def test_grant_store_redis_through_the_cli_with_the_admin_url_masked(tmp_path, redis_url, redis_admin, tag) -> None:
+    user = f"dev_{tag}"
+    redis_project(tmp_path, redis_url, tag, user)  # env files in tmp_path / "p"
+    project = Project(tmp_path / "p", {**NO_EMBEDDED, "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    admin = f"redis://default:Adm1n-S3cret@{redis_url.split('://', 1)[1]}"  # the default user has no password here
+    assert redis_admin.acl_getuser(user) is None
+    done = project.cli("grant", "--env", "dev", "--store", "redis", "--admin-url", admin, "--json")
+    granted = document(done)
+    assert (granted["command"], granted["env"], granted["store"], granted["user"], granted["revoke"]) == (
+        "grant", "dev", "redis", user, False)
+    assert granted["changed"][0].startswith(f"redis dev: created user {user}: keys t{tag}_dev:*, channels t{tag}_dev:*")
+    assert redis_admin.acl_getuser(user)["keys"] == [f"~t{tag}_dev:*"]
+    assert "Adm1n-S3cret" not in done.out + done.err and "pw-S3cret-1" not in done.out + done.err
+    undone = project.cli("grant", "--env", "dev", "--store", "redis", "--revoke", env={"MOMENTRY_REDIS_ADMIN_URL": admin})
+    assert (undone.code, undone.out.splitlines()[0]) == (0, f"redis dev: deleted user {user}")
+    assert redis_admin.acl_getuser(user) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--store", "redis"), "grant --store redis needs an administrative URL: pass --admin-url URL or set "
+                           "MOMENTRY_REDIS_ADMIN_URL"),
+    (("--store", "mongo", "--login", "someone"), "grant --store mongo sets up the user named in dev's MONGODB_URL; "
+                                                 "drop --login"),
+    (("--admin-url", "redis://a:b@127.0.0.1:1/0"), "--admin-url is for --store redis or mongo; PostgreSQL grants "
+                                                   "connect with DATABASE_URL"),
+    (("--store", "qdrant"), "grant knows --store postgres, redis, mongo, not 'qdrant'"),
+])
+def test_grant_store_refusals_are_one_line_before_any_connection(tmp_path, args, message) -> None:
+    project = Project(tmp_path, {**NO_EMBEDDED, "MOMENTRY_STATE_DIR": str(tmp_path / "state"),
+                                 "REDIS_URL": "redis://dev_u:pw@127.0.0.1:1/0",
+                                 "MONGODB_URL": "mongodb://dev_u:pw@127.0.0.1:1/"})
+    result = project.cli("grant", "--env", "dev", *args)
+    assert (result.code, result.out, result.err.strip()) == (2, "", f"error: {message}")
+
+
+def test_grant_store_mongo_through_the_cli(tmp_path, auth_mongo) -> None:
+    user = f"dev_{uuid.uuid4().hex[:8]}"
+    mongo_env(tmp_path, auth_mongo, user)  # env files in tmp_path / "m"
+    project = Project(tmp_path / "m", {**NO_EMBEDDED, "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    done = project.cli("grant", "--env", "dev", "--store", "mongo", env={"MOMENTRY_MONGO_ADMIN_URL": auth_mongo})
+    assert (done.code, done.out.splitlines()) == (
+        0, [f"mongo dev: user {user} (in admin): created with readWrite on momentry_dev only"]), done.err
+    assert roles(auth_mongo, user) == [{"role": "readWrite", "db": "momentry_dev"}]
+    assert "r00t-pass" not in done.out + done.err and "dev-Pa55" not in done.out + done.err
+    undone = document(project.cli("grant", "--env", "dev", "--store", "mongo", "--revoke", "--admin-url", auth_mongo,
+                                  "--json"))
+    assert {k: v for k, v in undone.items() if k in ("store", "user", "revoke")} == {
+        "store": "mongo", "user": user, "revoke": True}
+    assert roles(auth_mongo, user) is None

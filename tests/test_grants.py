@@ -188,7 +188,8 @@ def test_grant_refuses_bad_names_unknown_logins_and_a_second_environment(granted
         (("--env", "dev", "--login", "postgres"),
          "error: login 'postgres' is a superuser: no privilege binds it, so it cannot be isolated; give the "
          "service a login without SUPERUSER"),
-        (("--env", "dev", "--login", other, "--store", "redis"), "error: grant knows --store postgres, not 'redis'"),
+        (("--env", "dev", "--login", other, "--store", "qdrant"),
+         "error: grant knows --store postgres, redis, mongo, not 'qdrant'"),
         (("--env", "dev"), "error: grant --store postgres needs --login NAME, the login the service connects with"),
     ]
     for args, error in cases:

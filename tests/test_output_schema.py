@@ -8,18 +8,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "docs" / "output.schema.json").read_text())
-VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+from .helpers import REPO, document
 
-
-def document(result, code: int | None = 0) -> dict:
-    """The one JSON document a command printed, checked against the schema (and its exit code)."""
-    if code is not None:
-        assert result.code == code, result.out + result.err
-    doc = json.loads(result.out)
-    errors = sorted(VALIDATOR.iter_errors(doc), key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
-    return doc
+SCHEMA = json.loads((REPO / "docs" / "output.schema.json").read_text())
 
 
 def test_the_schema_is_a_valid_json_schema() -> None:
