@@ -52,6 +52,7 @@ class PostgresStore:
     """PostgreSQL: one schema per environment, migrated by Alembic."""
 
     name = STORE
+    migrates = True
 
     def load(self, ctx: Context) -> Any:
         from . import postgres
