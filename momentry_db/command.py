@@ -95,10 +95,10 @@ class _Run:
         self.notice(f"{store}: skipped ({reason})")
 
 
-def _stores(selected: Sequence[str] | None) -> list[Any]:
+def _stores(selected: Sequence[str] | None, *, migrating: bool = True) -> list[Any]:
     from .stores.base import chosen
 
-    return chosen(selected)
+    return chosen(selected, migrating=migrating)
 
 
 def _context(project: Project, sources: Sources, run: _Run, lock_timeout: float = 30.0) -> Any:
@@ -238,20 +238,20 @@ def _verify_one(project: Project, env: Environment, *, stores: Sequence[str] | N
     from .stores.base import NAMES
 
     others = [project.environment(name, one_of_many=True) for name in project.registry.names if name != env.name]
-    checkable = (*NAMES, "redis", "dirs")
+    checkable = (*NAMES, "dirs")
     unknown = [s for s in stores or () if s not in checkable]
     if unknown:
         raise ConfigError(f"unknown store {unknown[0]!r}; verify knows: {', '.join(checkable)}")
     picked = [s for s in checkable if not stores or s in stores]
     result = checks.VerifyResult("verify", env.name)
     ctx = _context(project, sources, _Run(result, emit))
-    chosen = _stores([s for s in picked if s in NAMES]) if any(s in NAMES for s in picked) else []
+    in_stores = [s for s in picked if s in NAMES]
+    chosen = _stores(in_stores, migrating=False) if in_stores else []
     declared = _load_declarations(chosen, ctx)
     for store in chosen:
         store.verify(ctx, result, env, others, declared[store.name])
-    for name, extra in (("redis", checks.check_redis), ("dirs", checks.check_directories)):
-        if name in picked:
-            extra(result, env, others)
+    if "dirs" in picked:
+        checks.check_directories(result, env, others)
     for check in result.checks:
         emit("check", check)
     return result
@@ -350,20 +350,10 @@ def resettable(project: Project, env_name: str) -> Environment:
     return env
 
 
-def _reset_drops(env: Environment, stores: list[Any], every_store: bool, ctx: Any,
-                 declared: dict[str, Any], closing: Any) -> list[Any]:
+def _reset_drops(env: Environment, stores: list[Any], ctx: Any, declared: dict[str, Any],
+                 closing: Any) -> list[Any]:
     """What a reset of ``env`` removes, store by store, in the order it removes them."""
-    from .stores.base import Drop
-
-    drops = [d for d in (store.drop(ctx, env, declared[store.name], closing) for store in stores) if d is not None]
-    if env.redis_url is not None and every_store:
-        from .stores import redis as redis_store
-
-        url = env.redis_url
-        drops.append(Drop("redis", f"{env.name} (prefix {env.redis_prefix})", f"keys {env.redis_prefix}*",
-                          lambda: redis_store.preflight(url.reveal(), env.redis_prefix, url.masked, env.secrets()),
-                          lambda: redis_store.delete_keys(url.reveal(), env.redis_prefix)))
-    return drops
+    return [d for d in (store.drop(ctx, env, declared[store.name], closing) for store in stores) if d is not None]
 
 
 def _preflight(env: Environment, drops: list[Any]) -> None:
@@ -417,17 +407,17 @@ def reset(project: Project, env_name: str, *, stores: Sequence[str] | None = Non
     from contextlib import ExitStack
 
     env = resettable(project, env_name)
-    chosen = _stores(stores)
+    # A selection names stores that keep migrations (they are migrated afterwards); with none,
+    # every store is emptied, Redis keys included.
+    chosen = _stores(stores, migrating=bool(stores))
     result = ActionResult("reset", env.name)
     ctx = _context(project, sources, _Run(result, emit))
     declared = _load_declarations(chosen, ctx)  # check every declaration before dropping anything
     with ExitStack() as closing:
-        drops = _reset_drops(env, chosen, not stores, ctx, declared, closing)
+        drops = _reset_drops(env, chosen, ctx, declared, closing)
         _preflight(env, drops)
         dropped = _drop_all(env, drops)
-    for store, what in dropped.items():
-        result.lines.append(f"{store} {env.name}: dropped {what if what not in (None, []) else 'nothing (absent)'}"
-                            if store != "redis" else f"redis {env.name}: deleted {what} keys under {env.redis_prefix}")
+    result.lines += [d.line(env.name, dropped[d.store]) for d in drops]
     migrated = migrate(project, env.name, stores=stores, emit=emit, sources=sources)
     result.data = {"dropped": dropped, "migrated": migrated.to_json()}
     result.lines.append(f"migrated {env.name}: {len(migrated.applied)} step(s) applied")
@@ -820,11 +810,11 @@ def unlock(project: Project, env_name: str, store: str, *, yes: bool = False, em
     refused either way, with what to do instead.
     """
     from .errors import RefusedError
-    from .stores.base import NAMES
 
     env = project.environment(env_name)
-    if store not in NAMES:
-        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(NAMES)}")
+    known = [s.name for s in _stores(None)]
+    if store not in known:
+        raise ConfigError(f"unknown store {store!r}; unlock knows: {', '.join(known)}")
     (chosen,) = _stores([store])
     result = ActionResult("unlock", env.name)
     ctx = _context(project, sources, _Run(result, emit))

@@ -266,7 +266,7 @@ def test_payload_indexes_and_hnsw_on_a_real_server(real_servers, tmp_path: Path)
                                    "QDRANT_COLLECTION": f"momentry_test_{int(time.time() * 1000)}"})
     t = qdrant.QdrantTarget(proj.environment("dev"))
     with t.session() as c:
-        t.client = c
+        t = t.bound(c)
         try:
             qdrant.apply(t)
             info = c.get_collection(t.env.qdrant_collection)

@@ -23,6 +23,7 @@ REGISTRY = {
     "postgres": "momentry_db.stores.postgres_store:PostgresStore",
     "mongo": "momentry_db.stores.mongo_store:MongoStore",
     "qdrant": "momentry_db.stores.qdrant_store:QdrantStore",
+    "redis": "momentry_db.stores.redis_store:RedisStore",
 }
 NAMES = tuple(REGISTRY)
 KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}
@@ -157,10 +158,31 @@ class Drop:
     what: str  # "schema dev", for the already-dropped / not-dropped lists
     check: Callable[[], Any]
     drop: Callable[[], Any]
+    said: Callable[[Any], str] | None = None  # what the reset reports, from drop()'s result
+
+    def line(self, env: str, dropped: Any) -> str:
+        """The reset's line for this store: ``postgres dev: dropped dev``."""
+        if self.said is not None:
+            return f"{self.store} {env}: {self.said(dropped)}"
+        return f"{self.store} {env}: dropped {dropped if dropped not in (None, []) else 'nothing (absent)'}"
 
 
-class Store(Protocol):
-    """What a command may ask of a store (PostgreSQL, MongoDB, Qdrant)."""
+class BasicStore(Protocol):
+    """What a command may ask of every store, Redis included: verify's checks and a reset's drop."""
+
+    name: str
+    migrates: bool  # keeps declared steps: migrate, plan, status, check, history, clone and unlock use it
+
+    def load(self, ctx: Context) -> Any: ...
+
+    def drop(self, ctx: Context, env: Environment, declared: Any, closing: Any) -> Drop | None: ...
+
+    def verify(self, ctx: Context, result: Any, env: Environment, others: list[Environment],
+               declared: Any) -> None: ...
+
+
+class Store(BasicStore, Protocol):
+    """What a command may ask of a store that keeps declared steps (PostgreSQL, MongoDB, Qdrant)."""
 
     name: str
 
@@ -203,10 +225,16 @@ def store(name: str) -> Store:
     return getattr(importlib.import_module(module), cls)()  # type: ignore[no-any-return]
 
 
-def chosen(selected: Sequence[str] | None) -> list[Store]:
-    """The stores a command works on, in run order; an unknown name is bad input."""
-    picked = list(selected) if selected else list(NAMES)
+def chosen(selected: Sequence[str] | None, *, migrating: bool = True) -> list[Store]:
+    """The stores a command works on, in run order; an unknown name is bad input.
+
+    A command over declared steps takes the stores that keep them; ``migrating=False``
+    takes every store (verify's checks, a reset's drops), Redis included.
+    """
+    candidates = [store(name) for name in NAMES]
+    known = [s.name for s in candidates if s.migrates or not migrating]
+    picked = list(selected) if selected else known
     for name in picked:
-        if name not in REGISTRY:
-            raise ConfigError(f"unknown store {name!r}; known: {', '.join(NAMES)}")
-    return [store(s) for s in NAMES if s in picked]
+        if name not in known:
+            raise ConfigError(f"unknown store {name!r}; known: {', '.join(known)}")
+    return [s for s in candidates if s.name in picked]

@@ -130,17 +130,30 @@ def _ordered(found: dict[str, MongoMigration], where: str) -> list[MongoMigratio
 
 
 @dataclass
+class _Opened:
+    """What a target opened itself, so that close() can release it."""
+
+    client: MongoClient | None = None  # built from MONGODB_URL or the embedded server's address
+    server: Any = None  # the embedded server in use, once started
+
+
+@dataclass(frozen=True)
 class MongoTarget:
-    """One environment's MongoDB database."""
+    """One environment's MongoDB database: its settings, and the connection it opens on first use."""
 
     env: Environment
-    client: MongoClient | None = None  # injected by tests; otherwise built from MONGODB_URL
-    server: Any = None  # the embedded server in use, once started
-    embedded: bool = field(init=False)  # no client given and no MONGODB_URL: the embedded server
-    _owns_client: bool = field(default=False, repr=False)
+    client: MongoClient | None = None  # given by the caller (tests, clone's destination), never closed here
+    _opened: _Opened = field(default_factory=_Opened, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.embedded = self.client is None and self.env.mongodb_url is None and self.env.embedded
+    @property
+    def embedded(self) -> bool:
+        """No client given and no MONGODB_URL: the embedded server."""
+        return self.client is None and self.env.mongodb_url is None and self.env.embedded
+
+    @property
+    def server(self) -> Any:
+        """The embedded server in use, once started."""
+        return self._opened.server
 
     @property
     def database(self) -> str:
@@ -156,48 +169,49 @@ class MongoTarget:
 
     def embedded_server(self) -> Any:
         """Start (or reuse) the embedded server when this target uses it; None otherwise."""
-        if self.server is None and self.embedded:
+        if self._opened.server is None and self.embedded:
             from . import embedded_mongo
 
-            self.server = embedded_mongo.ensure(self.env.state_dir)
-        return self.server
+            self._opened.server = embedded_mongo.ensure(self.env.state_dir)
+        return self._opened.server
 
     def connect(self) -> Database:
         """The environment's database, after checking the server answers (5 s bound)."""
-        if self.client is None:
+        client = self.client if self.client is not None else self._opened.client
+        if client is None:
             from pymongo import MongoClient
             from pymongo.errors import ConfigurationError, InvalidURI
 
             server = self.embedded_server()
             url = server.url if server is not None else self.env.mongodb_url.reveal()  # type: ignore[union-attr]
             try:
-                self.client = MongoClient(url, tz_aware=True, serverSelectionTimeoutMS=TIMEOUT_MS,
-                                          connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=60_000)
-                self._owns_client = True
+                client = self._opened.client = MongoClient(url, tz_aware=True, serverSelectionTimeoutMS=TIMEOUT_MS,
+                                                           connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=60_000)
             except (ConfigurationError, InvalidURI, ValueError) as exc:
                 raise ConfigError(f"MONGODB_URL {self.env.mongodb_url.masked!r} is invalid: "  # type: ignore[union-attr]
                                   f"{scrub(str(exc), self.env.secrets())}") from None
         from pymongo.errors import PyMongoError
 
         try:
-            self.client.admin.command("ping")
+            client.admin.command("ping")
         except PyMongoError as exc:
             if self.env.mongodb_url:
                 where = self.env.mongodb_url.masked
-            elif self.server is not None:
-                where = f"the embedded server ({self.server.address}; its log is {self.server.home / 'server.log'})"
+            elif self._opened.server is not None:
+                where = (f"the embedded server ({self._opened.server.address}; its log is "
+                         f"{self._opened.server.home / 'server.log'})")
             else:
                 where = "the server"
             reason = str(exc).split(",")[0].split("\n")[0].split(" (configured timeouts")[0]
             reason = scrub(reason, self.env.secrets())
             raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
-        return self.client[self.database]
+        return client[self.database]
 
     def close(self) -> None:
-        if self.client is not None and self._owns_client:
-            self.client.close()
-            self.client = None
-            self._owns_client = False
+        """Close the client this target opened (a given one is the caller's)."""
+        if self._opened.client is not None:
+            self._opened.client.close()
+            self._opened.client = None
 
 
 def _utc(db: Database, name: str) -> Any:
@@ -469,9 +483,8 @@ def preflight_drop(target: MongoTarget) -> bool:
     from ..errors import RefusedError
 
     db = target.connect()
-    assert target.client is not None
     try:
-        existed = db.name in target.client.list_database_names()
+        existed = db.name in db.client.list_database_names()
         now = dt.datetime.now(dt.timezone.utc)
         held = _utc(db, LOCK_COLLECTION).find_one({"_id": LOCK_ID, "expires_at": {"$gte": now}})
     except PyMongoError as exc:
@@ -488,9 +501,8 @@ def preflight_drop(target: MongoTarget) -> bool:
 def drop_database(target: MongoTarget) -> bool:
     """Drop the environment's database; return whether it existed."""
     db = target.connect()
-    assert target.client is not None
-    existed = db.name in target.client.list_database_names()
-    target.client.drop_database(db.name)
+    existed = db.name in db.client.list_database_names()
+    db.client.drop_database(db.name)
     return existed
 
 

@@ -53,6 +53,7 @@ class MongoStore:
     """MongoDB: one database per environment, migrated by pymongo-migrate modules."""
 
     name = STORE
+    migrates = True
 
     def load(self, ctx: Context) -> Any:
         from . import mongo

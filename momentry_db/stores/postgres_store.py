@@ -3,7 +3,7 @@ clone and unlock, on top of the stores/postgres package."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class PostgresStore:
     """PostgreSQL: one schema per environment, migrated by Alembic."""
 
     name = STORE
+    migrates = True
 
     def load(self, ctx: Context) -> Any:
         from . import postgres
@@ -165,12 +166,12 @@ class _Migration:
         if w.apply and pending:
             results = self._upgrade(pending, versions)
             for t in pending:
-                applied, error = results[t.schema]
+                ran = results[t.schema]
                 plan = plans[t.schema]
-                if error is None:
-                    outcomes[t.schema] = w.done(plan, [s for s in plan.pending if s.name in applied])
+                if ran.error is None:
+                    outcomes[t.schema] = w.done(plan, [s for s in plan.pending if s.name in ran.applied])
                 else:
-                    outcomes[t.schema] = w.failed(plan, error, t.env)
+                    outcomes[t.schema] = w.failed(plan, ran.error, t.env)
         if w.apply:
             self._grants([t for t in self.targets if outcomes[t.schema].ok])
         return [outcomes[t.schema] for t in self.targets]
@@ -189,14 +190,14 @@ class _Migration:
         for notice in grants.ensure_grants(targets, everyone):
             self.work.run.notice(notice)
 
-    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
-        """Upgrade each target: (revisions applied, the error that stopped it) per schema."""
+    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, Any]:
+        """Upgrade each target: what its run did (revisions applied, the error that stopped it), by schema."""
         w, pg = self.work, self.pg
-        done: dict[str, tuple[list[str], Any]] = {}
+        done: dict[str, Any] = {}
         primary = [t for t in pending if t.primary]
         others = [t for t in pending if not t.primary]
         if primary:  # public first
-            self._alembic(primary)
+            done.update(self._alembic(primary))
         starts: dict[tuple[str, ...], list[Any]] = {}
         left: list[Any] = []
         for t in others:  # compile each revision path once for the schemas at the same revision
@@ -205,31 +206,30 @@ class _Migration:
             else:
                 starts.setdefault(versions[t.schema] or (), []).append(t)
         for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
-            left += (self._guarded(pg.upgrade_compiled, group, start, script_location=w.scripts) or []
-                     if len(group) > 1 else group)
+            if len(group) > 1:
+                compiled, rest = self._compiled(group, start)
+                done.update(compiled)
+                left += rest
+            else:
+                left += group
         if left and w.parallel > 1:
             done.update(self._workers(left))
         elif left:
-            self._alembic(left)
-        for t in pending:
-            if t.schema not in done:
-                done[t.schema] = (list(t.applied), t.error)
+            done.update(self._alembic(left))
         return done
 
-    def _alembic(self, targets: list[Any]) -> None:
-        self._guarded(self.pg.upgrade_many, targets, script_location=self.work.scripts, project=self.work.project)
+    def _alembic(self, targets: list[Any]) -> dict[str, Any]:
+        return self.pg.upgrade_many(targets, script_location=self.work.scripts,  # type: ignore[no-any-return]
+                                    project=self.work.project)
 
-    def _guarded(self, fn: Callable[..., Any], targets: list[Any], *args: Any, **kwargs: Any) -> Any:
-        """What stops a fan-out step early becomes the outcome of each target not yet done."""
+    def _compiled(self, targets: list[Any], start: tuple[str, ...]) -> tuple[dict[str, Any], list[Any]]:
+        """The compiled run of targets at one revision; what stops it early is each target's outcome."""
         try:
-            return fn(targets, *args, **kwargs)
+            return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts)  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
-            for t in targets:
-                if t.error is None and not t.applied:
-                    t.error = self.pg.failure(t, exc)
-            return None
+            return {t.schema: self.pg.SchemaRun(error=self.pg.failure(t, exc)) for t in targets}, []
 
-    def _workers(self, targets: list[Any]) -> dict[str, tuple[list[str], Any]]:
+    def _workers(self, targets: list[Any]) -> dict[str, Any]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -238,7 +238,7 @@ class _Migration:
         w, pg = self.work, self.pg
         parallel = w.parallel
         chunks = [targets[i::parallel] for i in range(min(parallel, len(targets)))]
-        done: dict[str, tuple[list[str], Any]] = {}
+        done: dict[str, Any] = {}
         with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
             futures = [pool.submit(pg.upgrade_chunk, [t.env for t in chunk], w.scripts, w.lock_timeout)
                        for chunk in chunks]
@@ -247,10 +247,10 @@ class _Migration:
                     rows = future.result()
                 except Exception as exc:  # noqa: BLE001 - a worker that died: each of its targets failed
                     for t in chunk:
-                        done[t.schema] = ([], pg.failure(t, exc))
+                        done[t.schema] = pg.SchemaRun(error=pg.failure(t, exc))
                     continue
                 for schema, applied, error in rows:
-                    done[schema] = (applied, MomentryError(error) if error else None)
+                    done[schema] = pg.SchemaRun(tuple(applied), MomentryError(error) if error else None)
         return done
 
 

@@ -188,7 +188,7 @@ def parse_spec(path: Path) -> CollectionSpec:
 # --- targets ---------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class QdrantTarget:
     """One environment's Qdrant: a server (QDRANT_URL) or the embedded local mode."""
 

@@ -30,6 +30,7 @@ class QdrantStore:
     """Qdrant: declared collection specs, one aliased collection per environment and spec."""
 
     name = STORE
+    migrates = True
 
     def load(self, ctx: Context) -> Any:
         from ..errors import MomentryError

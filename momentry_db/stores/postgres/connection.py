@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,19 +33,16 @@ CONNECT_TIMEOUT_S = 5
 LOCK_CLASS = 0x6D6F6D64  # "momd": namespaces our advisory locks
 UNMANAGED = "tables created outside momentry-db (no alembic_version)"
 
-@dataclass
+@dataclass(frozen=True)
 class PgTarget:
-    """One Alembic run: an environment's schema, and how to reach its database."""
+    """One Alembic run's settings: an environment's schema, and how to reach its database.
+
+    A target is never written to: what a run did to it comes back as a :class:`SchemaRun`.
+    """
 
     env: Environment
     emit: Callable[[str, Step], None] | None = None
     lock_wait: float = 30.0  # seconds to wait for another run's advisory lock on this schema
-    applied: list[str] = field(default_factory=list)
-    started_at: tuple[str, ...] = ()
-    step_started: float = 0.0
-    error: MomentryError | None = None
-    _url: str | None = field(default=None, repr=False)
-    embedded: bool = False
 
     @property
     def schema(self) -> str:
@@ -54,21 +52,36 @@ class PgTarget:
     def primary(self) -> bool:
         return self.env.primary
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the embedded server is used: no DATABASE_URL is configured."""
+        return self.env.database_url is None
+
     def url(self) -> str:
         """The SQLAlchemy URL, starting the embedded server when none is configured."""
-        if self._url is None:
-            if self.env.database_url is not None:
-                self._url = self.env.database_url.reveal()
-            elif not self.env.embedded:
-                raise ConfigError("DATABASE_URL is not set and MOMENTRY_EMBEDDED=off turns the embedded "
-                                  "PostgreSQL off; set DATABASE_URL, or unset MOMENTRY_EMBEDDED to use the "
-                                  "embedded server")
-            else:
-                from ..embedded import embedded_url
-
-                self._url = embedded_url(self.env.state_dir)
-                self.embedded = True
         return self._url
+
+    @cached_property
+    def _url(self) -> str:
+        # Computed once per target (starting the embedded server is not free); a cache, not state.
+        if self.env.database_url is not None:
+            return self.env.database_url.reveal()
+        if not self.env.embedded:
+            raise ConfigError("DATABASE_URL is not set and MOMENTRY_EMBEDDED=off turns the embedded "
+                              "PostgreSQL off; set DATABASE_URL, or unset MOMENTRY_EMBEDDED to use the "
+                              "embedded server")
+        from ..embedded import embedded_url
+
+        return embedded_url(self.env.state_dir)
+
+
+@dataclass(frozen=True)
+class SchemaRun:
+    """What one run did to a target: the revisions it applied (or undid, or stamped), in order, and
+    the error that stopped it, where a fan-out makes each target's failure its own outcome."""
+
+    applied: tuple[str, ...] = ()
+    error: MomentryError | None = None
 
 
 def quote_ident(name: str) -> str:

@@ -24,6 +24,7 @@ from .connection import (
     LOCK_CLASS,
     STORE,
     PgTarget,
+    SchemaRun,
     acquire_lock,
     connect,
     label,
@@ -31,7 +32,7 @@ from .connection import (
     session_settings_sql,
 )
 from .history import HISTORY_DDL, HISTORY_TABLE, record_failure
-from .planning import alembic_config, current_heads, load_script
+from .planning import alembic_config, current_heads, load_script, run_results
 from .runner import failure
 
 # --- fan-out over many schemas ----------------------------------------------------------------
@@ -67,46 +68,48 @@ def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] |
 
 
 def upgrade_many(targets: Sequence[PgTarget], *, script_location: Path | None = None,
-                 project: Project | None = None) -> None:
-    """Upgrade several targets in one Alembic run (one revision map, one env.py); each keeps its
-    own outcome in ``target.applied`` and ``target.error``."""
+                 project: Project | None = None) -> dict[str, SchemaRun]:
+    """Upgrade several targets in one Alembic run (one revision map, one env.py): what each run did,
+    by schema; every target gets its own result, its failure included."""
     from alembic import command
 
     cfg = alembic_config(targets, project=project, script_location=script_location)
     cfg.attributes["momentry_keep_going"] = True
-    command.upgrade(cfg, "head")
+    stopped: BaseException | None = None
+    try:
+        command.upgrade(cfg, "head")
+    except Exception as exc:  # noqa: BLE001 - before or between targets: each one not run reports it
+        stopped = exc
+    done = run_results(cfg)
+    return {t.schema: done.get(t.schema) or SchemaRun(error=failure(t, stopped) if stopped else None)
+            for t in targets}
 
 
 def upgrade_chunk(envs: list[Environment], script_location: Path | None,
                   lock_wait: float) -> list[tuple[str, list[str], str | None]]:
     """A worker process's share of a parallel fan-out: (schema, applied, error) per target."""
     targets = [PgTarget(env, lock_wait=lock_wait) for env in envs]
-    try:
-        upgrade_many(targets, script_location=script_location)
-    except Exception as exc:  # noqa: BLE001 - before or between targets: each one not done reports it
-        for t in targets:
-            if t.error is None and not t.applied:
-                t.error = failure(t, exc)
-    return [(t.schema, list(t.applied), str(t.error) if t.error else None) for t in targets]
+    done = upgrade_many(targets, script_location=script_location)
+    return [(schema, list(ran.applied), str(ran.error) if ran.error else None) for schema, ran in done.items()]
 
 
 
 def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
-                     script_location: Path | None = None) -> list[PgTarget]:
+                     script_location: Path | None = None) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
     """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
 
     The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
     then sent to each schema as one script in one transaction (search_path set to that
-    schema, history rows included), under the schema's advisory lock. Paths that
-    offline mode cannot express (reads from the live database, autocommit blocks) are
-    not compiled: those targets are returned for a regular Alembic run, as is any
-    target another run moved meanwhile.
+    schema, history rows included), under the schema's advisory lock. Returns what each
+    compiled run did, by schema, and the targets left for a regular Alembic run: every
+    one when offline mode cannot express the path (reads from the live database,
+    autocommit blocks), and any target another run moved meanwhile.
     """
     from alembic import command
     from psycopg import sql
 
     if not targets or any(t.primary for t in targets):
-        return list(targets)
+        return {}, list(targets)
     script = load_script(script_location)
     revisions = list(reversed(list(script.iterate_revisions("heads", start[0] if start else "base"))))
     out = io.StringIO()
@@ -115,11 +118,12 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     try:
         command.upgrade(cfg, f"{start[0]}:head" if start else "head", sql=True)
     except Exception:  # noqa: BLE001 - the path needs the live database: no compiled run
-        return list(targets)
+        return {}, list(targets)
     body = out.getvalue().strip()
     if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
-        return list(targets)  # an autocommit block: each schema runs through Alembic
+        return {}, list(targets)  # an autocommit block: each schema runs through Alembic
     body = body[6:-7].strip()
+    done: dict[str, SchemaRun] = {}
     leftovers: list[PgTarget] = []
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
@@ -130,33 +134,37 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
             try:
                 raw = connect(waiting[0])
             except MomentryError as exc:
-                for target in waiting:
-                    target.error = exc
+                done.update({target.schema: SchemaRun(error=exc) for target in waiting})
                 break
             with raw:
                 conn = raw.execution_options(isolation_level="AUTOCOMMIT")
                 while waiting:
                     target = waiting.pop(0)
                     try:
-                        if not _run_compiled(conn, target, start, body, revisions, sql):
-                            leftovers.append(target)
+                        ran = _run_compiled(conn, target, start, body, revisions, sql)
                     except MomentryError as exc:
-                        target.error = exc
+                        done[target.schema] = SchemaRun(error=exc)
+                        continue
                     except Exception as exc:  # noqa: BLE001 - the connection may be unusable now
-                        target.error = failure(target, exc)
+                        done[target.schema] = SchemaRun(error=failure(target, exc))
                         break
-    return leftovers
+                    if ran is None:
+                        leftovers.append(target)
+                    else:
+                        done[target.schema] = ran
+    return done, leftovers
 
 
 def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
-                  revisions: list[Any], sql: Any) -> bool:
+                  revisions: list[Any], sql: Any) -> SchemaRun | None:
+    """Run the compiled script on one schema: what it did, or None when the schema moved since the plan."""
     import sqlalchemy as sa
 
     schema = sql.Identifier(target.schema)
     acquire_lock(conn, target)
     try:
         if current_heads(conn, target.schema) != tuple(sorted(start)):
-            return False  # moved by another run since the plan: Alembic takes it from here
+            return None  # moved by another run since the plan: Alembic takes it from here
         history = sql.SQL("").join(
             sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, outcome) "
                     "VALUES ({}, 'postgres', {}, {}, 'upgrade', 'applied');\n").format(
@@ -167,7 +175,7 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
             settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
             schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
         text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;"
-        target.step_started = time.monotonic()
+        started = time.monotonic()
         try:
             conn.exec_driver_sql(text)
         except sa.exc.DBAPIError as exc:
@@ -175,18 +183,17 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
             first, last = revisions[0].revision, revisions[-1].revision
             step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
             reason = str(exc.orig or exc).strip().splitlines()[0]
-            target.error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
-            record_failure(conn, target, target.error)
-            return True
+            error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
+            record_failure(conn, target, error, started)
+            return SchemaRun(error=error)
         # The script ran as one unit: each of its steps gets an equal share of its duration.
-        share = int((time.monotonic() - target.step_started) * 1000 / len(revisions))
+        share = int((time.monotonic() - started) * 1000 / len(revisions))
         conn.exec_driver_sql(sql.SQL("UPDATE {}.{} SET duration_ms = {} WHERE duration_ms IS NULL").format(
             schema, sql.Identifier(HISTORY_TABLE), sql.Literal(share)).as_string(None))
-        target.applied = [r.revision for r in revisions]
         if target.emit is not None:
             for r in revisions:
                 target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
-        return True
+        return SchemaRun(tuple(r.revision for r in revisions))
     finally:
         conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
         conn.exec_driver_sql("RESET ALL")

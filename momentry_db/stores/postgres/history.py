@@ -28,8 +28,9 @@ HISTORY_INSERT = (f"INSERT INTO {{schema}}.{HISTORY_TABLE} "
 
 
 
-def record_failure(conn: Connection, target: PgTarget, error: StoreError) -> None:
-    """Record a failed step after its transaction rolled back, when the history table exists."""
+def record_failure(conn: Connection, target: PgTarget, error: StoreError, started: float) -> None:
+    """Record a failed step (begun at ``started``, a monotonic time) after its transaction rolled back,
+    when the history table exists."""
     import sqlalchemy as sa
 
     if conn.in_transaction():
@@ -39,7 +40,7 @@ def record_failure(conn: Connection, target: PgTarget, error: StoreError) -> Non
     if exists:
         conn.execute(sa.text(HISTORY_INSERT.format(schema=quote_ident(target.schema))), {
             "env": target.env.name, "step": error.step, "description": "", "direction": "upgrade",
-            "ms": int((time.monotonic() - target.step_started) * 1000), "outcome": "failed",
+            "ms": int((time.monotonic() - started) * 1000), "outcome": "failed",
             "error": error.reason})
     conn.commit()
 

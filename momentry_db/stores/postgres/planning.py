@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
     from ...settings import Project
 
-from .connection import SCRIPT_LOCATION, STORE, UNMANAGED, PgTarget, connect, label
+from .connection import SCRIPT_LOCATION, STORE, UNMANAGED, PgTarget, SchemaRun, connect, label
+
+#: Where env.py leaves what each run did, by schema: Alembic's command functions return nothing.
+RESULTS = "momentry_results"
 
 # --- library calls --------------------------------------------------------------------------
 
@@ -37,7 +40,13 @@ def alembic_config(targets: Sequence[PgTarget], *, project: Project | None = Non
     cfg.attributes["momentry_targets"] = list(targets)
     cfg.attributes["momentry_project"] = project
     cfg.attributes["momentry_metadata"] = metadata
+    cfg.attributes[RESULTS] = {}
     return cfg
+
+
+def run_results(cfg: Config) -> dict[str, SchemaRun]:
+    """What the runs of an Alembic command on ``cfg`` did, by schema (a target not run is absent)."""
+    return dict(cfg.attributes.get(RESULTS, {}))
 
 
 def load_script(script_location: Path | None) -> Any:
@@ -184,8 +193,9 @@ def upgrade(target: PgTarget, revision: str = "head", *, script_location: Path |
     """Upgrade one target; return the revisions applied."""
     from alembic import command
 
-    command.upgrade(alembic_config([target], project=project, script_location=script_location), revision)
-    return list(target.applied)
+    cfg = alembic_config([target], project=project, script_location=script_location)
+    command.upgrade(cfg, revision)
+    return list(run_results(cfg).get(target.schema, SchemaRun()).applied)
 
 
 def downgrade(target: PgTarget, revision: str, *, script_location: Path | None = None,
@@ -193,8 +203,9 @@ def downgrade(target: PgTarget, revision: str, *, script_location: Path | None =
     """Downgrade one target; return the revisions undone."""
     from alembic import command
 
-    command.downgrade(alembic_config([target], project=project, script_location=script_location), revision)
-    return list(target.applied)
+    cfg = alembic_config([target], project=project, script_location=script_location)
+    command.downgrade(cfg, revision)
+    return list(run_results(cfg).get(target.schema, SchemaRun()).applied)
 
 
 def stamp(target: PgTarget, revision: str = "head", *, script_location: Path | None = None,

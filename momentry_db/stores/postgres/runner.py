@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...environments import Environment, scrub, validate_schema
@@ -26,6 +27,7 @@ from .connection import (
     LOCK_CLASS,
     STORE,
     PgTarget,
+    SchemaRun,
     acquire_lock,
     connect,
     label,
@@ -36,7 +38,7 @@ from .connection import (
     tables_with_rows,
 )
 from .history import HISTORY_DDL, HISTORY_INSERT, record_failure
-from .planning import current_heads
+from .planning import RESULTS, current_heads
 
 # --- targets -------------------------------------------------------------------------------
 
@@ -90,20 +92,38 @@ def refuse_unconfirmed_downgrade(context: EnvironmentContext, targets: Sequence[
 # --- env.py: one run per target -------------------------------------------------------------
 
 
-def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> None:
-    """What migrations/env.py does: run each target in turn."""
+@dataclass
+class _Progress:
+    """One target's online run while it lasts: what Alembic's hooks saw, read into its SchemaRun."""
+
+    applied: list[str] = field(default_factory=list)
+    started_at: tuple[str, ...] = ()  # the revisions recorded before the run
+    step_started: float = field(default_factory=time.monotonic)
+
+
+def run_env(context: EnvironmentContext, targets: Sequence[PgTarget]) -> dict[str, SchemaRun]:
+    """What migrations/env.py does: run each target in turn; return what each run did, by schema.
+
+    The results are also left in ``config.attributes``, where the caller of an Alembic
+    command reads them (``planning.run_results``).
+    """
+    results: dict[str, SchemaRun] = context.config.attributes.setdefault(RESULTS, {})
     if context.is_offline_mode():
         for target in targets:
             _run_offline(context, target)
-        return
+        return results
     keep_going = context.config.attributes.get("momentry_keep_going", False)
     for target in targets:
+        progress = _Progress()
         try:
-            _run_online(context, target, autogenerate_primary_only=len(targets) > 1)
+            _run_online(context, target, progress, autogenerate_primary_only=len(targets) > 1)
         except Exception as exc:  # noqa: BLE001 - in a fan-out, whatever stops a target is its outcome
             if not keep_going:
                 raise
-            target.error = failure(target, exc)
+            results[target.schema] = SchemaRun(tuple(progress.applied), failure(target, exc))
+        else:
+            results[target.schema] = SchemaRun(tuple(progress.applied))
+    return results
 
 
 def failure(target: PgTarget, exc: BaseException, step: str = "upgrade") -> MomentryError:
@@ -122,7 +142,7 @@ def _metadata(context: EnvironmentContext) -> MetaData:
     return context.config.attributes.get("momentry_metadata") or metadata
 
 
-def _configure_kwargs(target: PgTarget, meta: MetaData) -> dict[str, Any]:
+def _configure_kwargs(target: PgTarget, meta: MetaData, progress: _Progress | None = None) -> dict[str, Any]:
     from ...models.base import Scope
     from ...tables import include_object
 
@@ -134,11 +154,12 @@ def _configure_kwargs(target: PgTarget, meta: MetaData) -> dict[str, Any]:
         compare_server_default=True,
         momentry_target=target,
     )
-    kwargs["on_version_apply"] = _on_apply(target)
+    if progress is not None:  # offline mode only writes SQL: nothing is applied to record
+        kwargs["on_version_apply"] = _on_apply(target, progress)
     return kwargs
 
 
-def _on_apply(target: PgTarget) -> Callable[..., None]:
+def _on_apply(target: PgTarget, progress: _Progress) -> Callable[..., None]:
     def on_apply(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
         if ctx.as_sql:  # offline mode only writes SQL; nothing was applied
             return
@@ -150,10 +171,10 @@ def _on_apply(target: PgTarget) -> Callable[..., None]:
         # Recorded in the migration's own transaction: the row exists exactly when the step does.
         ctx.connection.execute(sa.text(HISTORY_INSERT.format(schema=quote_ident(target.schema))), {
             "env": target.env.name, "step": step.up_revision_id, "description": doc, "direction": direction,
-            "ms": int((now - target.step_started) * 1000),
+            "ms": int((now - progress.step_started) * 1000),
             "outcome": "stamped" if step.is_stamp else "applied", "error": None})
-        target.step_started = now
-        target.applied.append(step.up_revision_id)
+        progress.step_started = now
+        progress.applied.append(step.up_revision_id)
         if target.emit is not None:
             verb = "stamped" if step.is_stamp else "upgraded" if step.is_upgrade else "downgraded"
             target.emit(verb, Step(STORE, target.env.name, target.schema, step.up_revision_id, doc))
@@ -182,7 +203,8 @@ def _run_offline(context: EnvironmentContext, target: PgTarget) -> None:
         context.run_migrations()
 
 
-def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_primary_only: bool) -> None:
+def _run_online(context: EnvironmentContext, target: PgTarget, progress: _Progress, *,
+                autogenerate_primary_only: bool) -> None:
     import sqlalchemy as sa
 
     from ...models.base import Scope
@@ -192,7 +214,7 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
     try:
         acquire_lock(conn, target)
         meta = _metadata(context)
-        kwargs = _configure_kwargs(target, meta)
+        kwargs = _configure_kwargs(target, meta, progress)
         context.configure(connection=conn, **kwargs)
         opts = context.get_context().opts
         autogenerate = "revision_context" in opts
@@ -226,16 +248,15 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
                 conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(target.schema)}"))
                 conn.execute(sa.text(HISTORY_DDL.format(schema=quote_ident(target.schema))))
             set_search_path(conn, target.schema)
-            target.applied.clear()
-            target.started_at = tuple(context.get_context().get_current_heads())
-            target.step_started = time.monotonic()
+            progress.started_at = tuple(context.get_context().get_current_heads())
+            progress.step_started = time.monotonic()
             try:
                 context.run_migrations()
             except Exception as exc:
-                error = _store_error(context, target, exc)
+                error = _store_error(context, target, progress, exc)
         if error is not None:
-            record_failure(conn, target, error)
-            _keep_committed(conn, target)
+            record_failure(conn, target, error, progress.step_started)
+            _keep_committed(conn, target, progress)
             raise error
     finally:
         try:
@@ -247,17 +268,17 @@ def _run_online(context: EnvironmentContext, target: PgTarget, *, autogenerate_p
             conn.close()
 
 
-def _keep_committed(conn: Connection, target: PgTarget) -> None:
-    """After a failed run, keep in ``target.applied`` only the revisions that stayed committed."""
+def _keep_committed(conn: Connection, target: PgTarget, progress: _Progress) -> None:
+    """After a failed run, keep in ``progress.applied`` only the revisions that stayed committed."""
     try:
         now = current_heads(conn, target.schema)
         conn.rollback()
     except Exception:  # noqa: BLE001 - unreadable: the failed transaction took everything with it
         now = ()
-    if now == tuple(sorted(target.started_at)) or not now:
-        target.applied.clear()
-    elif now[0] in target.applied:  # an autocommit block committed the revisions before it
-        del target.applied[target.applied.index(now[0]) + 1:]
+    if now == tuple(sorted(progress.started_at)) or not now:
+        progress.applied.clear()
+    elif now[0] in progress.applied:  # an autocommit block committed the revisions before it
+        del progress.applied[progress.applied.index(now[0]) + 1:]
 
 
 def _strip_scope_info(context: Any, revision: Any, directives: list[Any]) -> None:
@@ -298,12 +319,13 @@ def _configured_schemas(context: EnvironmentContext) -> list[str]:
     return [e.schema for e in project.environments()]
 
 
-def _store_error(context: EnvironmentContext, target: PgTarget, exc: Exception) -> StoreError:
+def _store_error(context: EnvironmentContext, target: PgTarget, progress: _Progress,
+                 exc: Exception) -> StoreError:
     """Name the revision that failed: the one after the last that applied."""
     orig = getattr(exc, "orig", None)
     lines = str(orig or exc).strip().splitlines() or [type(exc).__name__]
     reason = lines[0] if orig is not None else f"{type(exc).__name__}: {lines[0]}"
-    current = target.applied[-1] if target.applied else (target.started_at[0] if target.started_at else None)
+    current = progress.applied[-1] if progress.applied else (progress.started_at[0] if progress.started_at else None)
     step = "revision after " + current if current else "first revision"
     for rev in context.script.walk_revisions():
         if rev.down_revision == current or (current is None and rev.down_revision is None):
