@@ -251,7 +251,7 @@ def check_mongo(result: VerifyResult, env: Environment, others: list[Environment
         return
     try:
         db = target.connect()
-        exists = env.mongo_database in db.client.list_database_names()
+        exists = mongo.exists(db)
         result.add("mongo", f"database {env.mongo_database} exists",
                    [] if exists else [f"database {env.mongo_database} does not exist; run migrate"])
         if exists:

@@ -578,3 +578,26 @@ def test_grant_store_mongo_through_the_cli(tmp_path, auth_mongo) -> None:
     assert {k: v for k, v in undone.items() if k in ("store", "user", "revoke")} == {
         "store": "mongo", "user": user, "revoke": True}
     assert roles(auth_mongo, user) is None
+
+
+def test_a_granted_mongo_login_migrates_and_verifies_its_own_database_through_the_cli(tmp_path, auth_mongo) -> None:
+    from pymongo import MongoClient
+
+    user = f"dev_{uuid.uuid4().hex[:8]}"
+    mongo_env(tmp_path, auth_mongo, user)  # env files in tmp_path / "m"; prod logs in as the administrator
+    (tmp_path / "m" / ".env").write_text(f"MONGODB_URL={auth_mongo}\n")
+    project = Project(tmp_path / "m", {**NO_EMBEDDED, "MOMENTRY_STATE_DIR": str(tmp_path / "state"),
+                                       "MOMENTRY_MONGO_ADMIN_URL": auth_mongo})
+    assert project.cli("grant", "--env", "dev", "--store", "mongo").code == 0
+    admin = MongoClient(auth_mongo)
+    prod_before = sorted(admin.momentry.list_collection_names())
+    migrated = project.cli("migrate", "--env", "dev", "--store", "mongo")
+    assert migrated.code == 0, migrated.out + migrated.err
+    verified = project.cli("verify", "--env", "dev", "--store", "mongo")
+    lines = verified.out.splitlines()
+    assert verified.code == 0, verified.out + verified.err
+    assert "ok   mongo    database momentry_dev exists" in lines
+    assert any(line.startswith(f"ok   mongo    login {user} is limited to momentry_dev") for line in lines), lines
+    assert sorted(admin.momentry.list_collection_names()) == prod_before
+    assert project.cli("grant", "--env", "dev", "--store", "mongo", "--revoke").code == 0
+    admin.close()

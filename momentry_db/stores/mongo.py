@@ -484,7 +484,7 @@ def preflight_drop(target: MongoTarget) -> bool:
 
     db = target.connect()
     try:
-        existed = db.name in db.client.list_database_names()
+        existed = exists(db)
         now = dt.datetime.now(dt.timezone.utc)
         held = _utc(db, LOCK_COLLECTION).find_one({"_id": LOCK_ID, "expires_at": {"$gte": now}})
     except PyMongoError as exc:
@@ -498,10 +498,16 @@ def preflight_drop(target: MongoTarget) -> bool:
     return existed
 
 
+def exists(db: Any) -> bool:
+    """Whether a database exists: it holds a collection. Asked of the database itself, so a login
+    limited to it (readWrite, no listDatabases) can answer."""
+    return bool(db.list_collection_names())
+
+
 def drop_database(target: MongoTarget) -> bool:
     """Drop the environment's database; return whether it existed."""
     db = target.connect()
-    existed = db.name in db.client.list_database_names()
+    existed = exists(db)
     db.client.drop_database(db.name)
     return existed
 
