@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from momentry_db.stores import postgres
+from tests.helpers import wait_until
 
 
 def hold_schema_lock(url: str, schema: str, application_name: str) -> psycopg.Connection:
@@ -40,10 +41,7 @@ def test_postgres_unlock_shows_the_backend_and_ends_it_only_with_yes(project, da
         assert released.code == 0, released.err
         assert released.out.startswith(f"postgres dev (schema dev): released the migration lock held by "
                                        f"backend pid {pid} (momentry-db dev pid 999999")
-        deadline = time.monotonic() + 5
-        while lock_holders(database, "dev") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lock_holders(database, "dev") == []
+        wait_until(lambda: lock_holders(database, "dev") == [], "the ended backend to let go of its lock")
         with pytest.raises(psycopg.OperationalError, match=r"terminat|server closed the connection|consuming input failed"):
             holder.execute("SELECT 1")
     finally:
