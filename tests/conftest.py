@@ -55,6 +55,11 @@ if "mutmut" in sys.modules:
     hypothesis_settings.load_profile("mutation")
 
 ADMIN_URL_VAR = "MOMENTRY_TEST_DATABASE_URL"
+# Under pytest-xdist (scripts/test runs one worker per CPU) every worker has its own session: its own
+# embedded PostgreSQL, SecantusDB server, template database and temporary directories. The worker's
+# name goes into every database and directory name the suite creates, beside a random part, so two
+# workers (or two runs on one server) never share one.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 # Tests marked with these need a server from outside, and are skipped without its URL. MongoDB is not
 # among them: its tests run on SecantusDB, started by the mongo_url fixture.
 REAL_SERVERS = {"qdrant": "QDRANT_URL"}
@@ -141,7 +146,7 @@ def admin_url() -> Iterator[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
-    pgdata = Path(tempfile.mkdtemp(prefix="momentry-test-pg-"))
+    pgdata = Path(tempfile.mkdtemp(prefix=f"momentry-test-pg-{WORKER}-"))
     server = pgserver.get_server(pgdata, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
@@ -149,7 +154,7 @@ def admin_url() -> Iterator[str]:
 
 @pytest.fixture
 def database(admin_url: str) -> Iterator[Database]:
-    name = f"momentry_test_{uuid.uuid4().hex[:12]}"
+    name = f"momentry_test_{WORKER}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
@@ -184,7 +189,7 @@ def traversable_tmp() -> Iterator[Path]:
     parent directory; pytest resets its base directory to mode 0700 whenever a test run
     starts, which would lock out a server that another run is starting at that moment.
     """
-    path = Path(tempfile.mkdtemp(prefix="momentry-test-"))
+    path = Path(tempfile.mkdtemp(prefix=f"momentry-test-{WORKER}-"))
     path.chmod(0o755)
     try:
         yield path
@@ -255,7 +260,7 @@ def migrated_template(admin_url: str, tmp_path_factory: pytest.TempPathFactory) 
     Tests that start from a migrated project copy both (``CREATE DATABASE ... TEMPLATE``), which is
     much faster than migrating again.
     """
-    name = f"momentry_template_{uuid.uuid4().hex[:12]}"
+    name = f"momentry_template_{WORKER}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     base = tmp_path_factory.mktemp("migrated-template")
@@ -388,7 +393,7 @@ def mongo_db_name(mongo_url: str) -> Iterator[str]:
     """A database name of this test's own on the session's server, dropped afterwards."""
     from pymongo import MongoClient
 
-    name = f"momentry_t_{uuid.uuid4().hex[:10]}"
+    name = f"momentry_t_{WORKER}_{uuid.uuid4().hex[:10]}"
     yield name
     client = MongoClient(mongo_url)
     client.drop_database(name)

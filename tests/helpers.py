@@ -8,8 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,3 +343,30 @@ def document(result: CliResult, code: int | None = 0) -> dict[str, Any]:
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
     return doc  # type: ignore[no-any-return]
+
+
+def wait_until(condition: Callable[[], Any], what: str, within: float = 60) -> Any:
+    """Poll ``condition`` until it returns something true, and return that.
+
+    ``within`` only keeps a broken test from hanging: it is generous, and nothing asserts how long
+    the wait took.
+    """
+    deadline = time.monotonic() + within
+    while not (found := condition()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {within:g}s waiting for {what}")
+        time.sleep(0.02)  # the pause between looks; only the condition ends the wait
+    return found
+
+
+@contextmanager
+def live_process() -> Iterator[subprocess.Popen]:
+    """A process of no interest that runs exactly as long as the block: it reads a pipe nobody writes."""
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()

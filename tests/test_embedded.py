@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tests.helpers import NO_GRANTS, Project, clean_environ, stop_embedded_servers
+from tests.helpers import NO_GRANTS, Project, clean_environ, live_process, stop_embedded_servers
 from pymongo import MongoClient
 
 REAL_BINARY = Path(sys.executable).parent / "secantusd-py"
@@ -191,8 +191,7 @@ def test_a_record_whose_port_another_process_now_holds_is_replaced_on_another_po
 def test_a_recorded_pid_that_is_now_another_program_is_never_signalled(embedded: Project, state: Path,
                                                                        silent_server) -> None:
     port, _ = silent_server
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+    with live_process() as bystander:
         (state / "mongo").mkdir(parents=True)
         (state / "mongo" / "server.json").write_text(json.dumps({"pid": bystander.pid, "port": port}))
         result = embedded.cli("migrate", "--env", "dev", "--store", "mongo")
@@ -201,9 +200,6 @@ def test_a_recorded_pid_that_is_now_another_program_is_never_signalled(embedded:
             f"mongo: the embedded server in {state / 'mongo'} was stale (pid {bystander.pid} is no longer the "
             f"embedded server; port {port} now belongs to another process); started a new one")
         assert bystander.poll() is None  # still running
-    finally:
-        bystander.kill()
-        bystander.wait()
 
 
 def test_two_concurrent_first_runs_start_one_server(embedded: Project, state: Path) -> None:

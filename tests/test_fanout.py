@@ -180,7 +180,7 @@ def errors(result) -> dict[tuple[str, str], str]:
 def test_a_held_lock_fails_only_its_own_target_in_every_store(three, database, locked: str) -> None:
     schema = PG[locked]
     with held_lock(database, schema):
-        result = three.cli("migrate", "--all", "--lock-timeout", "2", "--json")
+        result = three.cli("migrate", "--all", "--lock-timeout", "0.5", "--json")
         assert result.code == 1, result.err
         body = json.loads(result.out)
         assert body["ok"] is False
@@ -194,7 +194,7 @@ def test_a_held_lock_fails_only_its_own_target_in_every_store(three, database, l
             if env != locked:
                 assert database.query(f"SELECT version_num FROM {PG[env]}.alembic_version") == [("0001",)]
 
-        again = three.cli("migrate", "--all", "--lock-timeout", "2")  # the text report lists every target
+        again = three.cli("migrate", "--all", "--lock-timeout", "0.5")  # the text report lists every target
     assert again.code == 1
     lines = again.out.splitlines()
     assert len(lines) == 16
@@ -229,7 +229,7 @@ with op.get_context().autocommit_block():
 """, doc="title index concurrently")
     monkeypatch.setattr(postgres, "upgrade_chunk", dying_chunk)
     with held_lock(database, "pr_1"):
-        result = three.cli("migrate", "--all", "--parallel", "2", "--lock-timeout", "2", "--json")
+        result = three.cli("migrate", "--all", "--parallel", "2", "--lock-timeout", "0.5", "--json")
     assert result.code == 1, result.err
     assert rows(result) == expected({"prod": ("upgraded", ["0002"]), "dev": ("failed", []), "pr-1": ("failed", []),
                                      "pr-2": ("failed", []), "pr-3": ("upgraded", ["0001", "0002"])})
@@ -309,8 +309,8 @@ def test_a_rolled_back_target_reports_no_applied_revision(three, database, tmp_p
 
 def test_one_environment_a_failing_store_does_not_stop_the_next_ones(three, database) -> None:
     with held_lock(database, "dev"):
-        result = three.cli("migrate", "--env", "dev", "--lock-timeout", "2", "--json")
-        text = three.cli("migrate", "--env", "dev", "--lock-timeout", "2")
+        result = three.cli("migrate", "--env", "dev", "--lock-timeout", "0.5", "--json")
+        text = three.cli("migrate", "--env", "dev", "--lock-timeout", "0.5")
     assert result.code == 1, result.err
     body = json.loads(result.out)
     assert body["ok"] is False

@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from momentry_db import command
 from momentry_db.errors import ConfigError, StoreError
 from momentry_db.settings import load_project
 from momentry_db.stores import mongo
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_until
 
 pytestmark = pytest.mark.mongo
 
@@ -240,23 +239,51 @@ def test_migrate_through_the_cli_then_a_rerun_is_a_no_op(mongo_project, client) 
     assert list(client[name][mongo.STATE_COLLECTION].find()) == before
 
 
-def test_two_processes_racing_apply_each_migration_once(mongo_project, client) -> None:
+def connected_to(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP connection open to ``port`` on this host."""
+    import psutil
+
+    try:
+        return any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp"))
+    except psutil.Error:
+        return False
+
+
+def test_two_processes_racing_apply_each_migration_once(mongo_project, client, tmp_path: Path) -> None:
     """Two `migrate` processes started together: one applies, the other waits for the lock, then finds
     nothing to do."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    # 0001_a holds its run inside the lock until the test removes the file (60 s only bounds a failure).
+    wait = (f"hold = __import__('pathlib').Path({str(hold)!r})\n"
+            "    deadline = time.monotonic() + 60\n"
+            "    while hold.exists() and time.monotonic() < deadline:\n"
+            "        time.sleep(0.02)")
     write_migrations(mongo_project.root / "mongo_migrations", {
-        "0001_a": counting("0001_a", [], extra="time.sleep(1.5)"),
+        "0001_a": counting("0001_a", [], extra=wait),
         "0002_b": counting("0002_b", ["0001_a"]),
         "0003_c": counting("0003_c", ["0002_b"]),
     })
     argv = [sys.executable, "-m", "momentry_db.cli", "--project-dir", str(mongo_project.root),
             "migrate", "--env", "dev", "--store", "mongo", "--json"]
+    db = client[mongo_project.environ["MONGODB_DATABASE"]]
     procs = [subprocess.Popen(argv, cwd=mongo_project.root, env=mongo_project.run_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        # One run is inside 0001_a, holding the lock; the other is let go on once it has connected to the
+        # server, on its way to that lock.
+        holder = wait_until(lambda: any(p.poll() is not None for p in procs) or db[mongo.LOCK_COLLECTION].find_one(
+            {"_id": mongo.LOCK_ID, "pid": {"$in": [p.pid for p in procs]}}), "a run to take the lock")
+        assert isinstance(holder, dict), "a run ended before either held the lock"
+        (other,) = [p for p in procs if p.pid != holder["pid"]]
+        port = int(mongo_project.environ["MONGODB_URL"].split(":")[2].split("/")[0])
+        wait_until(lambda: other.poll() is not None or connected_to(other.pid, port), "the other run to connect")
+    finally:
+        hold.unlink()
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     steps = sorted(([s["name"] for s in json.loads(out)["applied"]] for _, out, _ in results), key=len)
     assert steps == [[], ["0001_a", "0002_b", "0003_c"]]
-    db = client[mongo_project.environ["MONGODB_DATABASE"]]
     assert ran(db) == ["0001_a", "0002_b", "0003_c"]
     assert applied(db) == {"0001_a", "0002_b", "0003_c"}
     assert db[mongo.STATE_COLLECTION].count_documents({}) == 3
@@ -440,13 +467,31 @@ def test_a_failing_migration_raises_a_store_error_naming_it(target, db, tmp_path
 
 def test_unreachable_mongo_fails_in_one_line_naming_the_store(project, silent_server) -> None:
     port, accepted = silent_server
-    started = time.monotonic()
     result = project.momentry_db("--project-dir", str(project.root), "migrate", "--env", "dev",
                                  "--store", "mongo",
                                  env={"MONGODB_URL": f"mongodb://app:m0ngo-pw@127.0.0.1:{port}/?directConnection=true"})
     assert result.code == 1
     lines = [x for x in result.err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and lines[0].startswith("error: mongo: cannot reach mongodb://app:***@127.0.0.1")
+    assert lines == [f"error: mongo: cannot reach mongodb://app:***@127.0.0.1:{port}/?directConnection=true: "
+                     f"127.0.0.1:{port}: timed out"]
     assert "m0ngo-pw" not in result.out + result.err and "Traceback" not in result.err
-    assert time.monotonic() - started < 20
     assert accepted
+
+
+def test_a_mongo_server_is_asked_with_the_5_second_timeouts(tmp_path: Path, monkeypatch) -> None:
+    import pymongo
+
+    class Built(Exception):
+        pass
+
+    given: dict = {}
+
+    def client(url, **kwargs):
+        given.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(pymongo, "MongoClient", client)
+    proj = load_project(tmp_path, {"MONGODB_URL": "mongodb://127.0.0.1:1", "MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    with pytest.raises(Built):
+        mongo.MongoTarget(proj.environment("dev")).connect()
+    assert (given["serverSelectionTimeoutMS"], given["connectTimeoutMS"]) == (mongo.TIMEOUT_MS,) * 2 == (5000, 5000)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from pymongo import MongoClient
 from momentry_db.errors import LockTimeoutError, StoreError
 from momentry_db.settings import load_project
 from momentry_db.stores import mongo
+from tests.helpers import live_process, wait_until
 
 SLOW = '''"""step {name}"""
 import pathlib, time
@@ -80,8 +80,38 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def plant_lock(db, *, owner: str, host: str, pid: int, minutes: float = 10) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+class FakeClock(mongo.Clock):
+    """The lock's clock in a test: sleeping moves it forward at once, and every pause is recorded.
+
+    It starts a day ahead, so the leases it stamps lie in the server's future and the server's TTL
+    index never removes a lock while a test looks at it.
+    """
+
+    def __init__(self) -> None:
+        self.start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+        self.elapsed = 0.0
+        self.sleeps: list[float] = []
+
+    def now(self) -> dt.datetime:
+        return self.start + dt.timedelta(seconds=self.elapsed)
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.elapsed += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(mongo, "clock", fake)
+    return fake
+
+
+def plant_lock(db, *, owner: str, host: str, pid: int, minutes: float = 10, now: dt.datetime | None = None) -> None:
+    now = now or dt.datetime.now(dt.timezone.utc)
     db[mongo.LOCK_COLLECTION].insert_one({"_id": mongo.LOCK_ID, "owner": owner, "host": host, "pid": pid,
                                           "acquired_at": now, "expires_at": now + dt.timedelta(minutes=minutes)})
 
@@ -148,8 +178,11 @@ def test_a_run_never_releases_another_runs_lock(db) -> None:
 
 
 def test_a_run_that_lost_its_lock_stops_before_the_next_step(target, db, tmp_path: Path) -> None:
+    # The step hands the lock to another owner, then waits for the heartbeat to see it: the heartbeat
+    # thread ends at the renewal that finds the lock gone (the join's bound only keeps a failure from hanging).
     steal = ("db[\"momentry_migrate_lock\"].update_one({\"_id\": \"migrate\"}, "
-             "{\"$set\": {\"owner\": \"thief:1:x\"}}); import time; time.sleep(0.5)")
+             "{\"$set\": {\"owner\": \"thief:1:x\"}}); import threading; "
+             "[t.join(60) for t in threading.enumerate() if t.name.startswith(\"mongo-lock-\")]")
     d = write(tmp_path / "m", {"0001_a": migration("0001_a", [], steal),
                                "0002_b": migration("0002_b", ["0001_a"])})
     with pytest.raises(StoreError) as info:
@@ -177,26 +210,24 @@ def test_a_lock_released_under_a_run_stops_it_before_its_next_step_at_once(targe
 
 def test_a_lock_whose_process_on_this_host_is_gone_is_taken_over_at_once(target, db) -> None:
     plant_lock(db, owner=f"{socket.gethostname()}:1:dead", host=socket.gethostname(), pid=dead_pid())
-    started = time.monotonic()
+    # No wait at all: with a lock timeout of 0 a lock that is not taken over on the first look fails.
     assert [s.name for s in mongo.apply(target, lock_timeout=0)] == ["0001_chunks", "0002_cache"]
-    assert time.monotonic() - started < 5
     assert lock_doc(db) is None
 
 
-def test_a_live_or_remote_holder_is_waited_for(target, db) -> None:
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        plant_lock(db, owner="here:live", host=socket.gethostname(), pid=sleeper.pid)
+def test_a_live_or_remote_holder_is_waited_for(target, db, clock: FakeClock) -> None:
+    with live_process() as holder:
+        plant_lock(db, owner="here:live", host=socket.gethostname(), pid=holder.pid, now=clock.now())
         with pytest.raises(LockTimeoutError, match="held by here:live since .*momentry-db unlock --env dev "
                                                    "--store mongo"):
             mongo.apply(target, lock_timeout=0.3)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    assert clock.sleeps == [0.2, 0.2]  # looked again every 0.2 s until the 0.3 s were over
     db[mongo.LOCK_COLLECTION].delete_many({})
-    plant_lock(db, owner="otherhost:1:x", host="another-host.invalid", pid=dead_pid())
+    clock.sleeps.clear()
+    plant_lock(db, owner="otherhost:1:x", host="another-host.invalid", pid=dead_pid(), now=clock.now())
     with pytest.raises(LockTimeoutError, match="held by otherhost:1:x"):
         mongo.apply(target, lock_timeout=0.3)
+    assert clock.sleeps == [0.2, 0.2]
     assert applied(db) == set()
 
 
@@ -220,10 +251,8 @@ def test_a_rerun_after_sigkill_mid_migration_converges_without_a_manual_step(mon
     proc = subprocess.Popen(argv, cwd=mongo_project.root, env=mongo_project.run_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while db.ran.find_one({"name": "0002_slow"}) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "the first run never reached 0002_slow"
-            time.sleep(0.05)
+        wait_until(lambda: proc.poll() is not None or db.ran.find_one({"name": "0002_slow"}), "0002_slow to start")
+        assert proc.poll() is None, "the first run ended before 0002_slow"
         assert lock_doc(db)["pid"] == proc.pid
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -231,11 +260,11 @@ def test_a_rerun_after_sigkill_mid_migration_converges_without_a_manual_step(mon
     assert applied(db) == {"0001_a"}
     hold.unlink()
 
-    started = time.monotonic()
+    # The killed run's lock is taken over at once, not after its 30 s lease: with a lock timeout of 0
+    # a lock that is still held fails the rerun.
     rerun = mongo_project.momentry_db("--project-dir", str(mongo_project.root), "migrate", "--env", "dev",
-                                      "--store", "mongo")
+                                      "--store", "mongo", "--lock-timeout", "0")
     assert rerun.code == 0, rerun.err
-    assert time.monotonic() - started < 60
     assert applied(db) == {"0001_a", "0002_slow", "0003_c"}
     assert [x["name"] for x in db.ran.find()] == ["0001_a", "0002_slow", "0002_slow", "0003_c"]
     assert lock_doc(db) is None
@@ -305,11 +334,11 @@ def test_unlock_rejects_an_unknown_store_and_env(mongo_project) -> None:
     assert bad_env.code == 2 and bad_env.err.startswith("error: unknown environment 'staging'")
 
 
-def test_a_crashed_run_on_another_host_is_taken_over_when_its_lease_runs_out(target, db) -> None:
-    plant_lock(db, owner="otherhost:1:x", host="another-host.invalid", pid=1, minutes=1.5 / 60)
-    started = time.monotonic()
+def test_a_crashed_run_on_another_host_is_taken_over_when_its_lease_runs_out(target, db, clock: FakeClock) -> None:
+    plant_lock(db, owner="otherhost:1:x", host="another-host.invalid", pid=1, minutes=1.5 / 60, now=clock.now())
     assert len(mongo.apply(target, lock_timeout=10)) == 2
-    assert 1.0 < time.monotonic() - started < 5
+    assert 1.5 < clock.monotonic() <= 1.5 + 0.2  # taken at the first look after the lease ran out
+    assert set(clock.sleeps) == {0.2}
     assert lock_doc(db) is None
 
 
@@ -338,16 +367,10 @@ def test_which_pids_count_as_gone() -> None:
     assert mongo._pid_gone(dead_pid()) is True  # reaped
     zombie = subprocess.Popen(["true"])
     try:
-        deadline = time.monotonic() + 10
-        while not Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            assert time.monotonic() < deadline, "the child never exited"
-            time.sleep(0.01)
+        wait_until(lambda: Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                   "the child to exit")
         assert mongo._pid_gone(zombie.pid) is True  # exited, not yet reaped
     finally:
         zombie.wait()
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        assert mongo._pid_gone(sleeper.pid) is False
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    with live_process() as alive:
+        assert mongo._pid_gone(alive.pid) is False

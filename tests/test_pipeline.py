@@ -7,19 +7,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from momentry_db import command
 from momentry_db.errors import RefusedError
 from momentry_db.settings import load_project
 from momentry_db.stores.postgres import LOCK_CLASS
 from momentry_db.tables import BOOKKEEPING_TABLES
-from tests.helpers import plant
+from tests.helpers import plant, wait_until
+
+GATE = 7_341_002  # an advisory lock key a planted revision waits on while the test holds it
 
 def no_ansi(*texts: str) -> None:
     assert all("\x1b[" not in t for t in texts)
@@ -42,25 +45,28 @@ def test_eight_concurrent_migrations_end_at_head_applying_each_step_once(project
 def test_sigkill_mid_revision_leaves_the_schema_before_it_and_a_rerun_converges(project, database,
                                                                                  tmp_path: Path) -> None:
     assert project.cli("migrate", "--env", "dev", "--store", "postgres").code == 0
+    # The revision waits, after its first change, on a lock the test holds: the run is killed there.
     plant(project, tmp_path, 'op.add_column("videos", sa.Column("note", sa.Text()))\n'
-                             'op.execute("SELECT pg_sleep(3)")', doc="slow note")
-    proc = subprocess.Popen([sys.executable, "-m", "momentry_db.cli", "--project-dir", str(project.root),
-                             "migrate", "--env", "dev", "--store", "postgres"],
-                            env={**os.environ, **project.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if database.query("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3)%'"):
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the slow revision never started")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    columns = {r[0] for r in database.query(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'dev' AND table_name = 'videos'")}
-    assert "note" not in columns
-    assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
+                             f'op.execute("SELECT pg_advisory_xact_lock({GATE})")', doc="slow note")
+    with psycopg.connect(database.url, autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        proc = subprocess.Popen([sys.executable, "-m", "momentry_db.cli", "--project-dir", str(project.root),
+                                 "migrate", "--env", "dev", "--store", "postgres"],
+                                env={**os.environ, **project.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: proc.poll() is not None or database.query(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = %s AND objsubid = 1 "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", (GATE,)),
+                "the slow revision to start")
+            assert proc.poll() is None, proc.communicate()
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        columns = {r[0] for r in database.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'dev' AND table_name = 'videos'")}
+        assert "note" not in columns
+        assert database.query("SELECT version_num FROM dev.alembic_version") == [("0001",)]
+    # The killed run's server session ends once it finds its client gone, which frees the schema's lock.
 
     rerun = project.cli("migrate", "--env", "dev", "--store", "postgres", "--lock-timeout", "60")
     assert rerun.code == 0, rerun.err
@@ -187,11 +193,10 @@ def test_downgrade_of_prod_needs_consent(project, database) -> None:
 def test_a_held_schema_lock_times_out_naming_its_holder(project, database) -> None:
     with psycopg.connect(database.url, autocommit=True, application_name="nightly-batch") as blocker:
         blocker.execute("SELECT pg_advisory_lock(%s, hashtext('dev'))", (LOCK_CLASS,))
-        started = time.monotonic()
         result = project.cli("migrate", "--env", "dev", "--store", "postgres", "--lock-timeout", "1")
         assert result.code == 1
         assert "migration lock held by nightly-batch (pid" in result.err
-        assert time.monotonic() - started < 10
+        assert "for over 1s; retry when it finishes" in result.err  # it gave up after the --lock-timeout given
     assert "dev" not in {r[0] for r in database.query("SELECT nspname FROM pg_namespace")}
     other = project.cli("migrate", "--env", "prod", "--store", "postgres", "--lock-timeout", "1")
     assert other.code == 0  # another schema never waits on dev's lock
@@ -200,14 +205,23 @@ def test_a_held_schema_lock_times_out_naming_its_holder(project, database) -> No
 def test_migration_sessions_run_with_a_lock_timeout(project, database, tmp_path: Path) -> None:
     assert project.cli("migrate", "--env", "dev", "--store", "postgres").code == 0
     plant(project, tmp_path, 'op.add_column("videos", sa.Column("note", sa.Text()))', doc="video note")
-    with psycopg.connect(database.url) as holder:
-        holder.execute("LOCK TABLE dev.videos IN ACCESS SHARE MODE")  # a long read, as the app might hold
-        started = time.monotonic()
-        result = project.cli("migrate", "--env", "dev", "--store", "postgres", "--pg-lock-timeout", "300ms")
-        elapsed = time.monotonic() - started
+    executed: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        executed.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        with psycopg.connect(database.url) as holder:
+            holder.execute("LOCK TABLE dev.videos IN ACCESS SHARE MODE")  # a long read, as the app might hold
+            result = project.cli("migrate", "--env", "dev", "--store", "postgres", "--pg-lock-timeout", "300ms")
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
     assert result.code == 1
     assert "revision 0002 (video note) failed: canceling statement due to lock timeout" in result.err
-    assert elapsed < 10
+    # the session ran with the lock_timeout given, set before the revision's statement that timed out
+    (alter,) = [i for i, s in enumerate(executed) if s.startswith("ALTER TABLE") and "note" in s]
+    assert [s for s in executed[:alter] if s.startswith("SET lock_timeout")] == ["SET lock_timeout = '300ms'"]
     offline = project.cli("plan", "--env", "dev", "--store", "postgres", "--json")
     sql = json.loads(offline.out)["targets"][0]["sql"]
     assert "SET lock_timeout = '5s';" in sql and "SET statement_timeout = '30min';" in sql

@@ -42,17 +42,17 @@ def test_the_job_migrates_a_fresh_prod_then_finds_nothing_to_do(project, databas
     assert "+ momentry-db lint" not in second.stderr
 
 
-def test_the_job_stops_on_drift_without_migrating(project, database) -> None:
-    assert run_job(project).returncode == 0
+def test_the_job_stops_on_drift_without_migrating(migrated, database) -> None:
+    assert run_job(migrated).returncode == 0  # at head: nothing to do
     database.execute("ALTER TABLE public.videos ADD COLUMN by_hand text")
-    result = run_job(project)
+    result = run_job(migrated)
     assert result.returncode == 1
     assert "drifted from the models" in result.stderr
     assert "+ momentry-db migrate" not in result.stderr
 
 
-def test_the_job_waits_for_approval_of_risky_ddl(project, database, tmp_path: Path) -> None:
-    assert run_job(project).returncode == 0
+def test_the_job_waits_for_approval_of_risky_ddl(migrated, database, tmp_path: Path) -> None:
+    project = migrated  # prod at head
     # Rebuild an index the plain way: the same schema afterwards, but writes block meanwhile.
     plant(project, tmp_path, 'op.drop_index("ix_videos_status", table_name="videos")\n'
                              'op.create_index("ix_videos_status", "videos", ["status"])', doc="rebuild index")

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from momentry_db.stores import postgres
+from tests.helpers import wait_until
 
 
 def hold_schema_lock(url: str, schema: str, application_name: str) -> psycopg.Connection:
@@ -20,7 +21,8 @@ def hold_schema_lock(url: str, schema: str, application_name: str) -> psycopg.Co
 
 def lock_holders(database, schema: str) -> list[int]:
     rows = database.query("SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
-                          "AND l.classid = %s::oid AND l.objid = (hashtext(%s)::bigint & 4294967295)::text::oid",
+                          "AND l.classid = %s::oid AND l.objid = (hashtext(%s)::bigint & 4294967295)::text::oid "
+                          "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                           (str(postgres.LOCK_CLASS), schema))
     return [r[0] for r in rows]
 
@@ -40,10 +42,7 @@ def test_postgres_unlock_shows_the_backend_and_ends_it_only_with_yes(project, da
         assert released.code == 0, released.err
         assert released.out.startswith(f"postgres dev (schema dev): released the migration lock held by "
                                        f"backend pid {pid} (momentry-db dev pid 999999")
-        deadline = time.monotonic() + 5
-        while lock_holders(database, "dev") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lock_holders(database, "dev") == []
+        wait_until(lambda: lock_holders(database, "dev") == [], "the ended backend to let go of its lock")
         with pytest.raises(psycopg.OperationalError, match=r"terminat|server closed the connection|consuming input failed"):
             holder.execute("SELECT 1")
     finally:
@@ -77,6 +76,33 @@ def test_postgres_unlock_leaves_other_schemas_locks_alone(project, database) -> 
         assert lock_holders(database, "public") == [holder.info.backend_pid]
     finally:
         holder.close()
+
+
+def test_postgres_unlock_sees_only_this_databases_lock(project, database, admin_url: str) -> None:
+    """Advisory locks belong to one database: a run on the same schema name in another database on the
+    server is neither shown nor ended."""
+    import uuid
+
+    from psycopg import sql
+
+    from tests.helpers import with_database
+
+    other = f"momentry_test_other_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
+    try:
+        holder = hold_schema_lock(with_database(admin_url, other), "dev", "momentry-db dev pid 1")
+        try:
+            status = project.cli("unlock", "--env", "dev", "--store", "postgres", "--yes")
+            assert (status.code, status.out) == (0, "postgres dev: no migration lock held\n")
+            assert holder.execute("SELECT 1").fetchone() == (1,)  # not ended
+            migrated = project.cli("migrate", "--env", "dev", "--store", "postgres", "--lock-timeout", "0")
+            assert migrated.code == 0, migrated.err  # nor waited for
+        finally:
+            holder.close()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(other)))
 
 
 def test_qdrant_unlock_reports_a_local_file_lock_and_cannot_release_it(bare_project) -> None:

@@ -45,6 +45,25 @@ TIMEOUT_MS = 5000
 LOCK_LEASE = dt.timedelta(seconds=30)
 
 
+class Clock:
+    """The time the migration lock reads: lease instants, the wait's deadline, and the pause between looks.
+
+    ``clock`` below is the one in use; tests replace it to run a lease or a wait out without waiting.
+    """
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+clock = Clock()
+
+
 @dataclass(frozen=True)
 class MongoMigration:
     """One migration module: its name, what it depends on, and its functions."""
@@ -298,7 +317,7 @@ class Lease:
 
         if self.lost is not None:
             return False
-        now = dt.datetime.now(dt.timezone.utc)
+        now = clock.now()
         try:
             doc = self.locks.find_one_and_update({"_id": LOCK_ID, "owner": self.owner},
                                                  {"$set": {"expires_at": now + self.lease, "renewed_at": now}},
@@ -352,9 +371,9 @@ def migration_lock(db: Database, *, timeout: float, lease: dt.timedelta = LOCK_L
     locks = _utc(db, LOCK_COLLECTION)
     locks.create_index("expires_at", expireAfterSeconds=0)  # the server also clears stale locks
     owner = _owner()
-    deadline = time.monotonic() + timeout
+    deadline = clock.monotonic() + timeout
     while True:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = clock.now()
         doc = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now,
                "renewed_at": now, "expires_at": now + lease}
         holder = locks.find_one({"_id": LOCK_ID})
@@ -372,10 +391,10 @@ def migration_lock(db: Database, *, timeout: float, lease: dt.timedelta = LOCK_L
             if taken is not None:
                 break
             continue  # renewed or taken by someone else meanwhile
-        if time.monotonic() >= deadline:
+        if clock.monotonic() >= deadline:
             raise LockTimeoutError(f"mongo {db.name}: migration lock held by {describe_holder(holder)}; "
                                    f"{hint}")
-        time.sleep(poll)
+        clock.sleep(poll)
 
     held = Lease(locks, owner, lease, doc["expires_at"])
     held.start()
@@ -432,11 +451,11 @@ def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *
                                  "once the other run is done") from None
             step = Step(STORE, target.env.name, target.database, migration.name, migration.description)
             started = dt.datetime.now(dt.timezone.utc)
-            clock = time.monotonic()
+            began = time.monotonic()
 
             def failed(reason: str) -> None:
                 history.insert_one({"env": target.env.name, "store": STORE, "step": migration.name,
-                                    "started_at": started, "duration_s": time.monotonic() - clock,
+                                    "started_at": started, "duration_s": time.monotonic() - began,
                                     "outcome": "failed", "error": reason})
 
             try:
@@ -458,7 +477,7 @@ def apply(target: MongoTarget, migrations: list[MongoMigration] | None = None, *
                               upsert=True)
             mongo_shape.record(db, migration.name, mongo_shape.live_shape(db, BOOKKEEPING))
             history.insert_one({"env": target.env.name, "store": STORE, "step": migration.name,
-                                "started_at": started, "duration_s": time.monotonic() - clock,
+                                "started_at": started, "duration_s": time.monotonic() - began,
                                 "outcome": "applied"})
             applied.append(step)
             if emit is not None:
@@ -558,7 +577,7 @@ def held_locks(target: MongoTarget) -> list[HeldLock]:
     holder = lock_holder(db)
     if holder is None:
         return []
-    now = dt.datetime.now(dt.timezone.utc)
+    now = clock.now()
     expires = holder.get("expires_at")
     state = ("its lease ran out" if not isinstance(expires, dt.datetime) or expires < now
              else "its process on this host is gone" if _dead_holder(holder)

@@ -102,6 +102,7 @@ SELECT a.application_name, a.pid, coalesce(host(a.client_addr), 'local'), a.back
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:c AS oid)
   AND l.objid = (hashtext(:s)::bigint & 4294967295)::text::oid AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
 
@@ -193,6 +194,7 @@ SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), a.back
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:c AS oid)
   AND l.objid = (hashtext(:s)::bigint & 4294967295)::text::oid AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 ORDER BY a.pid
 """
 APP_NAME = "momentry-db"
