@@ -245,7 +245,7 @@ def _refuse_shared_env_files(root: Path, registry: Registry) -> None:
 
 
 def _resolve(project: Project, spec: EnvSpec, env_file: Path | None,
-             overrides: Mapping[str, str | None], one_of_many: bool = False) -> Environment:
+             overrides: Mapping[str, str | None], one_of_many: bool) -> Environment:
     if env_file is not None:
         env_file = Path(env_file)
         if not env_file.is_file():

@@ -469,3 +469,313 @@ def test_a_bad_setting_is_refused_naming_its_variable(tmp_path: Path, environ: d
     with pytest.raises(ConfigError) as info:
         project(tmp_path, environ).environment("dev")
     assert str(info.value) == refusal
+
+
+# --- settings resolution: each branch of load_project and Project.environment, both ways ---------
+
+def test_an_environment_records_the_env_file_it_read_even_when_empty(tmp_path: Path) -> None:
+    assert project(tmp_path).environment("dev").env_file is None
+    (tmp_path / ".env.development").write_text("")
+    assert project(tmp_path).environment("dev").env_file == tmp_path / ".env.development"
+    (tmp_path / ".env.development").write_text("MONGODB_DATABASE=momentry_dev_file\n")
+    dev = project(tmp_path).environment("dev")
+    assert (dev.env_file, dev.mongo_database) == (tmp_path / ".env.development", "momentry_dev_file")
+
+
+def test_an_empty_setting_falls_through_to_the_next_source(tmp_path: Path) -> None:
+    (tmp_path / ".env.development").write_text("MONGODB_DATABASE=momentry_dev_file\nQDRANT_COLLECTION=\n")
+    p = project(tmp_path, {"MONGODB_DATABASE": "", "QDRANT_COLLECTION": "momentry_dev_proc"})
+    assert p.environment("dev").mongo_database == "momentry_dev_file"
+    dev = p.environment("dev", overrides={"QDRANT_COLLECTION": "", "MONGODB_DATABASE": None})
+    assert (dev.qdrant_collection, dev.mongo_database) == ("momentry_dev_proc", "momentry_dev_file")
+    assert p.environment("dev", overrides={"QDRANT_COLLECTION": "momentry_dev_opt"}).qdrant_collection == \
+        "momentry_dev_opt"
+
+
+def test_every_environment_at_once_still_reads_the_process_connection_settings(tmp_path: Path) -> None:
+    p = project(tmp_path, {"DATABASE_URL": "postgres://u@h/db", "DATABASE_SCHEMA": "dev_mine",
+                           "MOMENTRY_SERVER_PORT": "4100"})
+    assert [(e.name, e.schema, e.server_port, e.database_url.reveal()) for e in p.environments()] == [
+        ("prod", "public", 3002, "postgresql+psycopg://u@h/db"), ("dev", "dev", 3003, "postgresql+psycopg://u@h/db")]
+    dev = p.environment("dev")
+    assert (dev.schema, dev.server_port) == ("dev_mine", 4100)
+
+
+def test_the_data_root_defaults_to_momentry_in_the_home_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    dev = project(tmp_path).environment("dev")
+    assert (dev.output_dir, dev.backup_dir) == (tmp_path / "home/momentry/output_dev",
+                                                tmp_path / "home/momentry/backup/momentry_dev")
+    prod = project(tmp_path, {"MOMENTRY_DATA_ROOT": "~/data"}).environment("prod")
+    assert (prod.output_dir, prod.backup_dir) == (tmp_path / "home/data/output", tmp_path / "home/data/backup/momentry")
+    dev = project(tmp_path, {"MOMENTRY_BACKUP_DIR": "/b", "MOMENTRY_OUTPUT_DIR": "/o"}).environment("dev")
+    assert (dev.output_dir, dev.backup_dir) == (Path("/o"), Path("/b"))
+
+
+@pytest.mark.parametrize("text, port", [("1", 1), ("65535", 65535), ("3100", 3100), ("0", None), ("65536", None),
+                                        ("-1", None)])
+def test_the_server_port_is_between_1_and_65535(tmp_path: Path, text: str, port: int | None) -> None:
+    p = project(tmp_path, {"MOMENTRY_SERVER_PORT": text})
+    if port is not None:
+        assert p.environment("dev").server_port == port
+    else:
+        with pytest.raises(ConfigError, match=rf"^dev's server port {text} is not between 1 and 65535$"):
+            p.environment("dev")
+
+
+def test_a_declared_environment_has_no_port_unless_it_declares_one(tmp_path: Path) -> None:
+    p = project(tmp_path, toml='[environments]\nstaging = {}\nqa = { port = 4200 }\n')
+    assert [(e.name, e.server_port) for e in p.environments()] == [
+        ("prod", 3002), ("dev", 3003), ("staging", None), ("qa", 4200)]
+
+
+@pytest.mark.parametrize("value, enabled", [
+    ("1", True), ("true", True), ("yes", True), ("on", True), (" Yes ", True), ("ON", True), ("True", True),
+    ("0", False), ("false", False), ("no", False), ("off", False), ("enabled", False), ("2", False),
+])
+def test_the_worker_switch_reads_the_usual_words_for_on(tmp_path: Path, value: str, enabled: bool) -> None:
+    p = project(tmp_path, {"MOMENTRY_WORKER_ENABLED": value})
+    assert (p.environment("dev").worker_enabled, p.environment("prod").worker_enabled) == (enabled, enabled)
+
+
+def test_an_environment_knows_whether_it_is_prod_and_where_its_state_lives(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MOMENTRY_STATE_DIR": "state"})
+    prod, dev = p.environments()
+    assert (prod.primary, dev.primary) == (True, False)
+    assert (prod.root, dev.root) == ("momentry", "momentry_dev")
+    assert (prod.state_dir, dev.state_dir) == (tmp_path / "state", tmp_path / "state")
+    assert project(tmp_path).environment("dev").state_dir == tmp_path / ".momentry"
+    assert project(tmp_path, {"MOMENTRY_STATE_DIR": "/srv/state"}).environment("dev").state_dir == Path("/srv/state")
+
+
+def test_the_api_key_and_urls_are_kept_as_secrets(tmp_path: Path) -> None:
+    dev = project(tmp_path, {"QDRANT_API_KEY": "k-123456", "DATABASE_URL": "postgresql://u:pw@h/db"}
+                  ).environment("dev")
+    assert (dev.qdrant_api_key.reveal(), str(dev.qdrant_api_key)) == ("k-123456", "***")
+    assert (dev.database_url.reveal(), dev.database_url.masked) == ("postgresql+psycopg://u:pw@h/db",
+                                                                    "postgresql+psycopg://u:***@h/db")
+    bare = project(tmp_path).environment("dev")
+    assert (bare.database_url, bare.mongodb_url, bare.redis_url, bare.qdrant_api_key) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("value, embedded", [(None, True), ("on", True), ("ON", True), (" on ", True),
+                                             ("off", False), ("OFF", False), ("Off ", False)])
+def test_the_embedded_switch_is_on_or_off(tmp_path: Path, value: str | None, embedded: bool) -> None:
+    p = project(tmp_path, {} if value is None else {"MOMENTRY_EMBEDDED": value})
+    assert (p.embedded, p.environment("dev").embedded) == (embedded, embedded)
+
+
+@pytest.mark.parametrize("value", ["yes", "0", "of"])
+def test_any_other_embedded_switch_is_refused_naming_what_off_does(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path, {"MOMENTRY_EMBEDDED": value})
+    assert str(info.value) == (f"MOMENTRY_EMBEDDED must be on or off, not {value!r}; off disables the embedded "
+                               "PostgreSQL and MongoDB servers")
+
+
+@pytest.mark.parametrize("ini, scripts", [
+    (None, None),
+    ("[alembic]\nscript_location = %(here)s/db/migrations\n", "{root}/db/migrations"),
+    ("[alembic]\nscript_location = migrations\n", "{root}/migrations"),
+    ("[alembic]\nscript_location = /opt/app/migrations\n", "/opt/app/migrations"),
+    ("[alembic]\nscript_location =\n", None),
+    ("[alembic]\nsqlalchemy.url = postgresql://h/db\n", None),
+    ("[loggers]\nkeys = root\n", None),
+])
+def test_the_migrations_folder_is_the_one_alembic_ini_names(tmp_path: Path, ini: str | None,
+                                                           scripts: str | None) -> None:
+    if ini is not None:
+        (tmp_path / "alembic.ini").write_text(ini)
+    expected = None if scripts is None else Path(scripts.format(root=tmp_path))
+    assert project(tmp_path).alembic_scripts == expected
+
+
+def test_an_alembic_ini_that_cannot_be_read_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "alembic.ini").write_text("script_location = migrations\n")
+    with pytest.raises(ConfigError, match=r"^alembic\.ini: cannot be read \(File contains no section headers\."):
+        project(tmp_path)
+    (tmp_path / "alembic.ini").unlink()
+    (tmp_path / "alembic.ini").mkdir()
+    assert project(tmp_path).alembic_scripts is None  # not a file: no alembic.ini
+
+
+def test_the_project_directory_comes_from_the_argument_the_environment_or_the_cwd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path / "b")
+    assert load_project(None, {}).root == tmp_path / "b"
+    assert load_project(None, {"MOMENTRY_PROJECT_DIR": str(tmp_path / "link")}).root == tmp_path / "a"
+    assert load_project(tmp_path / "b", {"MOMENTRY_PROJECT_DIR": str(tmp_path / "a")}).root == tmp_path / "b"
+    assert load_project(Path("../a"), {}).root == tmp_path / "a"
+    with pytest.raises(ConfigError) as info:
+        load_project(None, {"MOMENTRY_PROJECT_DIR": str(tmp_path / "missing")})
+    assert str(info.value) == f"project directory {str(tmp_path / 'missing')!r} does not exist"
+
+
+def test_extra_environments_are_checked_and_named_once(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MOMENTRY_EXTRA_ENVS": ",qa,, qa ,dev,pr-1,prod,staging"},
+                toml='[environments]\nstaging = {}\n')
+    assert p.registry.names == ("prod", "dev", "staging", "qa", "pr-1")
+    assert [s.source for s in p.registry.specs] == [
+        "built in", "built in", "momentry-db.toml [environments.staging]", "MOMENTRY_EXTRA_ENVS", "MOMENTRY_EXTRA_ENVS"]
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "qa,Bad"})
+    assert str(info.value) == ("MOMENTRY_EXTRA_ENVS: invalid environment name 'Bad': use lowercase letters, digits, "
+                               "'-' or '_' (at most 40 characters, starting with a letter)")
+
+
+def test_the_isolation_names_set_in_the_process_are_listed_in_order(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MOMENTRY_SERVER_PORT": "4000", "DATABASE_SCHEMA": "dev_x", "MONGODB_DATABASE": "",
+                           "DATABASE_URL": "postgres://h/db"})
+    assert p.process_isolation_vars() == ["DATABASE_SCHEMA", "MOMENTRY_SERVER_PORT"]
+    assert project(tmp_path).process_isolation_vars() == []
+
+
+def test_a_project_gathers_every_secret_for_scrubbing(tmp_path: Path) -> None:
+    from momentry_db.environments import SecretURL
+
+    (tmp_path / ".env").write_text("DATABASE_URL=postgresql://u:prodpw@h/db\nMONGODB_DATABASE=momentry\n")
+    (tmp_path / ".env.development").write_text("REDIS_URL=redis://:devpw@r/0\nQDRANT_API_KEY=\n")
+    (tmp_path / "extra.env").write_text("MONGODB_URL=mongodb://u:mongopw@h/\nQDRANT_URL=http://q:6333\n")
+    (tmp_path / "bad.env").write_text('QDRANT_API_KEY=k-bad\nA="unclosed\n')
+    p = project(tmp_path, {"QDRANT_API_KEY": "k-proc", "DATABASE_URL": "postgresql://u:prodpw@h/db"})
+    found = ["prodpw", SecretURL("postgresql://u:prodpw@h/db"), "k-proc", "devpw", SecretURL("redis://:devpw@r/0")]
+    assert p.secrets() == found
+    assert p.secrets([tmp_path / "extra.env", tmp_path / "bad.env", tmp_path / "missing.env"]) == [
+        *found, "mongopw", SecretURL("mongodb://u:mongopw@h/")]
+    (tmp_path / "bare").mkdir()
+    assert project(tmp_path / "bare").secrets() == []
+
+
+@pytest.mark.parametrize("schema, name", [("public", "prod"), ("dev", "dev"), ("qa_one", "qa")])
+def test_an_environment_is_found_by_its_schema(tmp_path: Path, schema: str, name: str) -> None:
+    p = project(tmp_path, toml='[environments]\nqa = { schema = "qa_one" }\n')
+    assert p.registry.by_schema(schema).name == name
+
+
+def test_a_schema_no_environment_has_lists_the_known_ones(tmp_path: Path) -> None:
+    p = project(tmp_path, toml='[environments]\nqa = { schema = "qa_one" }\n')
+    with pytest.raises(ConfigError) as info:
+        p.registry.by_schema("qa")
+    assert str(info.value) == "schema 'qa' belongs to no configured environment; known: public (prod), dev (dev), " \
+                              "qa_one (qa)"
+
+
+def test_a_name_may_not_reach_an_environment_declared_after_it(tmp_path: Path) -> None:
+    p = project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "staging"})
+    with pytest.raises(ConfigError) as info:
+        p.environment("dev", overrides={"MONGODB_DATABASE": "momentry_staging"})
+    assert str(info.value) == ("dev's MongoDB database 'momentry_staging' reaches environment staging's "
+                               "'momentry_staging'; check DATABASE_SCHEMA / MONGODB_DATABASE / QDRANT_COLLECTION / "
+                               "MOMENTRY_REDIS_PREFIX for dev")
+
+
+@pytest.mark.parametrize("validate, value, refusal", [
+    (validate_mongo_database, "9db", "invalid MongoDB database name '9db': use [a-z_][a-z0-9_]*, at most 63 bytes"),
+    (validate_collection, "C", "invalid Qdrant collection name 'C': use [a-z_][a-z0-9_-]*"),
+    (lambda v: validate_schema(v, primary=False), "9dev",
+     "invalid schema name '9dev': a schema is [a-z_][a-z0-9_]* (lowercase, unquoted)"),
+    (lambda v: validate_schema(v, primary=False), "a" * 64, f"invalid schema name '{'a' * 64}': longer than "
+                                                            "PostgreSQL's 63 bytes"),
+    (lambda v: validate_schema(v, primary=False), "public",
+     "schema 'public' belongs to prod: another environment may not use it"),
+    (lambda v: validate_schema(v, primary=True), "dev",
+     "prod's schema must be 'public', not 'dev': unset DATABASE_SCHEMA or set it to public for prod"),
+    (validate_redis_prefix, "m*:", "invalid Redis prefix 'm*:': use [a-z_][a-z0-9_.:-]* ending in ':'"),
+])
+def test_a_refused_store_name_is_quoted_with_the_rule(validate, value: str, refusal: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(value)
+    assert str(info.value) == refusal
+
+
+@pytest.mark.parametrize("variable, url, refusal", [
+    ("MONGODB_URL", "localhost:27017", "MONGODB_URL 'localhost:27017' has no scheme; use mongodb:// or mongodb+srv://"),
+    ("REDIS_URL", "r:6379/0", "REDIS_URL 'r:6379/0' has no scheme; use redis://, rediss:// or unix://"),
+    ("QDRANT_URL", "q:6333", "QDRANT_URL 'q:6333' has no scheme; use http:// or https://"),
+    ("DATABASE_URL", "mysql://u:pw@h/db", "DATABASE_URL 'mysql://u:***@h/db' is not a PostgreSQL URL; use "
+                                          "postgres://, postgresql:// or postgresql+psycopg://"),
+    ("REDIS_URL", "redis://:pa/ss@r:5x/0", "REDIS_URL 'redis://:***@r:5x/0': port '5x' is not a number between 0 and "
+                                           "65535"),
+    ("REDIS_URL", "redis://r/0?bogus=", "REDIS_URL 'redis://r/0?bogus=': unknown parameter 'bogus'; remove it or use "
+                                        "one redis-py knows"),
+    ("QDRANT_URL", "http://q:6333/?x=", "QDRANT_URL 'http://q:6333/?x=': unknown parameter 'x'; a Qdrant URL takes "
+                                        "none (put the API key in QDRANT_API_KEY)"),
+    ("MONGODB_URL", "MongoDB://h:27017/", None),
+    ("REDIS_URL", "redis://:pw@[::1]:6379/0", None),
+    ("QDRANT_URL", "http://[::1]:6333", None),
+    ("DATABASE_URL", "postgresql://u:pw@h/db", None),
+])
+def test_a_url_is_refused_for_its_scheme_port_or_parameters(variable: str, url: str, refusal: str | None) -> None:
+    from momentry_db.settings import check_url
+
+    if refusal is None:
+        assert check_url(variable, url) == url
+    else:
+        with pytest.raises(ConfigError) as info:
+            check_url(variable, url)
+        assert str(info.value) == refusal
+
+
+def test_without_an_environ_the_process_environment_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOMENTRY_EXTRA_ENVS", "qa")
+    monkeypatch.setenv("MOMENTRY_STATE_DIR", str(tmp_path / "state"))
+    p = load_project(tmp_path)
+    assert (p.registry.names, p.state_dir) == (("prod", "dev", "qa"), tmp_path / "state")
+
+
+def test_an_unknown_environment_says_where_to_declare_more() -> None:
+    from momentry_db.environments import Registry
+
+    with pytest.raises(ConfigError) as info:
+        Registry().get("qa")
+    assert str(info.value) == ("unknown environment 'qa'; known: prod, dev (declare more in momentry-db.toml "
+                               "[environments] or MOMENTRY_EXTRA_ENVS)")
+
+
+def test_a_config_file_without_environments_declares_none(tmp_path: Path) -> None:
+    assert project(tmp_path, toml="[tool]\nx = 1\n").registry.names == ("prod", "dev")
+    assert project(tmp_path, toml="").registry.names == ("prod", "dev")
+
+
+@pytest.mark.parametrize("toml, refusal", [
+    ("environments = 3\n", "momentry-db.toml: [environments] must be a table"),
+    ("[environments]\nstaging = 3\n", "momentry-db.toml [environments.staging]: must be a table, for example "
+                                       "staging = {}"),
+    ('[environments]\nstaging = { colour = "red" }\n', "momentry-db.toml [environments.staging]: unknown key "
+                                                       "'colour'; known: schema, database, collection, prefix, "
+                                                       "env_file, port"),
+    ('[environments]\nstaging = { port = true }\n', "momentry-db.toml [environments.staging]: port must be a int"),
+    ('[environments]\nstaging = { schema = "Bad" }\n',
+     "momentry-db.toml [environments.staging]: invalid schema name 'Bad': a schema is [a-z_][a-z0-9_]* (lowercase, "
+     "unquoted)"),
+    ('[environments]\n"Bad" = {}\n', "momentry-db.toml [environments]: invalid environment name 'Bad': use "
+                                      "lowercase letters, digits, '-' or '_' (at most 40 characters, starting with "
+                                      "a letter)"),
+    ('[environments]\nstaging = { database = "momentry_dev" }\n',
+     "environments dev and staging would share the MongoDB database 'momentry_dev' / 'momentry_dev'"),
+    ('[environments]\nstaging = { env_file = "./.env" }\n',
+     "environments prod and staging would share the env file '.env' / './.env'"),
+    ('[environments]\na = { collection = "shared__v1" }\nb = { collection = "shared" }\n',
+     "environments a and b would share the Qdrant collection 'shared__v1' / 'shared'"),
+    ('[environments]\na = { prefix = "x:y:" }\nb = { prefix = "x:" }\n',
+     "environments a and b would share the Redis prefix 'x:y:' / 'x:'"),
+])
+def test_a_bad_declaration_is_refused_naming_the_file_and_the_environment(tmp_path: Path, toml: str,
+                                                                         refusal: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path, toml=toml)
+    assert str(info.value) == refusal
+
+
+def test_an_env_file_that_links_to_another_environments_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("")
+    (tmp_path / ".env.staging").symlink_to(tmp_path / ".env")
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path, {"MOMENTRY_EXTRA_ENVS": "staging"})
+    assert str(info.value) == (f"environments prod and staging would share the env file '.env' / '.env.staging' "
+                               f"(both are '{tmp_path / '.env'}'); set env_file in momentry-db.toml to a file of "
+                               "its own")

@@ -738,3 +738,125 @@ def test_an_immutable_change_plans_a_recreate_that_says_what_becomes_of_each_col
         "momentry_dev_x are copied into it); momentry_dev_x (0 points) is kept",
         (("conflict", "qdrant: momentry_dev_x is a plain collection, not an alias, so it cannot be swapped atomically; "
                       "migrate its points to an aliased collection first"), ("copy", True)))
+
+
+@pytest.mark.parametrize("fill, state", [
+    ({"from": "momentry_dev_rule1__bfa460f7", "complete": False}, "an interrupted copy"),
+    ({"from": "momentry_dev_rule1__bfa460f7", "complete": True}, "kept from earlier"),
+    ({"from": "momentry_dev_rule1__bfa460f7"}, "kept from earlier"),
+    ("not a table", "kept from earlier"),
+    (None, "kept from earlier"),
+])
+def test_a_recreate_says_whether_the_kept_collection_holds_an_interrupted_copy(tmp_path: Path, fill,
+                                                                                state: str) -> None:
+    import dataclasses
+
+    client = QdrantClient(":memory:")
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    t = qdrant.QdrantTarget(proj.environment("dev"), client=client)
+    (spec,) = qdrant.load_specs()
+    qdrant.apply(t, [spec])
+    dot = dataclasses.replace(spec, distance="Dot")
+    new = qdrant.physical_name("momentry_dev_rule1", dot)
+    client.create_collection(new, vectors_config=models.VectorParams(size=1024, distance=models.Distance.DOT),
+                             metadata=None if fill is None else {qdrant.FILL_KEY: fill})
+    client.upsert(new, points=[models.PointStruct(id=i, vector=[1.0] * 1024) for i in range(2)])
+    (action,) = qdrant.plan_collection(client, t, dot).actions
+    assert (action.kind, action.collection, action.params) == ("recreate", new, (("copy", True),))
+    assert action.detail == (
+        f"vectors 1024 Cosine -> 1024 Dot; alias momentry_dev_rule1 -> {new} ({state}, 2 points; the 0 points of "
+        "momentry_dev_rule1__bfa460f7 are copied into it); momentry_dev_rule1__bfa460f7 (0 points) is kept")
+
+
+def test_a_collection_with_named_vectors_is_planned_as_a_recreate(tmp_path: Path) -> None:
+    client = QdrantClient(":memory:")
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    t = qdrant.QdrantTarget(proj.environment("dev"), client=client)
+    (spec,) = qdrant.load_specs()
+    client.create_collection("momentry_dev_rule1__named", vectors_config={
+        "text": models.VectorParams(size=1024, distance=models.Distance.COSINE)})
+    client.update_collection_aliases(change_aliases_operations=[models.CreateAliasOperation(
+        create_alias=models.CreateAlias(collection_name="momentry_dev_rule1__named", alias_name="momentry_dev_rule1"))])
+    plan = qdrant.plan_collection(client, t, spec)
+    assert (plan.physical, plan.live_fingerprint) == ("momentry_dev_rule1__named", None)
+    (action,) = plan.actions
+    assert plan.immutable == action
+    assert (action.kind, action.params) == ("recreate", (("copy", False),))
+    assert action.detail == (
+        "vectors None None -> 1024 Cosine; alias momentry_dev_rule1 -> momentry_dev_rule1__bfa460f7 (new; vectors of "
+        "momentry_dev_rule1__named are None wide, so its 0 points are not copied); momentry_dev_rule1__named "
+        "(0 points) is kept")
+
+
+def test_a_spec_reaching_an_environments_own_physical_collection_is_refused(tmp_path: Path) -> None:
+    proj = load_project(tmp_path, {"MOMENTRY_STATE_DIR": str(tmp_path / "state")})
+    dev = proj.environment("dev", overrides={"QDRANT_COLLECTION": "momentry_dev_faces__v1"})
+    envs = [proj.environment("prod"), dev]
+    faces = qdrant.CollectionSpec("faces", 512, "Cosine", source="qdrant_specs/faces.toml")
+    with pytest.raises(ConfigError) as info:
+        qdrant.check_spec_names([faces], envs)
+    assert str(info.value) == (
+        "qdrant specs: qdrant_specs/faces.toml gives dev the collection 'momentry_dev_faces', which clashes with "
+        "dev's 'momentry_dev_faces__v1' (its QDRANT_COLLECTION); rename the spec so that every environment keeps its "
+        "own collections")
+    qdrant.check_spec_names([qdrant.CollectionSpec("faces_v2", 512, "Cosine")], envs)
+
+
+MINIMAL = 'name = "rule1"\n[vectors]\nsize = 1\ndistance = "Dot"\n'
+
+
+def test_a_spec_of_name_and_vectors_alone_has_no_tuning(tmp_path: Path) -> None:
+    (spec,) = qdrant.load_specs(spec_file(tmp_path / "specs", MINIMAL))
+    assert spec == qdrant.CollectionSpec("rule1", 1, "Dot")
+    assert (spec.hnsw, spec.optimizers, spec.payload_indexes, spec.source) == ((), (), (), "specs/rule1.toml")
+
+
+@pytest.mark.parametrize("size", [1, 65536])
+def test_the_edges_of_the_vector_size_are_accepted(tmp_path: Path, size: int) -> None:
+    (spec,) = qdrant.load_specs(spec_file(tmp_path / "specs", MINIMAL.replace("size = 1", f"size = {size}")))
+    assert spec.size == size
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[hnsw]\nm = 16.5\n", "hnsw.m: must be int, not float"),
+    ("[hnsw]\nm = true\n", "hnsw.m: must be int, not bool"),
+    ('[optimizers]\ndeleted_threshold = "x"\n', "optimizers.deleted_threshold: must be float, not str"),
+    ("[optimizers]\ndeleted_threshold = false\n", "optimizers.deleted_threshold: must be float, not bool"),
+    ("[hnsw]\nef = 4\n", "hnsw.ef: unknown field; known: m, ef_construct, full_scan_threshold, max_indexing_threads, "
+                         "on_disk, payload_m"),
+    ("[optimizers]\nthreshold = 4\n", "optimizers.threshold: unknown field; known: deleted_threshold, "
+                                      "vacuum_min_vector_number, default_segment_number, max_segment_size, "
+                                      "memmap_threshold, indexing_threshold, flush_interval_sec, "
+                                      "max_optimization_threads"),
+    ('[payload_indexes]\nvideo_id = "int"\n', "payload_indexes.video_id: must be one of keyword, integer, float, "
+                                              "bool, geo, text, datetime, uuid"),
+    ("hnsw = 3\n", None),
+])
+def test_a_bad_tuning_value_is_refused_naming_the_field_and_the_choices(tmp_path: Path, extra: str,
+                                                                         message: str | None) -> None:
+    text = extra + MINIMAL if message is None else MINIMAL + extra
+    with pytest.raises(ConfigError) as info:
+        qdrant.load_specs(spec_file(tmp_path / "specs", text))
+    assert str(info.value) == f"specs/rule1.toml: {message or 'hnsw: must be a table'}"
+
+
+def test_a_bad_distance_lists_the_distances(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        qdrant.load_specs(spec_file(tmp_path / "specs", MINIMAL.replace('"Dot"', '"dot"')))
+    assert str(info.value) == "specs/rule1.toml: vectors.distance: must be one of Cosine, Dot, Euclid, Manhattan"
+
+
+def test_several_changed_settings_are_listed_in_one_update() -> None:
+    spec = qdrant.CollectionSpec("rule1", 4, "Dot", hnsw=(("ef_construct", 128), ("m", 32), ("on_disk", False)),
+                                 payload_indexes=(("kind", "keyword"),))
+    live = models.CollectionInfo(
+        status=models.CollectionStatus.GREEN, optimizer_status=models.OptimizersStatusOneOf.OK, segments_count=1,
+        payload_schema={"kind": models.PayloadIndexInfo(data_type=models.PayloadSchemaType.KEYWORD, points=0)},
+        config=models.CollectionConfig(
+            params=models.CollectionParams(vectors=models.VectorParams(size=4, distance=models.Distance.DOT)),
+            hnsw_config=models.HnswConfig(m=16, ef_construct=100, full_scan_threshold=10000, on_disk=False),
+            optimizer_config=models.OptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000,
+                                                     default_segment_number=0, flush_interval_sec=5),
+            wal_config=models.WalConfig(wal_capacity_mb=32, wal_segments_ahead=0)))
+    assert qdrant._mutable_actions(live, "phys", spec) == [
+        qdrant.Action("update_hnsw", "phys", "ef_construct 100 -> 128, m 16 -> 32", (("ef_construct", 128), ("m", 32)))]

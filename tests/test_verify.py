@@ -217,6 +217,14 @@ def test_a_passing_check_has_no_detail_unless_given() -> None:
     assert result.checks == [Check("s", "passes", PASS, ""), Check("s", "n/a", NOT_CHECKABLE, "")]
 
 
+def test_a_passing_result_lists_no_failed_environment() -> None:
+    result = VerifyResult("verify", "me")
+    result.add("s", "passes", [])
+    assert result.to_json() == {"command": "verify", "env": "me", "envs": ["me"], "ok": True, "failed": [],
+                                "notices": [], "checks": [{"env": "me", "store": "s", "name": "passes",
+                                                           "status": PASS, "detail": ""}]}
+
+
 def test_structure_values_are_shown_joined_by_spaces() -> None:
     assert _structure_diff({"t": {"column a": ("integer", "NO")}}, {"t": {"column a": ("text", "YES")}}, "dev") == [
         "t: column a differs (text YES in dev, integer NO in public)"]

@@ -409,8 +409,8 @@ def _mutable_actions(info: Any, physical: str, spec: CollectionSpec) -> list[Act
         if changed:
             detail = ", ".join(f"{k} {getattr(live, k, None)} -> {v}" for k, v in changed)
             actions.append(Action(kind, physical, detail, changed))
-    live_indexes = {name: str(getattr(getattr(i, "data_type", None), "value", i.data_type))
-                    for name, i in (info.payload_schema or {}).items()}
+    # PayloadSchemaType's str() is its value, "keyword", as the spec writes it
+    live_indexes = {name: str(i.data_type) for name, i in (info.payload_schema or {}).items()}
     declared = dict(spec.payload_indexes)
     for name, schema in declared.items():
         if live_indexes.get(name) != schema:
