@@ -747,7 +747,7 @@ def test_a_config_file_without_environments_declares_none(tmp_path: Path) -> Non
                                        "staging = {}"),
     ('[environments]\nstaging = { colour = "red" }\n', "momentry-db.toml [environments.staging]: unknown key "
                                                        "'colour'; known: schema, database, collection, prefix, "
-                                                       "env_file, port"),
+                                                       "env_file, port, role"),
     ('[environments]\nstaging = { port = true }\n', "momentry-db.toml [environments.staging]: port must be a int"),
     ('[environments]\nstaging = { schema = "Bad" }\n',
      "momentry-db.toml [environments.staging]: invalid schema name 'Bad': a schema is [a-z_][a-z0-9_]* (lowercase, "
