@@ -125,8 +125,8 @@ class PostgresStore:
 
 class _Migration:
     """PostgreSQL's part of a run: read every schema's version, plan the ones behind, then upgrade them
-    public first, compiled where schemas stand at the same revision, else through Alembic (in worker
-    processes with ``parallel`` > 1)."""
+    public first, compiled where schemas stand at the same revision (on ``parallel`` connections),
+    else through Alembic (in ``parallel`` worker processes)."""
 
     def __init__(self, work: MigrationWork) -> None:
         from . import postgres
@@ -225,7 +225,8 @@ class _Migration:
     def _compiled(self, targets: list[Any], start: tuple[str, ...]) -> tuple[dict[str, Any], list[Any]]:
         """The compiled run of targets at one revision; what stops it early is each target's outcome."""
         try:
-            return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts)  # type: ignore[no-any-return]
+            return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts,  # type: ignore[no-any-return]
+                                            parallel=self.work.parallel)
         except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
             return {t.schema: self.pg.SchemaRun(error=self.pg.failure(t, exc)) for t in targets}, []
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,18 +97,19 @@ def upgrade_chunk(envs: list[Environment], script_location: Path | None,
 
 
 def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
-                     script_location: Path | None = None) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
+                     script_location: Path | None = None,
+                     parallel: int = 1) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
     """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
 
     The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
     then sent to each schema as one script in one transaction (search_path set to that
-    schema, history rows included), under the schema's advisory lock. Returns what each
-    compiled run did, by schema, and the targets left for a regular Alembic run: every
+    schema, history rows included), under the schema's advisory lock. With ``parallel``
+    > 1, that many connections (one thread each) take schemas from one queue. Returns what
+    each compiled run did, by schema, and the targets left for a regular Alembic run: every
     one when offline mode cannot express the path (reads from the live database,
     autocommit blocks), and any target another run moved meanwhile.
     """
     from alembic import command
-    from psycopg import sql
 
     if not targets or any(t.primary for t in targets):
         return {}, list(targets)
@@ -122,41 +125,75 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     body = out.getvalue().strip()
     if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
         return {}, list(targets)  # an autocommit block: each schema runs through Alembic
-    body = body[6:-7].strip()
-    done: dict[str, SchemaRun] = {}
-    leftovers: list[PgTarget] = []
+    work = _CompiledWork(start, body[6:-7].strip(), revisions)
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
     for group in by_url.values():
-        waiting = list(group)
-        while waiting:  # a target's failure is its own outcome; the others go on, on a fresh connection if need be
+        queue = deque(group)
+        lanes = min(parallel, len(group))
+        if lanes <= 1:
+            work.drain(queue)
+            continue
+        threads = [threading.Thread(target=work.drain, args=(queue,), name=f"momentry-db lane {i + 1}")
+                   for i in range(lanes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    order = {t.schema: i for i, t in enumerate(targets)}
+    return work.done, sorted(work.leftovers, key=lambda t: order[t.schema])
+
+
+class _CompiledWork:
+    """One compiled script and what its runs did; each lane drains the shared queue on its own connection."""
+
+    def __init__(self, start: tuple[str, ...], body: str, revisions: list[Any]) -> None:
+        self.start, self.body, self.revisions = start, body, revisions
+        self.done: dict[str, SchemaRun] = {}
+        self.leftovers: list[PgTarget] = []
+        self.emitting = threading.Lock()  # lanes report one event at a time
+
+    def drain(self, queue: deque[PgTarget]) -> None:
+        """Take targets until the queue is empty; a target's failure is its own outcome, and the lane
+        goes on, on a fresh connection if need be."""
+        from psycopg import sql
+
+        while queue:
             try:
-                raw = connect(waiting[0])
-            except MomentryError as exc:
-                done.update({target.schema: SchemaRun(error=exc) for target in waiting})
-                break
+                raw = connect(queue[0])
+            except IndexError:
+                return  # another lane took the last one
+            except MomentryError as exc:  # unreachable: so is every target still waiting
+                while True:
+                    try:
+                        self.done[queue.popleft().schema] = SchemaRun(error=exc)
+                    except IndexError:
+                        return
             with raw:
                 conn = raw.execution_options(isolation_level="AUTOCOMMIT")
-                while waiting:
-                    target = waiting.pop(0)
+                while True:
                     try:
-                        ran = _run_compiled(conn, target, start, body, revisions, sql)
+                        target = queue.popleft()
+                    except IndexError:
+                        return
+                    try:
+                        ran = _run_compiled(conn, target, self.start, self.body, self.revisions, sql,
+                                            self.emitting)
                     except MomentryError as exc:
-                        done[target.schema] = SchemaRun(error=exc)
+                        self.done[target.schema] = SchemaRun(error=exc)
                         continue
                     except Exception as exc:  # noqa: BLE001 - the connection may be unusable now
-                        done[target.schema] = SchemaRun(error=failure(target, exc))
+                        self.done[target.schema] = SchemaRun(error=failure(target, exc))
                         break
                     if ran is None:
-                        leftovers.append(target)
+                        self.leftovers.append(target)
                     else:
-                        done[target.schema] = ran
-    return done, leftovers
+                        self.done[target.schema] = ran
 
 
 def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
-                  revisions: list[Any], sql: Any) -> SchemaRun | None:
+                  revisions: list[Any], sql: Any, emitting: threading.Lock) -> SchemaRun | None:
     """Run the compiled script on one schema: what it did, or None when the schema moved since the plan."""
     import sqlalchemy as sa
 
@@ -191,8 +228,9 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
         conn.exec_driver_sql(sql.SQL("UPDATE {}.{} SET duration_ms = {} WHERE duration_ms IS NULL").format(
             schema, sql.Identifier(HISTORY_TABLE), sql.Literal(share)).as_string(None))
         if target.emit is not None:
-            for r in revisions:
-                target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
+            with emitting:
+                for r in revisions:
+                    target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
         return SchemaRun(tuple(r.revision for r in revisions))
     finally:
         conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
