@@ -493,3 +493,50 @@ def test_parallel_compiled_failure_is_its_own_targets_outcome(many, database, mo
     assert database.query("SELECT last_value FROM pr_2.videos") == [(7,)]
     for schema in ["dev", "pr_1", "pr_3", "staging"]:
         assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
+
+
+def test_a_compiled_schema_whose_lock_is_freed_while_it_waits_still_upgrades(many, database, monkeypatch) -> None:
+    """The one-message run finds pr-1's lock held, waits for it the usual way, and runs once it is free."""
+    from momentry_db.stores.postgres import fanout
+
+    waited: list[str] = []
+    other = psycopg.connect(database.url, autocommit=True, application_name="other-run")
+    other.execute(postgres.lock_sql("pr_1", xact=False))
+    real_acquire = fanout.acquire_lock
+
+    def acquire_after_release(conn, target):
+        waited.append(target.schema)
+        other.close()  # the other run ends: its session lock goes with it
+        return real_acquire(conn, target)
+
+    monkeypatch.setattr(fanout, "acquire_lock", acquire_after_release)
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert waited == ["pr_1"]
+    assert set(outcomes(result).values()) == {"upgraded"}
+    assert database.query("SELECT version_num FROM pr_1.alembic_version") == [("0001",)]
+    assert database.query("SELECT step, outcome FROM pr_1.momentry_history") == [("0001", "applied")]
+    assert database.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                          "(SELECT oid FROM pg_database WHERE datname = current_database())") == [(0,)]
+
+
+def test_a_schema_moved_after_the_plan_is_left_to_alembic(many, database, monkeypatch) -> None:
+    """Another run migrates pr-2 between the plan and the compiled run: the guard sees it and rolls back,
+    and Alembic's own run finds nothing left to do there."""
+    real_compiled = postgres.upgrade_compiled
+    left: list[list[str]] = []
+
+    def move_then_compile(targets, *args, **kwargs):
+        moved = next(t for t in targets if t.schema == "pr_2")
+        assert postgres.upgrade_many([moved])["pr_2"].error is None
+        done, rest = real_compiled(targets, *args, **kwargs)
+        left.append([t.schema for t in rest])
+        return done, rest
+
+    monkeypatch.setattr(postgres, "upgrade_compiled", move_then_compile)
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert left == [["pr_2"]]
+    assert database.query("SELECT version_num FROM pr_2.alembic_version") == [("0001",)]
+    assert database.query("SELECT step, outcome FROM pr_2.momentry_history") == [("0001", "applied")]
+    assert database.tables("pr_2") == isolated_tables() | BOOKKEEPING_TABLES

@@ -34,7 +34,7 @@ from .connection import (
     session_settings_sql,
 )
 from .history import HISTORY_DDL, HISTORY_TABLE, record_failure
-from .planning import alembic_config, current_heads, load_script, run_results
+from .planning import alembic_config, load_script, run_results
 from .runner import failure
 
 # --- fan-out over many schemas ----------------------------------------------------------------
@@ -42,15 +42,26 @@ from .runner import failure
 
 def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] | None]:
     """Every target's recorded revisions in two queries per database (None: never migrated)."""
+    return read_states(targets)[0]
+
+
+def read_states(targets: Sequence[PgTarget]) -> tuple[dict[str, tuple[str, ...] | None], dict[str, list[str]]]:
+    """Every target's recorded revisions (None: never migrated) and, for a schema with none, the model
+    tables it already holds (created outside momentry-db), in three queries per database and one
+    snapshot, so a concurrent first run is seen whole or not at all."""
     import sqlalchemy as sa
     from psycopg import sql
+
+    from ...models import metadata
 
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
     versions: dict[str, tuple[str, ...] | None] = {}
+    unmanaged: dict[str, list[str]] = {}
     for group in by_url.values():
-        with connect(group[0]) as conn:
+        with connect(group[0]) as raw:
+            conn = raw.execution_options(isolation_level="REPEATABLE READ")
             schemas = [t.schema for t in group]
             rows = conn.execute(sa.text(
                 "SELECT s FROM unnest(CAST(:schemas AS text[])) AS s "
@@ -65,8 +76,17 @@ def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] |
                 for schema, version in conn.exec_driver_sql(query.as_string(None)):
                     found[schema].append(version)
                 versions.update({s: tuple(sorted(v)) for s, v in found.items()})
+            bare = [s for s in schemas if not versions[s]]
+            unmanaged.update({s: [] for s in bare})
+            if bare:
+                for schema, table in conn.execute(sa.text(
+                        "SELECT table_schema, table_name FROM information_schema.tables "
+                        "WHERE table_schema = ANY(:schemas) AND table_name = ANY(:names)"),
+                        {"schemas": bare, "names": sorted(metadata.tables)}):
+                    unmanaged[schema].append(table)
+                unmanaged = {s: sorted(t) for s, t in unmanaged.items()}
             conn.rollback()
-    return versions
+    return versions, unmanaged
 
 
 def upgrade_many(targets: Sequence[PgTarget], *, script_location: Path | None = None,
@@ -192,46 +212,84 @@ class _CompiledWork:
                         self.done[target.schema] = ran
 
 
+# SQLSTATEs the guard raises: the schema's lock is held by another session, or the schema moved since the plan
+LOCKED = "MDLCK"
+MOVED = "MDMOV"
+
+
+def _guard_sql(target: PgTarget, start: tuple[str, ...]) -> str:
+    """A DO block, first in the schema's transaction: take its lock without waiting, then (in a snapshot
+    taken after the lock) check that its alembic_version still holds ``start``."""
+    from .connection import quote_literal
+
+    table = quote_literal(f"{quote_ident(target.schema)}.alembic_version")
+    expected = "ARRAY[" + ", ".join(quote_literal(v) for v in sorted(start)) + "]::text[]"
+    return (f"DO $momentry$\nDECLARE found text[] := '{{}}';\nBEGIN\n"
+            f"  IF NOT pg_try_advisory_xact_lock({LOCK_CLASS}, hashtext({quote_literal(target.schema)})) THEN\n"
+            f"    RAISE EXCEPTION 'migration lock held' USING ERRCODE = '{LOCKED}';\n  END IF;\n"
+            f"  IF to_regclass({table}) IS NOT NULL THEN\n"
+            f"    EXECUTE 'SELECT coalesce(array_agg(version_num::text ORDER BY version_num COLLATE \"C\"), ''{{}}'') "
+            f"FROM ' || {table} INTO found;\n  END IF;\n"
+            f"  IF found IS DISTINCT FROM {expected} THEN\n"
+            f"    RAISE EXCEPTION 'moved since the plan' USING ERRCODE = '{MOVED}';\n  END IF;\nEND $momentry$")
+
+
 def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
                   revisions: list[Any], sql: Any, emitting: threading.Lock) -> SchemaRun | None:
-    """Run the compiled script on one schema: what it did, or None when the schema moved since the plan."""
+    """Run the compiled script on one schema: what it did, or None when the schema moved since the plan.
+
+    One round trip when nobody else holds the schema: the session settings, the transaction with
+    the lock and revision guard, the script and its history rows, the commit and ``RESET ALL`` go
+    as one simple-query message. When another session holds the lock, wait for it the usual way
+    (``acquire_lock``, bounded by ``lock_wait``) and send the same message again.
+    """
     import sqlalchemy as sa
 
     schema = sql.Identifier(target.schema)
-    acquire_lock(conn, target)
+    share = sql.SQL("CAST(extract(epoch FROM clock_timestamp() - now()) * 1000 / {} AS integer)").format(
+        sql.Literal(len(revisions)))  # each step's equal share of the transaction's duration so far
+    history = sql.SQL("").join(
+        sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, duration_ms, outcome) "
+                "VALUES ({}, 'postgres', {}, {}, 'upgrade', {}, 'applied');\n").format(
+            schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
+            sql.Literal(r.revision), sql.Literal(r.doc or ""), share) for r in revisions)
+    script = sql.SQL("{settings};\nBEGIN;\n{guard};\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
+                     "SET search_path TO {schema};\n{history_ddl};\n").format(
+        settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
+        guard=sql.SQL(_guard_sql(target, start)),
+        schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
+    text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;\nRESET ALL;"
+    locked = reset = False
+    started = time.monotonic()
     try:
-        if current_heads(conn, target.schema) != tuple(sorted(start)):
-            return None  # moved by another run since the plan: Alembic takes it from here
-        history = sql.SQL("").join(
-            sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, outcome) "
-                    "VALUES ({}, 'postgres', {}, {}, 'upgrade', 'applied');\n").format(
-                schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
-                sql.Literal(r.revision), sql.Literal(r.doc or "")) for r in revisions)
-        script = sql.SQL("{settings};\nBEGIN;\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
-                         "SET search_path TO {schema};\n{history_ddl};\n").format(
-            settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
-            schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
-        text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;"
-        started = time.monotonic()
-        try:
-            conn.exec_driver_sql(text)
-        except sa.exc.DBAPIError as exc:
-            conn.exec_driver_sql("ROLLBACK")
-            first, last = revisions[0].revision, revisions[-1].revision
-            step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
-            reason = str(exc.orig or exc).strip().splitlines()[0]
-            error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
-            record_failure(conn, target, error, started)
-            return SchemaRun(error=error)
-        # The script ran as one unit: each of its steps gets an equal share of its duration.
-        share = int((time.monotonic() - started) * 1000 / len(revisions))
-        conn.exec_driver_sql(sql.SQL("UPDATE {}.{} SET duration_ms = {} WHERE duration_ms IS NULL").format(
-            schema, sql.Identifier(HISTORY_TABLE), sql.Literal(share)).as_string(None))
+        while True:
+            try:
+                conn.exec_driver_sql(text)
+                reset = True
+                break
+            except sa.exc.DBAPIError as exc:
+                conn.exec_driver_sql("ROLLBACK")
+                state = getattr(exc.orig, "sqlstate", None)
+                if state == MOVED:
+                    return None  # moved by another run since the plan: Alembic takes it from here
+                if state == LOCKED and not locked:
+                    acquire_lock(conn, target)  # the session lock; the guard's own lock is then ours at once
+                    locked = True
+                    started = time.monotonic()
+                    continue
+                first, last = revisions[0].revision, revisions[-1].revision
+                step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
+                reason = str(exc.orig or exc).strip().splitlines()[0]
+                error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
+                record_failure(conn, target, error, started)
+                return SchemaRun(error=error)
         if target.emit is not None:
             with emitting:
                 for r in revisions:
                     target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
         return SchemaRun(tuple(r.revision for r in revisions))
     finally:
-        conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
-        conn.exec_driver_sql("RESET ALL")
+        if locked:
+            conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
+        if not reset:
+            conn.exec_driver_sql("RESET ALL")
