@@ -11,11 +11,22 @@
 (d) the longest stall a concurrent writer sees while a revision indexes a 1M-row isolated table,
     CREATE INDEX CONCURRENTLY against a plain CREATE INDEX.
 
+    .venv/bin/python bench/run.py --scale [--sizes 10,50,200,500] [--loop-max 200] [--chart docs/bench-scale.png]
+
+--scale: how cost grows with the number of schemas N (public + N environment schemas, from empty).
+    At each N, side by side: `migrate --all` on one connection and with `--parallel 2`, psql applying
+    the offline SQL (one transaction per schema), the wire floor (each schema's offline script sent
+    as one round trip on one connection, from this process), and the one-process-per-schema
+    `alembic -x schema=... upgrade head` loop (up to --loop-max schemas: it takes about a second a
+    schema). Then a no-op `migrate --all` at head. Peak memory is each child's ru_maxrss (the loop's
+    largest process). Needs matplotlib for the chart (`pip install -e '.[bench]'`).
+
 It is a script, not a test: it prints figures and asserts nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import shutil
@@ -85,7 +96,8 @@ class Bench:
     def env(self, url: str, **extra: str) -> dict[str, str]:
         keep = {k: v for k, v in os.environ.items() if not k.startswith(("MOMENTRY_", "DATABASE_", "MONGODB_",
                                                                            "QDRANT_", "REDIS_"))}
-        return {**keep, "DATABASE_URL": url, "MOMENTRY_EXTRA_ENVS": self.envs,
+        # PYTHONPATH: the checkout's momentry_db, whatever the venv has installed
+        return {**keep, "PYTHONPATH": str(REPO), "DATABASE_URL": url, "MOMENTRY_EXTRA_ENVS": self.envs,
                 "MOMENTRY_STATE_DIR": str(self.work / "state"), **extra}
 
     def timed(self, argv: list[str], env: dict[str, str], stdin: str | None = None) -> float:
@@ -99,10 +111,14 @@ class Bench:
     def median(self, argv: list[str], env: dict[str, str], runs: int) -> float:
         return statistics.median(self.timed(argv, env) for _ in range(runs))
 
-    def close(self) -> None:
+    def drop_databases(self) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             for name in self.databases:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        self.databases.clear()
+
+    def close(self) -> None:
+        self.drop_databases()
         subprocess.run([str(BIN / "momentry-db"), "embedded", "stop"], cwd=self.work, capture_output=True,
                        env=self.env(""))
         shutil.rmtree(self.work, ignore_errors=True)
@@ -240,13 +256,202 @@ def bench_d(b: Bench) -> None:
     print(f"    goal: concurrent stall < 200 ms -> {results['concurrent'][0] * 1000:.1f} ms")
 
 
+def run_measured(b: Bench, argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run a child to completion: (seconds, its peak resident memory in MB)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=b.work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read() if proc.stderr else b""  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}\n{err.decode(errors='replace')[-2000:]}")
+    return elapsed, usage.ru_maxrss / 1024  # Linux: kilobytes
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def wire_floor(url: str, chunks: list[str]) -> float:
+    """Each schema's offline script as one round trip on one connection: no lock reads, no history."""
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for chunk in chunks:
+            conn.execute(chunk.encode())  # no parameters: the simple query protocol, many statements
+    return time.perf_counter() - started
+
+
+class Progress:
+    """One line per measurement, so a long run shows how far it has got."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def __call__(self, n: int, what: str, seconds: float, mb: float | None = None) -> None:
+        self.done += 1
+        spent = time.perf_counter() - self.started
+        memory = f"  {mb:6.0f} MB" if mb is not None else ""
+        print(f"  [{self.done:>3}/{self.total}  {spent / 60:5.1f} min]  N={n:<4} {what:<34} {seconds:8.2f} s{memory}",
+              flush=True)
+
+
+METHODS = {  # key: (label in the table and chart, line style)
+    "migrate": ("migrate --all (one connection)", "o-"),
+    "parallel": ("migrate --all --parallel 2", "s-"),
+    "psql": ("psql floor (offline SQL)", "^--"),
+    "wire": ("wire floor (1 round trip/schema)", "v--"),
+    "loop": ("alembic -x schema=... loop", "x:"),
+    "noop": ("no-op migrate --all", "d-"),
+}
+
+
+def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
+    times: dict[str, dict[int, float]] = {k: {} for k in METHODS}
+    memory: dict[str, dict[int, float]] = {k: {} for k in METHODS}
+    per_size = {n: 5 * (3 if n <= 50 else 1) + (n <= loop_max) for n in sizes}
+    progress = Progress(sum(per_size.values()) + 3)
+    print(f"(scale) public + N schemas from empty, N = {', '.join(map(str, sizes))}; the alembic loop up to "
+          f"N = {loop_max}; median of 3 interleaved rounds for N <= 50, else one")
+    idle = b.env(b.fresh_db(), MOMENTRY_EXTRA_ENVS="")
+    b.timed([str(BIN / "momentry-db"), "migrate", "--env", "prod", "--store", "postgres"], idle)
+    currents = []
+    for _ in range(3):
+        seconds, _mb = run_measured(b, [str(BIN / "alembic"), "-x", "schema=public", "current"], idle)
+        currents.append(seconds)
+        progress(1, "alembic -x schema=public current", seconds, _mb)
+    current = statistics.median(currents)
+    for n in sizes:
+        extras = ",".join(f"s{i:03d}" for i in range(1, n))  # dev and N - 1 extras: N schemas beside public
+        offline = subprocess.run([str(BIN / "alembic"), "upgrade", "head", "--sql"], cwd=b.work,
+                                 env=b.env("", MOMENTRY_EXTRA_ENVS=extras), capture_output=True, text=True,
+                                 check=True).stdout
+        script = b.work / f"all-{n}.sql"
+        script.write_text(offline)
+        chunks = [c + "COMMIT;" for c in offline.split("\nCOMMIT;") if "BEGIN;" in c]
+        assert len(chunks) == n + 1, (len(chunks), n)
+        runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in METHODS}
+        for _ in range(3 if n <= 50 else 1):  # interleaved, so every method sees the same machine
+            url = b.fresh_db()
+            env = b.env(url, MOMENTRY_EXTRA_ENVS=extras)
+            runs["migrate"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
+                                                    "postgres"], env))
+            progress(n, METHODS["migrate"][0], *runs["migrate"][-1])
+            runs["noop"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
+                                                 "postgres"], env))
+            progress(n, METHODS["noop"][0], *runs["noop"][-1])
+            url = b.fresh_db()
+            runs["parallel"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--parallel",
+                                                     "2", "--store", "postgres"], b.env(url, MOMENTRY_EXTRA_ENVS=extras)))
+            progress(n, METHODS["parallel"][0], *runs["parallel"][-1])
+            url = b.fresh_db()
+            runs["psql"].append(run_measured(b, [pg_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script),
+                                                 libpq(url)], b.env(url)))
+            progress(n, METHODS["psql"][0], *runs["psql"][-1])
+            url = b.fresh_db()
+            runs["wire"].append((wire_floor(libpq(url), chunks), None))
+            progress(n, METHODS["wire"][0], runs["wire"][-1][0])
+            b.drop_databases()
+        if n <= loop_max:
+            url = b.fresh_db()
+            env = b.env(url, MOMENTRY_EXTRA_ENVS=extras)
+            loop, peak = 0.0, 0.0
+            for schema in ["public", "dev"] + [f"s{i:03d}" for i in range(1, n)]:
+                seconds, mb = run_measured(b, [str(BIN / "alembic"), "-x", f"schema={schema}", "upgrade", "head"], env)
+                loop, peak = loop + seconds, max(peak, mb)
+            runs["loop"].append((loop, peak))
+            progress(n, f"{METHODS['loop'][0]} ({n + 1} processes)", loop, peak)
+            b.drop_databases()
+        for key, measured in runs.items():
+            if measured:
+                times[key][n] = statistics.median(t for t, _ in measured)
+                if measured[0][1] is not None:
+                    memory[key][n] = max(m for _, m in measured if m is not None)
+    print()
+    print("    N     " + "".join(f"{k:>10}" for k in METHODS) + "   (seconds; peak MB of migrate --all)")
+    for n in sizes:
+        print(f"    {n:<5} " + "".join(f"{times[k][n]:10.2f}" if n in times[k] else f"{'-':>10}" for k in METHODS)
+              + f"   {memory['migrate'][n]:.0f} MB")
+    print(f"    alembic -x schema=public current: {current:.3f} s")
+    print()
+    big = max(sizes)
+    hundred = [n for n in sizes if n >= 100] or [big]
+
+    def ratio(a: str, c: str, n: int) -> float:
+        return times[a][n] / times[c][n]
+
+    print("    goals (ratios measured side by side in this run):")
+    print(f"    migrate --all / psql floor, N={big}: {ratio('migrate', 'psql', big):.2f}x  (goal <= 1.5x)")
+    print(f"    migrate --all / wire floor, N={big}: {ratio('migrate', 'wire', big):.2f}x  (goal <= 1.15x, issue 13 #1)")
+    for n in hundred:
+        print(f"    migrate --all --parallel 2 / single-connection wire floor, N={n}: "
+              f"{ratio('parallel', 'wire', n):.2f}x  (goal <= 0.8x, issue 13 #1b); / psql floor "
+              f"{ratio('parallel', 'psql', n):.2f}x; / migrate --all {ratio('parallel', 'migrate', n):.2f}x")
+    for n in sorted(times["loop"]):
+        print(f"    alembic loop / migrate --all, N={n}: {ratio('loop', 'migrate', n):.1f}x slower  (goal >= 5x)")
+    for n in sizes:
+        print(f"    no-op migrate --all over {n + 1} schemas / one alembic current: {times['noop'][n] / current:.2f}x")
+    draw(chart, sizes, times, memory, load=os.getloadavg())
+
+
+def draw(chart: Path, sizes: list[int], times: dict[str, dict[int, float]], memory: dict[str, dict[int, float]],
+         load: tuple[float, float, float]) -> None:
+    """Time against schemas, one line per method; peak memory on a second panel."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+    except ImportError:
+        print("    no chart: matplotlib is missing (pip install -e '.[bench]')")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for key, (name, style) in METHODS.items():
+        if times[key]:
+            xs = sorted(times[key])
+            left.plot(xs, [times[key][x] for x in xs], style, label=name)
+        if memory[key]:
+            xs = sorted(memory[key])
+            right.plot(xs, [memory[key][x] for x in xs], style, label=name)
+    left.set(xscale="log", yscale="log", xlabel="environment schemas (besides public)", ylabel="seconds",
+             title="time from empty to head")
+    right.set(xscale="log", xlabel="environment schemas (besides public)", ylabel="peak RSS (MB)",
+              title="peak memory per process")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(plain)
+    for ax in (left, right):
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.suptitle(f"momentry-db bench/run.py --scale, {os.cpu_count()} cores, "
+                 f"load average {load[0]:.1f} at the end", fontsize=10)
+    fig.tight_layout()
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(chart, dpi=110)
+    print(f"    chart: {chart}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", action="store_true", help="how cost grows with the number of schemas")
+    parser.add_argument("--sizes", default="10,50,200,500", help="schemas besides public, comma-separated")
+    parser.add_argument("--loop-max", type=int, default=200,
+                        help="largest N at which the one-process-per-schema alembic loop runs")
+    parser.add_argument("--chart", type=Path, default=REPO / "docs" / "bench-scale.png")
+    args = parser.parse_args()
     b = Bench()
     try:
         print(f"momentry-db benchmark on {'the embedded server' if b.server else 'MOMENTRY_BENCH_DATABASE_URL'}, "
-              f"{os.cpu_count()} cores")
-        for step in (bench_a, bench_b, bench_c, bench_d):
-            step(b)
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+        if args.scale:
+            bench_scale(b, sorted(int(n) for n in args.sizes.split(",")), args.loop_max, args.chart)
+        else:
+            for step in (bench_a, bench_b, bench_c, bench_d):
+                step(b)
     finally:
         b.close()
 

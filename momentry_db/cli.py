@@ -209,7 +209,7 @@ def main(ctx: click.Context, project_dir: Path | None) -> None:
               help=ENV_HELP + " Repeat it to migrate several environments in one run.")
 @click.option("--all", "all_envs", is_flag=True, help="Migrate every configured environment, prod first.")
 @click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
-              help="With several environments: migrate K schemas at once (worker processes).")
+              help="With several environments: migrate K schemas at once (K connections).")
 @store_option
 @click.option("--dry-run", is_flag=True, help="Print what would run, with the SQL per schema; change nothing.")
 @click.option("--recreate-qdrant", is_flag=True,

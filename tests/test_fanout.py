@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -417,3 +418,125 @@ def test_schemas_at_the_same_revision_take_the_compiled_path(many, database, mon
     assert through_alembic == [["public"]]
     for schema in ["dev", *SCHEMAS]:
         assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
+
+
+def _lanes_spy(monkeypatch: pytest.MonkeyPatch, lanes: int) -> tuple[list[str], list[tuple[list[str], int]]]:
+    """Record which lane ran each compiled schema; the first schema of each lane waits for the others to start,
+    so the run only gets through when ``lanes`` connections work at once."""
+    from momentry_db.stores.postgres import fanout
+
+    ran_on: list[str] = []
+    calls: list[tuple[list[str], int]] = []
+    together = threading.Barrier(lanes, timeout=60)
+    started: set[int] = set()
+    real_run, real_compiled = fanout._run_compiled, postgres.upgrade_compiled
+
+    def spy_run(conn, target, *args, **kwargs):
+        me = threading.get_ident()
+        if me not in started:
+            started.add(me)
+            together.wait()
+        ran_on.append(threading.current_thread().name)
+        return real_run(conn, target, *args, **kwargs)
+
+    def spy_compiled(targets, *args, **kwargs):
+        calls.append(([t.schema for t in targets], kwargs.get("parallel", 1)))
+        return real_compiled(targets, *args, **kwargs)
+
+    monkeypatch.setattr(fanout, "_run_compiled", spy_run)
+    monkeypatch.setattr(postgres, "upgrade_compiled", spy_compiled)
+    return ran_on, calls
+
+
+def test_parallel_runs_the_compiled_script_on_k_connections_at_once(many, database, monkeypatch) -> None:
+    """--parallel 2: public through Alembic, then two lanes take the compiled schemas from one queue;
+    no schema goes through a per-schema Alembic run or a worker process."""
+    ran_on, calls = _lanes_spy(monkeypatch, 2)
+    through_alembic: list[list[str]] = []
+    real_many = postgres.upgrade_many
+
+    def spy_many(targets, *args, **kwargs):
+        through_alembic.append([t.schema for t in targets])
+        return real_many(targets, *args, **kwargs)
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker process ran a schema the compiled path could take")
+
+    monkeypatch.setattr(postgres, "upgrade_many", spy_many)
+    monkeypatch.setattr(postgres, "upgrade_chunk", no_workers)
+    result = many.cli("migrate", "--all", "--store", "postgres", "--parallel", "2", "--json")
+    assert result.code == 0, result.err
+    assert [t["target"] for t in json.loads(result.out)["targets"]] == ["public", "dev", *SCHEMAS]
+    assert set(outcomes(result).values()) == {"upgraded"}
+    assert through_alembic == [["public"]]
+    assert calls == [(["dev", *SCHEMAS], 2)]
+    assert len(ran_on) == 5 and len(set(ran_on)) == 2  # both lanes worked
+    for schema in ["dev", *SCHEMAS]:
+        assert database.tables(schema) == isolated_tables() | BOOKKEEPING_TABLES
+        assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
+        assert database.query(f"SELECT step, outcome, duration_ms IS NOT NULL FROM {schema}.momentry_history") == [
+            ("0001", "applied", True)]
+
+
+def test_parallel_compiled_failure_is_its_own_targets_outcome(many, database, monkeypatch) -> None:
+    database.execute("CREATE SCHEMA pr_2; CREATE SEQUENCE pr_2.videos START 7")
+    ran_on, calls = _lanes_spy(monkeypatch, 2)
+    result = many.cli("migrate", "--all", "--store", "postgres", "--parallel", "2", "--json")
+    assert result.code == 1, result.err
+    assert calls == [(["dev", *SCHEMAS], 2)] and len(set(ran_on)) == 2
+    states = outcomes(result)
+    assert states.pop(("postgres", "pr_2")) == "failed"
+    assert set(states.values()) == {"upgraded"}
+    failure = next(t for t in json.loads(result.out)["targets"] if t["target"] == "pr_2")
+    assert failure["error"].startswith("postgres pr-2 (schema pr_2): revision 0001 (initial schema) failed:")
+    assert database.tables("pr_2") == set()
+    assert database.query("SELECT last_value FROM pr_2.videos") == [(7,)]
+    for schema in ["dev", "pr_1", "pr_3", "staging"]:
+        assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
+
+
+def test_a_compiled_schema_whose_lock_is_freed_while_it_waits_still_upgrades(many, database, monkeypatch) -> None:
+    """The one-message run finds pr-1's lock held, waits for it the usual way, and runs once it is free."""
+    from momentry_db.stores.postgres import fanout
+
+    waited: list[str] = []
+    other = psycopg.connect(database.url, autocommit=True, application_name="other-run")
+    other.execute(postgres.lock_sql("pr_1", xact=False))
+    real_acquire = fanout.acquire_lock
+
+    def acquire_after_release(conn, target):
+        waited.append(target.schema)
+        other.close()  # the other run ends: its session lock goes with it
+        return real_acquire(conn, target)
+
+    monkeypatch.setattr(fanout, "acquire_lock", acquire_after_release)
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert waited == ["pr_1"]
+    assert set(outcomes(result).values()) == {"upgraded"}
+    assert database.query("SELECT version_num FROM pr_1.alembic_version") == [("0001",)]
+    assert database.query("SELECT step, outcome FROM pr_1.momentry_history") == [("0001", "applied")]
+    assert database.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                          "(SELECT oid FROM pg_database WHERE datname = current_database())") == [(0,)]
+
+
+def test_a_schema_moved_after_the_plan_is_left_to_alembic(many, database, monkeypatch) -> None:
+    """Another run migrates pr-2 between the plan and the compiled run: the guard sees it and rolls back,
+    and Alembic's own run finds nothing left to do there."""
+    real_compiled = postgres.upgrade_compiled
+    left: list[list[str]] = []
+
+    def move_then_compile(targets, *args, **kwargs):
+        moved = next(t for t in targets if t.schema == "pr_2")
+        assert postgres.upgrade_many([moved])["pr_2"].error is None
+        done, rest = real_compiled(targets, *args, **kwargs)
+        left.append([t.schema for t in rest])
+        return done, rest
+
+    monkeypatch.setattr(postgres, "upgrade_compiled", move_then_compile)
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert left == [["pr_2"]]
+    assert database.query("SELECT version_num FROM pr_2.alembic_version") == [("0001",)]
+    assert database.query("SELECT step, outcome FROM pr_2.momentry_history") == [("0001", "applied")]
+    assert database.tables("pr_2") == isolated_tables() | BOOKKEEPING_TABLES

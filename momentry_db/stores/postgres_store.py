@@ -125,8 +125,8 @@ class PostgresStore:
 
 class _Migration:
     """PostgreSQL's part of a run: read every schema's version, plan the ones behind, then upgrade them
-    public first, compiled where schemas stand at the same revision, else through Alembic (in worker
-    processes with ``parallel`` > 1)."""
+    public first, compiled where schemas stand at the same revision (on ``parallel`` connections),
+    else through Alembic (in ``parallel`` worker processes)."""
 
     def __init__(self, work: MigrationWork) -> None:
         from . import postgres
@@ -144,15 +144,18 @@ class _Migration:
         w, pg = self.work, self.pg
         outcomes: dict[str, TargetOutcome] = {}
         plans: dict[str, TargetPlan] = {}
-        if w.apply:
-            versions = pg.current_versions(self.targets)
+        if w.apply:  # every target's version and unmanaged tables in one snapshot, not one connection each
+            versions, bare = pg.read_states(self.targets)
             head = pg.heads(w.scripts)
         for t in self.targets:
             if w.apply and versions[t.schema] == head:  # at head after one query: nothing to plan
                 outcomes[t.schema] = w.planned(TargetPlan("postgres", t.env.name, t.schema, head, head))
                 continue
             try:
-                plan = pg.plan(t, with_sql=w.dry_run, script_location=w.scripts, project=w.project)
+                if w.apply:
+                    plan = pg.plan_at(t, versions[t.schema] or (), bare.get(t.schema, ()), script_location=w.scripts)
+                else:
+                    plan = pg.plan(t, with_sql=w.dry_run, script_location=w.scripts, project=w.project)
                 if w.apply and plan.pending:
                     plan.raise_if_unmanaged()
                     if t.primary:
@@ -173,10 +176,11 @@ class _Migration:
                 else:
                     outcomes[t.schema] = w.failed(plan, ran.error, t.env)
         if w.apply:
-            self._grants([t for t in self.targets if outcomes[t.schema].ok])
+            self._grants([t for t in self.targets if outcomes[t.schema].ok],
+                         {t.schema for t in pending if outcomes[t.schema].ok})
         return [outcomes[t.schema] for t in self.targets]
 
-    def _grants(self, targets: list[Any]) -> None:
+    def _grants(self, targets: list[Any], upgraded: set[str]) -> None:
         """Keep each migrated environment's role and grants current (a no-op run only reads)."""
         from ..errors import MomentryError
         from .postgres import grants
@@ -187,7 +191,7 @@ class _Migration:
                 everyone += [e for e in self.work.project.environments() if e.name not in {x.name for x in everyone}]
             except MomentryError:
                 pass  # an environment that cannot be resolved is refused by its own run
-        for notice in grants.ensure_grants(targets, everyone):
+        for notice in grants.ensure_grants(targets, everyone, changed=upgraded):
             self.work.run.notice(notice)
 
     def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,7 +229,8 @@ class _Migration:
     def _compiled(self, targets: list[Any], start: tuple[str, ...]) -> tuple[dict[str, Any], list[Any]]:
         """The compiled run of targets at one revision; what stops it early is each target's outcome."""
         try:
-            return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts)  # type: ignore[no-any-return]
+            return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts,  # type: ignore[no-any-return]
+                                            parallel=self.work.parallel)
         except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
             return {t.schema: self.pg.SchemaRun(error=self.pg.failure(t, exc)) for t in targets}, []
 

@@ -34,7 +34,7 @@ from .connection import (
     set_search_path,
     tables_with_rows,
 )
-from .fanout import current_versions, upgrade_chunk, upgrade_compiled, upgrade_many
+from .fanout import current_versions, read_states, upgrade_chunk, upgrade_compiled, upgrade_many
 from .history import HISTORY_DDL, HISTORY_INSERT, HISTORY_TABLE, history, record_failure
 from .manage import clone_tables, compare_live, drop_schema, preflight_drop
 from .planning import (
@@ -47,6 +47,7 @@ from .planning import (
     load_script,
     offline_sql,
     plan,
+    plan_at,
     run_results,
     stamp,
     unmanaged_tables,
@@ -82,6 +83,8 @@ __all__ = [
     "create_engine",
     "current_heads",
     "current_versions",
+    "read_states",
+    "plan_at",
     "downgrade",
     "drop_schema",
     "failure",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,7 @@ from .connection import (
     session_settings_sql,
 )
 from .history import HISTORY_DDL, HISTORY_TABLE, record_failure
-from .planning import alembic_config, current_heads, load_script, run_results
+from .planning import alembic_config, load_script, run_results
 from .runner import failure
 
 # --- fan-out over many schemas ----------------------------------------------------------------
@@ -40,15 +42,26 @@ from .runner import failure
 
 def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] | None]:
     """Every target's recorded revisions in two queries per database (None: never migrated)."""
+    return read_states(targets)[0]
+
+
+def read_states(targets: Sequence[PgTarget]) -> tuple[dict[str, tuple[str, ...] | None], dict[str, list[str]]]:
+    """Every target's recorded revisions (None: never migrated) and, for a schema with none, the model
+    tables it already holds (created outside momentry-db), in three queries per database and one
+    snapshot, so a concurrent first run is seen whole or not at all."""
     import sqlalchemy as sa
     from psycopg import sql
+
+    from ...models import metadata
 
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
     versions: dict[str, tuple[str, ...] | None] = {}
+    unmanaged: dict[str, list[str]] = {}
     for group in by_url.values():
-        with connect(group[0]) as conn:
+        with connect(group[0]) as raw:
+            conn = raw.execution_options(isolation_level="REPEATABLE READ")
             schemas = [t.schema for t in group]
             rows = conn.execute(sa.text(
                 "SELECT s FROM unnest(CAST(:schemas AS text[])) AS s "
@@ -63,8 +76,17 @@ def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] |
                 for schema, version in conn.exec_driver_sql(query.as_string(None)):
                     found[schema].append(version)
                 versions.update({s: tuple(sorted(v)) for s, v in found.items()})
+            bare = [s for s in schemas if not versions[s]]
+            unmanaged.update({s: [] for s in bare})
+            if bare:
+                for schema, table in conn.execute(sa.text(
+                        "SELECT table_schema, table_name FROM information_schema.tables "
+                        "WHERE table_schema = ANY(:schemas) AND table_name = ANY(:names)"),
+                        {"schemas": bare, "names": sorted(metadata.tables)}):
+                    unmanaged[schema].append(table)
+                unmanaged = {s: sorted(t) for s, t in unmanaged.items()}
             conn.rollback()
-    return versions
+    return versions, unmanaged
 
 
 def upgrade_many(targets: Sequence[PgTarget], *, script_location: Path | None = None,
@@ -95,18 +117,19 @@ def upgrade_chunk(envs: list[Environment], script_location: Path | None,
 
 
 def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
-                     script_location: Path | None = None) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
+                     script_location: Path | None = None,
+                     parallel: int = 1) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
     """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
 
     The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
     then sent to each schema as one script in one transaction (search_path set to that
-    schema, history rows included), under the schema's advisory lock. Returns what each
-    compiled run did, by schema, and the targets left for a regular Alembic run: every
+    schema, history rows included), under the schema's advisory lock. With ``parallel``
+    > 1, that many connections (one thread each) take schemas from one queue. Returns what
+    each compiled run did, by schema, and the targets left for a regular Alembic run: every
     one when offline mode cannot express the path (reads from the live database,
     autocommit blocks), and any target another run moved meanwhile.
     """
     from alembic import command
-    from psycopg import sql
 
     if not targets or any(t.primary for t in targets):
         return {}, list(targets)
@@ -122,78 +145,151 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     body = out.getvalue().strip()
     if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
         return {}, list(targets)  # an autocommit block: each schema runs through Alembic
-    body = body[6:-7].strip()
-    done: dict[str, SchemaRun] = {}
-    leftovers: list[PgTarget] = []
+    work = _CompiledWork(start, body[6:-7].strip(), revisions)
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
     for group in by_url.values():
-        waiting = list(group)
-        while waiting:  # a target's failure is its own outcome; the others go on, on a fresh connection if need be
+        queue = deque(group)
+        lanes = min(parallel, len(group))
+        if lanes <= 1:
+            work.drain(queue)
+            continue
+        threads = [threading.Thread(target=work.drain, args=(queue,), name=f"momentry-db lane {i + 1}")
+                   for i in range(lanes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    order = {t.schema: i for i, t in enumerate(targets)}
+    return work.done, sorted(work.leftovers, key=lambda t: order[t.schema])
+
+
+class _CompiledWork:
+    """One compiled script and what its runs did; each lane drains the shared queue on its own connection."""
+
+    def __init__(self, start: tuple[str, ...], body: str, revisions: list[Any]) -> None:
+        self.start, self.body, self.revisions = start, body, revisions
+        self.done: dict[str, SchemaRun] = {}
+        self.leftovers: list[PgTarget] = []
+        self.emitting = threading.Lock()  # lanes report one event at a time
+
+    def drain(self, queue: deque[PgTarget]) -> None:
+        """Take targets until the queue is empty; a target's failure is its own outcome, and the lane
+        goes on, on a fresh connection if need be."""
+        from psycopg import sql
+
+        while queue:
             try:
-                raw = connect(waiting[0])
-            except MomentryError as exc:
-                done.update({target.schema: SchemaRun(error=exc) for target in waiting})
-                break
+                raw = connect(queue[0])
+            except IndexError:
+                return  # another lane took the last one
+            except MomentryError as exc:  # unreachable: so is every target still waiting
+                while True:
+                    try:
+                        self.done[queue.popleft().schema] = SchemaRun(error=exc)
+                    except IndexError:
+                        return
             with raw:
                 conn = raw.execution_options(isolation_level="AUTOCOMMIT")
-                while waiting:
-                    target = waiting.pop(0)
+                while True:
                     try:
-                        ran = _run_compiled(conn, target, start, body, revisions, sql)
+                        target = queue.popleft()
+                    except IndexError:
+                        return
+                    try:
+                        ran = _run_compiled(conn, target, self.start, self.body, self.revisions, sql,
+                                            self.emitting)
                     except MomentryError as exc:
-                        done[target.schema] = SchemaRun(error=exc)
+                        self.done[target.schema] = SchemaRun(error=exc)
                         continue
                     except Exception as exc:  # noqa: BLE001 - the connection may be unusable now
-                        done[target.schema] = SchemaRun(error=failure(target, exc))
+                        self.done[target.schema] = SchemaRun(error=failure(target, exc))
                         break
                     if ran is None:
-                        leftovers.append(target)
+                        self.leftovers.append(target)
                     else:
-                        done[target.schema] = ran
-    return done, leftovers
+                        self.done[target.schema] = ran
+
+
+# SQLSTATEs the guard raises: the schema's lock is held by another session, or the schema moved since the plan
+LOCKED = "MDLCK"
+MOVED = "MDMOV"
+
+
+def _guard_sql(target: PgTarget, start: tuple[str, ...]) -> str:
+    """A DO block, first in the schema's transaction: take its lock without waiting, then (in a snapshot
+    taken after the lock) check that its alembic_version still holds ``start``."""
+    from .connection import quote_literal
+
+    table = quote_literal(f"{quote_ident(target.schema)}.alembic_version")
+    expected = "ARRAY[" + ", ".join(quote_literal(v) for v in sorted(start)) + "]::text[]"
+    return (f"DO $momentry$\nDECLARE found text[] := '{{}}';\nBEGIN\n"
+            f"  IF NOT pg_try_advisory_xact_lock({LOCK_CLASS}, hashtext({quote_literal(target.schema)})) THEN\n"
+            f"    RAISE EXCEPTION 'migration lock held' USING ERRCODE = '{LOCKED}';\n  END IF;\n"
+            f"  IF to_regclass({table}) IS NOT NULL THEN\n"
+            f"    EXECUTE 'SELECT coalesce(array_agg(version_num::text ORDER BY version_num COLLATE \"C\"), ''{{}}'') "
+            f"FROM ' || {table} INTO found;\n  END IF;\n"
+            f"  IF found IS DISTINCT FROM {expected} THEN\n"
+            f"    RAISE EXCEPTION 'moved since the plan' USING ERRCODE = '{MOVED}';\n  END IF;\nEND $momentry$")
 
 
 def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
-                  revisions: list[Any], sql: Any) -> SchemaRun | None:
-    """Run the compiled script on one schema: what it did, or None when the schema moved since the plan."""
+                  revisions: list[Any], sql: Any, emitting: threading.Lock) -> SchemaRun | None:
+    """Run the compiled script on one schema: what it did, or None when the schema moved since the plan.
+
+    One round trip when nobody else holds the schema: the session settings, the transaction with
+    the lock and revision guard, the script and its history rows, the commit and ``RESET ALL`` go
+    as one simple-query message. When another session holds the lock, wait for it the usual way
+    (``acquire_lock``, bounded by ``lock_wait``) and send the same message again.
+    """
     import sqlalchemy as sa
 
     schema = sql.Identifier(target.schema)
-    acquire_lock(conn, target)
+    share = sql.SQL("CAST(extract(epoch FROM clock_timestamp() - now()) * 1000 / {} AS integer)").format(
+        sql.Literal(len(revisions)))  # each step's equal share of the transaction's duration so far
+    history = sql.SQL("").join(
+        sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, duration_ms, outcome) "
+                "VALUES ({}, 'postgres', {}, {}, 'upgrade', {}, 'applied');\n").format(
+            schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
+            sql.Literal(r.revision), sql.Literal(r.doc or ""), share) for r in revisions)
+    script = sql.SQL("{settings};\nBEGIN;\n{guard};\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
+                     "SET search_path TO {schema};\n{history_ddl};\n").format(
+        settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
+        guard=sql.SQL(_guard_sql(target, start)),
+        schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
+    text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;\nRESET ALL;"
+    locked = reset = False
+    started = time.monotonic()
     try:
-        if current_heads(conn, target.schema) != tuple(sorted(start)):
-            return None  # moved by another run since the plan: Alembic takes it from here
-        history = sql.SQL("").join(
-            sql.SQL("INSERT INTO {}.{} (env, store, step, description, direction, outcome) "
-                    "VALUES ({}, 'postgres', {}, {}, 'upgrade', 'applied');\n").format(
-                schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
-                sql.Literal(r.revision), sql.Literal(r.doc or "")) for r in revisions)
-        script = sql.SQL("{settings};\nBEGIN;\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
-                         "SET search_path TO {schema};\n{history_ddl};\n").format(
-            settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
-            schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
-        text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;"
-        started = time.monotonic()
-        try:
-            conn.exec_driver_sql(text)
-        except sa.exc.DBAPIError as exc:
-            conn.exec_driver_sql("ROLLBACK")
-            first, last = revisions[0].revision, revisions[-1].revision
-            step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
-            reason = str(exc.orig or exc).strip().splitlines()[0]
-            error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
-            record_failure(conn, target, error, started)
-            return SchemaRun(error=error)
-        # The script ran as one unit: each of its steps gets an equal share of its duration.
-        share = int((time.monotonic() - started) * 1000 / len(revisions))
-        conn.exec_driver_sql(sql.SQL("UPDATE {}.{} SET duration_ms = {} WHERE duration_ms IS NULL").format(
-            schema, sql.Identifier(HISTORY_TABLE), sql.Literal(share)).as_string(None))
+        while True:
+            try:
+                conn.exec_driver_sql(text)
+                reset = True
+                break
+            except sa.exc.DBAPIError as exc:
+                conn.exec_driver_sql("ROLLBACK")
+                state = getattr(exc.orig, "sqlstate", None)
+                if state == MOVED:
+                    return None  # moved by another run since the plan: Alembic takes it from here
+                if state == LOCKED and not locked:
+                    acquire_lock(conn, target)  # the session lock; the guard's own lock is then ours at once
+                    locked = True
+                    started = time.monotonic()
+                    continue
+                first, last = revisions[0].revision, revisions[-1].revision
+                step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
+                reason = str(exc.orig or exc).strip().splitlines()[0]
+                error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
+                record_failure(conn, target, error, started)
+                return SchemaRun(error=error)
         if target.emit is not None:
-            for r in revisions:
-                target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
+            with emitting:
+                for r in revisions:
+                    target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
         return SchemaRun(tuple(r.revision for r in revisions))
     finally:
-        conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
-        conn.exec_driver_sql("RESET ALL")
+        if locked:
+            conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
+        if not reset:
+            conn.exec_driver_sql("RESET ALL")

@@ -11,7 +11,7 @@ marking; only what is missing (or forbidden and held) is written, so a no-op run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -240,7 +240,8 @@ def _statements(role: str, changes: _Changes) -> list[str]:
     return [s.as_string(None) for s in out]
 
 
-def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] = ()) -> list[str]:
+def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] = (), *,
+                  changed: Collection[str] = ()) -> list[str]:
     """Bring each target environment's role and grants up to date; return one notice per environment
     whose grants changed or could not be managed.
 
@@ -249,6 +250,8 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
     public (PostgreSQL before 15 grants it), so no login can plant a table or function there. When
     prod is among the targets, every other environment's existing role in ``everyone`` is also
     kept current on public's shared tables and views. Nothing is written when nothing is missing.
+    A schema named in ``changed`` (just upgraded) most likely lacks something, so its grants are
+    read once, under the lock, instead of first without it.
     """
     from sqlalchemy.exc import DBAPIError
 
@@ -270,7 +273,7 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
                 env = target.env
                 others = [e for e in everyone if target.primary and not e.primary and e.pg_grants]
                 try:
-                    done = _ensure_one(conn, env, others)
+                    done = _ensure_one(conn, env, others, likely=target.schema in changed)
                 except (RefusedError, DBAPIError) as exc:
                     conn.rollback()
                     reason = str(exc.orig or exc) if isinstance(exc, DBAPIError) else str(exc)
@@ -283,8 +286,10 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
     return notices
 
 
-def _ensure_one(conn: Connection, env: Environment, others: Sequence[Environment]) -> str:
-    """Write what ``env``'s role (and, from prod, the others' roles in public) lack; say what changed."""
+def _ensure_one(conn: Connection, env: Environment, others: Sequence[Environment], *, likely: bool = False) -> str:
+    """Write what ``env``'s role (and, from prod, the others' roles in public) lack; say what changed.
+
+    Unless a change is ``likely``, a first read without the lock lets a no-op run write nothing."""
     def plan() -> tuple[list[tuple[Environment, _Changes]], bool]:
         relations = _relations(conn, env)
         found = [(env, _changes(conn, env, relations))]
@@ -294,17 +299,27 @@ def _ensure_one(conn: Connection, env: Environment, others: Sequence[Environment
                                               public_only=True)))
         return [(e, c) for e, c in found if c], _public_may_create(conn)
 
-    todo, public_create = plan()
-    conn.rollback()
-    if not todo and not public_create:
-        return ""  # a no-op run: two catalog reads, nothing written
     import sqlalchemy as sa
 
-    if any(c.create_role for _, c in todo) and not _may_manage_roles(conn):
-        raise RefusedError(f"role {env.pg_role} does not exist and login {_current_user(conn)} lacks CREATEROLE; "
-                           f"create it (CREATE ROLE {env.pg_role} NOLOGIN) or migrate with a login that may")
+    def may_write(todo: list[tuple[Environment, _Changes]]) -> None:
+        if any(c.create_role for _, c in todo) and not _may_manage_roles(conn):
+            raise RefusedError(f"role {env.pg_role} does not exist and login {_current_user(conn)} lacks "
+                               f"CREATEROLE; create it (CREATE ROLE {env.pg_role} NOLOGIN) or migrate with a "
+                               "login that may")
+
+    if not likely:
+        todo, public_create = plan()
+        conn.rollback()
+        if not todo and not public_create:
+            return ""  # a no-op run: two catalog reads, nothing written
+        may_write(todo)
     conn.execute(sa.text(_GRANTS_LOCK))
-    todo, public_create = plan()  # again, under the lock: another run may have done part of it
+    todo, public_create = plan()  # (again) under the lock: another run may have done part of it
+    if likely:
+        if not todo and not public_create:
+            conn.rollback()
+            return ""
+        may_write(todo)
     said: list[str] = []
     if public_create:
         conn.exec_driver_sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,12 +51,39 @@ def run_results(cfg: Config) -> dict[str, SchemaRun]:
 
 
 def load_script(script_location: Path | None) -> Any:
-    """The revision scripts, checked: each file loads, and they form one line from one base to one head."""
+    """The revision scripts, checked: each file loads, and they form one line from one base to one head.
+
+    Loaded once per process while the files stay as they are (a run over many schemas plans each
+    one; importing the revision files each time would cost more than the database's part).
+    """
     from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory(str(script_location or SCRIPT_LOCATION))
+    location = Path(script_location or SCRIPT_LOCATION).resolve()
+    key = _files_key(location)
+    cached = _LOADED.get(location)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    script = ScriptDirectory(str(location))
     check_revisions(script)
+    _LOADED[location] = (key, script)
     return script
+
+
+_LOADED: dict[Path, tuple[tuple[tuple[str, int, int], ...], Any]] = {}
+
+
+def _files_key(location: Path) -> tuple[tuple[str, int, int], ...]:
+    """Every file under the script location, with its size and modification time: a change shows."""
+    found = []
+    for path in location.rglob("*"):
+        if "__pycache__" in path.parts:
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        found.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
 
 
 def heads(script_location: Path | None) -> tuple[str, ...]:
@@ -148,10 +176,7 @@ def current_heads(conn: Connection, schema: str) -> tuple[str, ...]:
 def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | None = None,
          project: Project | None = None) -> TargetPlan:
     """Where a target stands and which revisions are pending, optionally with their SQL."""
-    from alembic.util import CommandError
-
-    script = load_script(script_location)
-    notes: tuple[str, ...] = ()
+    load_script(script_location)  # a broken history stops before any connection
     unmanaged: list[str] = []
     with connect(target) as conn:
         # One snapshot for both reads, so a concurrent first run is seen whole or not at all.
@@ -159,9 +184,24 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
         current = current_heads(conn, target.schema)
         if not current:
             unmanaged = unmanaged_tables(conn, target.schema)
-            if unmanaged:
-                notes = (f"{UNMANAGED}: {', '.join(unmanaged[:5])}"
-                         + (f" and {len(unmanaged) - 5} more" if len(unmanaged) > 5 else ""),)
+    found = plan_at(target, current, unmanaged, script_location=script_location)
+    if with_sql and found.pending:
+        sql = offline_sql(target, f"{current[0]}:head" if current else "head",
+                          script_location=script_location, project=project)
+        return replace(found, sql=sql)
+    return found
+
+
+def plan_at(target: PgTarget, current: tuple[str, ...], unmanaged: Sequence[str], *,
+            script_location: Path | None = None) -> TargetPlan:
+    """A target's plan from its recorded revisions and unmanaged tables, already read."""
+    from alembic.util import CommandError
+
+    script = load_script(script_location)
+    notes: tuple[str, ...] = ()
+    if unmanaged:
+        notes = (f"{UNMANAGED}: {', '.join(unmanaged[:5])}"
+                 + (f" and {len(unmanaged) - 5} more" if len(unmanaged) > 5 else ""),)
     head = tuple(sorted(script.get_heads()))
     try:
         revisions = list(script.iterate_revisions("heads", current[0] if current else "base"))
@@ -170,11 +210,7 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
                          f"{exc}; is this checkout older than the database?") from None
     pending = tuple(Step(STORE, target.env.name, target.schema, r.revision, r.doc or "")
                     for r in reversed(revisions))
-    sql = None
-    if with_sql and pending:
-        sql = offline_sql(target, f"{current[0]}:head" if current else "head",
-                          script_location=script_location, project=project)
-    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, sql, notes, tuple(unmanaged))
+    return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, None, notes, tuple(unmanaged))
 
 
 def offline_sql(target: PgTarget, revision_range: str, *, script_location: Path | None = None,
