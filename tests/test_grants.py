@@ -344,3 +344,35 @@ def test_verify_names_a_function_that_runs_with_its_owners_rights(granted: Grant
         f"login {granted.login}: EXECUTE on function peek() (SECURITY DEFINER)")}
     db.execute("REVOKE EXECUTE ON FUNCTION public.peek() FROM PUBLIC")
     assert _verify(granted) == (0, {})
+
+
+def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: Granted) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    from momentry_db import command
+
+    project, db = granted.project, granted.database
+    role = granted.roles["dev"]
+    assert project.cli("migrate", "--env", "prod", "--env", "dev", "--store", "postgres").code == 0
+    stamp = db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'")
+    assert stamp[0][0].startswith("momentry-db grants v1 ")
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        result = command.migrate(load_project(project.root, project.environ), ["prod", "dev"], stores=["postgres"])
+    finally:
+        event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    assert [(t["env"], t["outcome"]) for t in result.to_json()["targets"]] == [("prod", "up to date"),
+                                                                               ("dev", "up to date")]
+    assert [s for s in statements if "has_table_privilege" in s or "COMMENT ON ROLE" in s] == []
+    # A table made by hand outside a migration moves the state: the next run grants it, and stamps again.
+    db.execute("CREATE TABLE dev.by_hand (id int)")
+    result = project.cli("migrate", "--env", "dev", "--store", "postgres")
+    assert (result.code, result.err.splitlines()) == (0, [f"postgres dev: role {role}: 4 privilege(s) granted"])
+    assert db.query(f"SELECT has_table_privilege('{role}', 'dev.by_hand', 'INSERT')") == [(True,)]
+    assert db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'") != stamp

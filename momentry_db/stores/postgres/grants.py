@@ -240,6 +240,76 @@ def _statements(role: str, changes: _Changes) -> list[str]:
     return [s.as_string(None) for s in out]
 
 
+#: What a role's grants depend on, in one read per database: the relations of each schema (name and
+#: kind), and the ACL entries of each role, and of PUBLIC (grantee 0), per schema.
+_STATE = """
+WITH rels AS (
+    SELECT n.nspname::text AS s, c.relname::text AS name, c.relkind::text AS kind, c.relacl AS acl
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = ANY(CAST(:schemas AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+), acls AS (
+    SELECT r.s, r.name, a.grantee, a.privilege_type FROM rels r, aclexplode(r.acl) a
+    UNION ALL
+    SELECT n.nspname::text, '', a.grantee, a.privilege_type
+    FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+    WHERE n.nspname = ANY(CAST(:schemas AS text[]))
+)
+SELECT 'schema', s, md5(string_agg(name || ':' || kind, ',' ORDER BY name)) FROM rels GROUP BY s
+UNION ALL
+SELECT 'acl', coalesce(g.rolname, '') || '@' || a.s,
+       md5(string_agg(a.name || ':' || a.privilege_type, ',' ORDER BY a.name, a.privilege_type))
+FROM acls a LEFT JOIN pg_roles g ON g.oid = a.grantee
+WHERE a.grantee = 0 OR g.rolname = ANY(CAST(:roles AS text[]))
+GROUP BY g.rolname, a.s
+UNION ALL
+SELECT 'stamp', rolname::text, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = ANY(CAST(:roles AS text[]))
+UNION ALL
+SELECT 'database', '', current_database()
+"""
+_STAMP_PREFIX = "momentry-db grants v1 "
+
+
+def _grant_state(conn: Connection, envs: Sequence[Environment]) -> dict[tuple[str, str], str | None]:
+    """``_STATE`` for ``envs``' schemas and roles (and public), keyed by (what, name)."""
+    import sqlalchemy as sa
+
+    rows = conn.execute(sa.text(_STATE), {"schemas": sorted({PRIMARY_SCHEMA, *(e.schema for e in envs)}),
+                                          "roles": sorted({e.pg_role for e in envs})})
+    return {(what, name): value for what, name, value in rows}
+
+
+def _fingerprint(state: dict[tuple[str, str], str | None], env: Environment, others: Sequence[Environment]) -> str:
+    """What ``env``'s grants were last made current against: its schema's and public's relations, the
+    ACL entries of its role (and, for prod, the other roles) and of PUBLIC, in this database."""
+    import hashlib
+
+    def acl(role: str, schema: str) -> str | None:
+        return state.get(("acl", f"{role}@{schema}"))
+
+    parts = [state.get(("database", "")), env.schema, env.pg_role, state.get(("schema", env.schema)),
+             state.get(("schema", PRIMARY_SCHEMA)), acl("", env.schema), acl("", PRIMARY_SCHEMA),
+             acl(env.pg_role, env.schema), acl(env.pg_role, PRIMARY_SCHEMA)]
+    for other in sorted(others, key=lambda e: e.pg_role):  # prod keeps the others' roles current in public
+        parts += [other.pg_role, ("stamp", other.pg_role) in state, acl(other.pg_role, PRIMARY_SCHEMA)]
+    return _STAMP_PREFIX + hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def _stamp(conn: Connection, env: Environment, others: Sequence[Environment]) -> None:
+    """Record on the role (its comment) the state its grants were made current against, so a later
+    run that finds the same state skips reading every privilege. A login that may not comment on
+    the role only loses that shortcut."""
+    from psycopg import sql
+    from sqlalchemy.exc import DBAPIError
+
+    text = _fingerprint(_grant_state(conn, [env, *others]), env, others)
+    try:
+        conn.exec_driver_sql(sql.SQL("COMMENT ON ROLE {} IS {}").format(
+            sql.Identifier(env.pg_role), sql.Literal(text)).as_string(None))
+        conn.commit()
+    except DBAPIError:
+        conn.rollback()
+
+
 def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] = (), *,
                   changed: Collection[str] = ()) -> list[str]:
     """Bring each target environment's role and grants up to date; return one notice per environment
@@ -269,11 +339,22 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
             notices.append(f"postgres: grants not managed: {exc}")
             continue
         with conn:
+            others_of = {t.schema: [e for e in everyone if t.primary and not e.primary and e.pg_grants]
+                         for t in group}
+            try:
+                state = _grant_state(conn, [t.env for t in group] + [e for o in others_of.values() for e in o])
+            except DBAPIError:
+                state = {}  # no shortcut: every environment's privileges are read
+            conn.rollback()
             for target in group:
                 env = target.env
-                others = [e for e in everyone if target.primary and not e.primary and e.pg_grants]
+                others = others_of[target.schema]
+                if target.schema not in changed and state.get(("stamp", env.pg_role)) == _fingerprint(
+                        state, env, others):
+                    continue  # nothing it depends on moved since its grants were last made current
                 try:
                     done = _ensure_one(conn, env, others, likely=target.schema in changed)
+                    _stamp(conn, env, others)
                 except (RefusedError, DBAPIError) as exc:
                     conn.rollback()
                     reason = str(exc.orig or exc) if isinstance(exc, DBAPIError) else str(exc)
