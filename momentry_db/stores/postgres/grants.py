@@ -294,17 +294,20 @@ def _fingerprint(state: dict[tuple[str, str], str | None], env: Environment, oth
     return _STAMP_PREFIX + hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
 
 
-def _stamp(conn: Connection, env: Environment, others: Sequence[Environment]) -> None:
-    """Record on the role (its comment) the state its grants were made current against, so a later
-    run that finds the same state skips reading every privilege. A login that may not comment on
-    the role only loses that shortcut."""
+def _stamp(conn: Connection, ensured: Sequence[tuple[Environment, Sequence[Environment]]]) -> None:
+    """Record on each role just made current (its comment) the state its grants were made current
+    against, read once for all of them, so a later run that finds the same state skips reading every
+    privilege. A login that may not comment on a role only loses that shortcut."""
     from psycopg import sql
     from sqlalchemy.exc import DBAPIError
 
-    text = _fingerprint(_grant_state(conn, [env, *others]), env, others)
+    if not ensured:
+        return
     try:
-        conn.exec_driver_sql(sql.SQL("COMMENT ON ROLE {} IS {}").format(
-            sql.Identifier(env.pg_role), sql.Literal(text)).as_string(None))
+        state = _grant_state(conn, [e for env, others in ensured for e in (env, *others)])
+        for env, others in ensured:
+            conn.exec_driver_sql(sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                sql.Identifier(env.pg_role), sql.Literal(_fingerprint(state, env, others))).as_string(None))
         conn.commit()
     except DBAPIError:
         conn.rollback()
@@ -346,6 +349,7 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
             except DBAPIError:
                 state = {}  # no shortcut: every environment's privileges are read
             conn.rollback()
+            ensured: list[tuple[Environment, list[Environment]]] = []
             for target in group:
                 env = target.env
                 others = others_of[target.schema]
@@ -354,7 +358,7 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
                     continue  # nothing it depends on moved since its grants were last made current
                 try:
                     done = _ensure_one(conn, env, others, likely=target.schema in changed)
-                    _stamp(conn, env, others)
+                    ensured.append((env, others))
                 except (RefusedError, DBAPIError) as exc:
                     conn.rollback()
                     reason = str(exc.orig or exc) if isinstance(exc, DBAPIError) else str(exc)
@@ -364,6 +368,7 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
                     continue
                 if done:
                     notices.append(f"postgres {env.name}: role {env.pg_role}: {done}")
+            _stamp(conn, ensured)
     return notices
 
 
