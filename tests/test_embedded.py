@@ -330,3 +330,18 @@ def test_a_port_taken_at_bind_time_is_retried_on_another(embedded: Project, stat
     assert log.count("Address already in use") == 1
     assert _alive(_record(state)["pid"])
     assert "mongo dev (database momentry_dev): applied 0002_cache" in result.out
+
+
+def test_two_concurrent_first_runs_start_one_embedded_postgresql(traversable_tmp: Path) -> None:
+    """Two commands that both find no embedded PostgreSQL yet: one creates and starts it, the other
+    waits for it and reuses it (neither fails on the half-made data directory)."""
+    state = traversable_tmp / "state"
+    code = "import sys; from pathlib import Path; from momentry_db.stores.embedded import embedded_url; " \
+           "print(embedded_url(Path(sys.argv[1])))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(state)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=clean_environ()) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    urls = [out.strip() for out, _ in outputs]
+    assert urls[0] == urls[1] and urls[0].startswith("postgresql+psycopg://") and "/momentry?" in urls[0], urls
+    assert len(list((state / "pg").glob("postmaster.pid"))) == 1

@@ -23,10 +23,17 @@ def embedded_url(state_dir: Path) -> str:
     The server keeps running after the command ends, so later commands reuse it;
     ``momentry-db embedded stop`` stops it.
     """
+    import fcntl
+
     pgserver = _pgserver()
     state_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(state_dir / "pg", cleanup_mode=None)
-    _ensure_database(server.get_uri(), EMBEDDED_DATABASE)
+    with open(state_dir / "pg.start.lock", "a+") as lock:  # concurrent first runs start one server
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            server = pgserver.get_server(state_dir / "pg", cleanup_mode=None)
+            _ensure_database(server.get_uri(), EMBEDDED_DATABASE)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     uri: str = server.get_uri(EMBEDDED_DATABASE)
     return uri.replace("postgresql://", "postgresql+psycopg://", 1)
 
@@ -40,7 +47,7 @@ def _ensure_database(admin_uri: str, name: str) -> None:
         if not exists:
             try:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            except psycopg.errors.DuplicateDatabase:  # created by a concurrent first run
+            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):  # created meanwhile
                 pass
 
 
