@@ -45,6 +45,19 @@ TIMEOUT_MS = 5000
 LOCK_LEASE = dt.timedelta(seconds=30)
 
 
+def unreachable_reason(exc: Exception, secrets: list[str]) -> str:
+    """Why a server could not be reached, in one line and without secrets.
+
+    A server that accepts connections but never answers ends either as the monitor's "HOST: timed out"
+    or as the selection's "No servers found yet", whichever of the two equal timeouts fires first;
+    both mean the same thing and are reported as one.
+    """
+    reason = str(exc).split(",")[0].split("\n")[0].split(" (configured timeouts")[0]
+    if reason.startswith("No servers found yet") or reason.endswith("timed out"):
+        reason = f"no answer within {TIMEOUT_MS // 1000}s"
+    return scrub(reason, secrets)
+
+
 class Clock:
     """The time the migration lock reads: lease instants, the wait's deadline, and the pause between looks.
 
@@ -221,8 +234,7 @@ class MongoTarget:
                          f"{self._opened.server.home / 'server.log'})")
             else:
                 where = "the server"
-            reason = str(exc).split(",")[0].split("\n")[0].split(" (configured timeouts")[0]
-            reason = scrub(reason, self.env.secrets())
+            reason = unreachable_reason(exc, self.env.secrets())
             raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
         return client[self.database]
 

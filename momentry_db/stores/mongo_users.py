@@ -12,9 +12,9 @@ from typing import Any
 
 from ..environments import Environment, mask_url, scrub, secret_parts
 from ..errors import ConfigError, RefusedError, UnreachableError
+from .mongo import TIMEOUT_MS, unreachable_reason
 
 STORE = "mongo"
-TIMEOUT_MS = 5000
 PROBE = "momentry_acl_probe"  # a collection read (never written) by the verify check
 UNAUTHORIZED = 13
 COMMAND_NOT_FOUND = 59
@@ -105,8 +105,7 @@ def grant(env: Environment, admin_url: str, *, revoke: bool = False) -> list[str
         raise RefusedError(f"mongo: the administrative URL {shown} was refused ({reason}); it needs a user "
                            "allowed to manage users (userAdmin or root)") from None
     except PyMongoError as exc:
-        raise UnreachableError(f"mongo: cannot reach {shown} within {TIMEOUT_MS // 1000}s: "
-                               f"{scrub(str(exc).split(',')[0], secrets)}") from None
+        raise UnreachableError(f"mongo: cannot reach {shown}: {unreachable_reason(exc, secrets)}") from None
     finally:
         client.close()
 
@@ -181,7 +180,7 @@ def check(result: Any, env: Environment, others: list[Environment]) -> None:
         reason = scrub(str(exc.details.get("errmsg") if exc.details else exc), secrets)
         result.add(STORE, name, [f"cannot log in as {who.user} or read as it: {reason}; {grant_hint}"])
     except PyMongoError as exc:
-        result.add(STORE, name, [f"cannot reach {env.mongodb_url.masked}: {scrub(str(exc).split(',')[0], secrets)}"])
+        result.add(STORE, name, [f"cannot reach {env.mongodb_url.masked}: {unreachable_reason(exc, secrets)}"])
     finally:
         anonymous.close()
         user.close()
