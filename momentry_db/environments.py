@@ -219,19 +219,68 @@ class Registry:
 
     def check_distinct(self) -> None:
         """Refuse two environments whose schema, database, collection, prefix or env file overlap."""
-        for label, value_of in (
-            ("schema", EnvSpec.default_schema),
-            ("MongoDB database", EnvSpec.default_database),
-            ("Qdrant collection", EnvSpec.default_collection),
-            ("Redis prefix", EnvSpec.default_prefix),
-            ("env file", EnvSpec.default_env_file),
-            ("PostgreSQL role", EnvSpec.default_role),
-        ):
+        for label, value_of in NAME_KINDS:
+            index = self.index(label)
             for i, spec in enumerate(self.specs):
-                for other in self.specs[:i]:
-                    if names_clash(label, value_of(spec), value_of(other)):
-                        raise ConfigError(f"environments {other.name} and {spec.name} would share the "
-                                          f"{label} {value_of(other)!r} / {value_of(spec)!r}")
+                earlier = [j for j in index.clashing(value_of(spec)) if j < i]
+                if earlier:
+                    other = self.specs[min(earlier)]
+                    raise ConfigError(f"environments {other.name} and {spec.name} would share the "
+                                      f"{label} {value_of(other)!r} / {value_of(spec)!r}")
+
+    def index(self, label: str) -> NameIndex:
+        """Every environment's default name for one store (a ``NAME_KINDS`` label), indexed."""
+        cache = self.__dict__.setdefault("_names", {})  # frozen: a cache outside the fields
+        if label not in cache:
+            value_of = dict(NAME_KINDS)[label]
+            cache[label] = NameIndex(label, [value_of(s) for s in self.specs])
+        return cache[label]
+
+
+#: Each store's name for an environment, as the registry checks them for overlap.
+NAME_KINDS = (
+    ("schema", EnvSpec.default_schema),
+    ("MongoDB database", EnvSpec.default_database),
+    ("Qdrant collection", EnvSpec.default_collection),
+    ("Redis prefix", EnvSpec.default_prefix),
+    ("env file", EnvSpec.default_env_file),
+    ("PostgreSQL role", EnvSpec.default_role),
+)
+
+
+class NameIndex:
+    """Many environments' names for one store, looked up for clashes (``names_clash``) without
+    comparing every pair: a run over hundreds of environments checks each name once."""
+
+    def __init__(self, label: str, values: list[str]) -> None:
+        self.label, self.values = label, values
+        self.exact: dict[object, list[int]] = {}
+        for i, value in enumerate(values):
+            self.exact.setdefault(self._key(value), []).append(i)
+        self.ordered = sorted((v, i) for i, v in enumerate(values))
+
+    def _key(self, value: str) -> object:
+        return Path(value) if self.label == "env file" else value
+
+    def clashing(self, value: str) -> list[int]:
+        """The positions of every name that clashes with ``value``, in order."""
+        candidates = set(self.exact.get(self._key(value), ()))
+        starts: list[str] = []  # names that start with one of these clash
+        if self.label == "Redis prefix":
+            candidates.update(i for k in range(len(value)) for i in self.exact.get(value[:k], ()))
+            starts.append(value)
+        elif self.label == "Qdrant collection":
+            candidates.update(i for k in range(len(value)) if value.startswith("__", k)
+                              for i in self.exact.get(value[:k], ()))
+            starts.append(value + "__")
+        for start in starts:
+            from bisect import bisect_left
+
+            at = bisect_left(self.ordered, (start, -1))
+            while at < len(self.ordered) and self.ordered[at][0].startswith(start):
+                candidates.add(self.ordered[at][1])
+                at += 1
+        return sorted(i for i in candidates if names_clash(self.label, value, self.values[i]))
 
 
 def names_clash(label: str, mine: str, theirs: str) -> bool:

@@ -19,7 +19,6 @@ from .environments import (
     Registry,
     Secret,
     SecretURL,
-    names_clash,
     secret_parts,
     validate_collection,
     validate_env_name,
@@ -343,21 +342,18 @@ def _url(value: str | None) -> SecretURL | None:
 def _refuse_foreign_names(registry: Registry, spec: EnvSpec, schema: str, database: str,
                           collection: str, prefix: str) -> None:
     """Refuse a name that reaches another environment's data, so dev can never be pointed at prod."""
-    for other in registry.specs:
-        if other.name == spec.name:
-            continue
-        for label, mine, theirs in (
-            ("schema", schema, other.default_schema()),
-            ("MongoDB database", database, other.default_database()),
-            ("Qdrant collection", collection, other.default_collection()),
-            ("Redis prefix", prefix, other.default_prefix()),
-        ):
-            if names_clash(label, mine, theirs):
-                raise ConfigError(
-                    f"{spec.name}'s {label} {mine!r} reaches environment {other.name}'s {theirs!r}; "
-                    f"check DATABASE_SCHEMA / MONGODB_DATABASE / QDRANT_COLLECTION / "
-                    f"MOMENTRY_REDIS_PREFIX for {spec.name}"
-                )
+    mine = {"schema": schema, "MongoDB database": database, "Qdrant collection": collection, "Redis prefix": prefix}
+    found = [(j, k, label) for k, label in enumerate(mine)
+             for j in registry.index(label).clashing(mine[label]) if registry.specs[j].name != spec.name]
+    if found:
+        j, _, label = min(found)  # the first other environment, in declaration order
+        other = registry.specs[j]
+        theirs = registry.index(label).values[j]
+        raise ConfigError(
+            f"{spec.name}'s {label} {mine[label]!r} reaches environment {other.name}'s {theirs!r}; "
+            f"check DATABASE_SCHEMA / MONGODB_DATABASE / QDRANT_COLLECTION / "
+            f"MOMENTRY_REDIS_PREFIX for {spec.name}"
+        )
 
 
 def normalize_database_url(url: str) -> str:

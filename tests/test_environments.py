@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from momentry_db.environments import (mask_url, scrub, validate_collection, validate_env_name, validate_mongo_database,
+from momentry_db.environments import (NAME_KINDS, NameIndex, mask_url, names_clash, scrub, validate_collection, validate_env_name, validate_mongo_database,
                                       validate_pg_duration, validate_redis_prefix, validate_schema)
 from momentry_db.errors import ConfigError
 from momentry_db.settings import load_project, normalize_database_url, read_env_file
@@ -779,3 +781,27 @@ def test_an_env_file_that_links_to_another_environments_is_refused(tmp_path: Pat
     assert str(info.value) == (f"environments prod and staging would share the env file '.env' / '.env.staging' "
                                f"(both are '{tmp_path / '.env'}'); set env_file in momentry-db.toml to a file of "
                                "its own")
+
+
+FAST = settings(max_examples=200, deadline=None)
+_NAME_PIECES = st.sampled_from(["a", "b", "x", "_", "__", ":", "./", "v1"])
+
+
+@FAST
+@given(label=st.sampled_from([label for label, _ in NAME_KINDS]),
+       values=st.lists(st.lists(_NAME_PIECES, min_size=1, max_size=4).map("".join), min_size=1, max_size=12),
+       probe=st.lists(_NAME_PIECES, min_size=1, max_size=4).map("".join))
+def test_the_name_index_finds_exactly_the_names_that_clash_pairwise(label: str, values: list[str], probe: str) -> None:
+    index = NameIndex(label, values)
+    for value in [*values, probe]:
+        assert index.clashing(value) == [i for i, other in enumerate(values) if names_clash(label, value, other)]
+
+
+def test_three_hundred_environments_are_checked_for_clashes_and_one_clash_is_still_named(tmp_path: Path) -> None:
+    many = ",".join(f"e{i:03d}" for i in range(300))
+    assert len(project(tmp_path, {"MOMENTRY_EXTRA_ENVS": many}).registry.names) == 302
+    (tmp_path / "momentry-db.toml").write_text('[environments]\nlate = { prefix = "momentry_e123:x:" }\n')
+    with pytest.raises(ConfigError) as info:
+        project(tmp_path, {"MOMENTRY_EXTRA_ENVS": many}, toml=None)
+    assert str(info.value) == ("environments late and e123 would share the Redis prefix 'momentry_e123:x:' / "
+                               "'momentry_e123:'")

@@ -15,14 +15,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..environments import Environment, scrub
+from ..environments import Environment, Secret, scrub
 from ..errors import ConfigError, LockTimeoutError, StoreError, StoreUnreachableError
 from ..locks import HeldLock
 from ..plan import Step, TargetPlan
@@ -45,7 +45,7 @@ TIMEOUT_MS = 5000
 LOCK_LEASE = dt.timedelta(seconds=30)
 
 
-def unreachable_reason(exc: Exception, secrets: list[str]) -> str:
+def unreachable_reason(exc: Exception, secrets: Iterable[str | Secret]) -> str:
     """Why a server could not be reached, in one line and without secrets.
 
     A server that accepts connections but never answers ends either as the monitor's "HOST: timed out"
