@@ -376,3 +376,42 @@ def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: 
     assert (result.code, result.err.splitlines()) == (0, [f"postgres dev: role {role}: 4 privilege(s) granted"])
     assert db.query(f"SELECT has_table_privilege('{role}', 'dev.by_hand', 'INSERT')") == [(True,)]
     assert db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'") != stamp
+
+
+def test_one_environment_whose_grants_fail_does_not_stop_the_others_in_one_run(granted: Granted) -> None:
+    """The roles of a run are made current in one transaction; when it fails, each environment is
+    retried on its own, and only the one at fault reports it."""
+    db, project = granted.database, granted.project
+    owner = granted.create_login("owner")
+    roles = {env: granted.declare(env) for env in ("pr-7", "pr-8", "pr-9")}
+    db.execute(f"GRANT CREATE ON DATABASE {db.name} TO {owner}; "  # and may pass on public's shared tables
+               f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {owner} WITH GRANT OPTION; "
+               f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {owner} WITH GRANT OPTION; " + "".join(
+        f"CREATE ROLE {role} NOLOGIN; " for env, role in roles.items() if env != "pr-9"))
+    url = as_login(db.url, owner, granted.password)
+    args = ["migrate", "--env", "pr-7", "--env", "pr-8", "--env", "pr-9", "--store", "postgres"]
+    first = project.cli(*args, env={"DATABASE_URL": url})
+    assert first.code == 0, first.err
+    everything = 1 + (12 + 16) * (4 + 2) + 4  # USAGE on public comes with PUBLIC's; the rest as below
+    assert first.err.splitlines() == [
+        f"postgres pr-7: role {roles['pr-7']}: {everything} privilege(s) granted",
+        f"postgres pr-8: role {roles['pr-8']}: {everything} privilege(s) granted",
+        f"postgres pr-9: grants not managed (role {roles['pr-9']} does not exist and login {owner} lacks "
+        f"CREATEROLE; create it (CREATE ROLE {roles['pr-9']} NOLOGIN) or migrate with a login that may); "
+        "momentry-db verify --env pr-9 names what is missing"]
+    # pr-7's role lost a privilege, and pr-8's schema gained a table its migrating login may not grant on.
+    db.execute(f"REVOKE SELECT ON pr_7.videos FROM {roles['pr-7']}; CREATE TABLE pr_8.planted (id int)")
+    before = db.query("SELECT count(*) FROM pg_class WHERE relnamespace = 'pr_8'::regnamespace")
+    again = project.cli(*args, env={"DATABASE_URL": url})
+    assert again.code == 0, again.err
+    assert again.err.splitlines() == [
+        f"postgres pr-7: role {roles['pr-7']}: 1 privilege(s) granted",
+        "postgres pr-8: grants not managed (permission denied for table planted); momentry-db verify --env pr-8 "
+        "names what is missing",
+        f"postgres pr-9: grants not managed (role {roles['pr-9']} does not exist and login {owner} lacks "
+        f"CREATEROLE; create it (CREATE ROLE {roles['pr-9']} NOLOGIN) or migrate with a login that may); "
+        "momentry-db verify --env pr-9 names what is missing"]
+    assert db.query(f"SELECT has_table_privilege('{roles['pr-7']}', 'pr_7.videos', 'SELECT'), "
+                    f"has_table_privilege('{roles['pr-8']}', 'pr_8.planted', 'SELECT')") == [(True, False)]
+    assert db.query("SELECT count(*) FROM pg_class WHERE relnamespace = 'pr_8'::regnamespace") == before
+    db.execute("DROP TABLE pr_8.planted")

@@ -40,15 +40,18 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY(CAST(:schemas AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
 ORDER BY 1, 2
 """
+# The questions come as one JSON array (a role, kind, schema, name and privilege each): thousands
+# of them cost one parameter.
 _HELD = """
-SELECT CASE k WHEN 'schema' THEN has_schema_privilege(CAST(:role AS name), s, p)
-              WHEN 'sequence' THEN has_sequence_privilege(CAST(:role AS name), format('%I.%I', s, n), p)
-              WHEN 'function' THEN has_function_privilege(CAST(:role AS name), CAST(n AS oid), p)
-              ELSE has_table_privilege(CAST(:role AS name), format('%I.%I', s, n), p) END
-FROM unnest(CAST(:kinds AS text[]), CAST(:schemas AS text[]), CAST(:names AS text[]), CAST(:privs AS text[]))
-     WITH ORDINALITY AS x(k, s, n, p, i)
+SELECT CASE k WHEN 'schema' THEN has_schema_privilege(CAST(r AS name), s, p)
+              WHEN 'sequence' THEN has_sequence_privilege(CAST(r AS name), format('%I.%I', s, n), p)
+              WHEN 'function' THEN has_function_privilege(CAST(r AS name), CAST(n AS oid), p)
+              ELSE has_table_privilege(CAST(r AS name), format('%I.%I', s, n), p) END
+FROM json_array_elements(CAST(:asks AS json)) WITH ORDINALITY AS a(x, i),
+     LATERAL (SELECT x->>0, x->>1, x->>2, x->>3, x->>4) AS q(r, k, s, n, p)
 ORDER BY i
 """
+_EXISTING_ROLES = "SELECT rolname::text FROM pg_roles WHERE rolname = ANY(CAST(:roles AS text[]))"
 _HAS_ROLE = "SELECT pg_has_role(CAST(:m AS name), CAST(:r AS name), 'MEMBER')"
 _ROLE = "SELECT rolcanlogin, rolsuper FROM pg_roles WHERE rolname = :r"
 _MAY_MANAGE = "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
@@ -150,22 +153,36 @@ def forbidden(env: Environment, relations: Sequence[Relation]) -> list[Privilege
     return out
 
 
-def _relations(conn: Connection, env: Environment) -> list[Relation]:
+def _relations(conn: Connection, schemas: Collection[str]) -> list[Relation]:
+    """The tables, views and sequences of ``schemas``, in one read."""
     import sqlalchemy as sa
 
-    rows = conn.execute(sa.text(_RELATIONS), {"schemas": list(dict.fromkeys([env.schema, PRIMARY_SCHEMA]))})
+    rows = conn.execute(sa.text(_RELATIONS), {"schemas": sorted(set(schemas))})
     return [Relation(*row) for row in rows]
 
 
-def _held(conn: Connection, role: str, privileges: Sequence[Privilege]) -> list[bool]:
-    """Whether ``role`` holds each privilege, directly, through a role it belongs to, or through PUBLIC."""
+def _held_by(conn: Connection, asks: Sequence[tuple[str, Privilege]]) -> list[bool]:
+    """Whether each role holds its privilege, directly, through a role it belongs to, or through PUBLIC,
+    in one read however many roles and privileges are asked about."""
+    import json
+
     import sqlalchemy as sa
 
-    if not privileges:
+    if not asks:
         return []
-    return list(conn.execute(sa.text(_HELD), {
-        "role": role, "kinds": [p.kind for p in privileges], "schemas": [p.schema for p in privileges],
-        "names": [p.name for p in privileges], "privs": [p.privilege for p in privileges]}).scalars())
+    questions = json.dumps([[r, p.kind, p.schema, p.name, p.privilege] for r, p in asks])
+    return list(conn.execute(sa.text(_HELD), {"asks": questions}).scalars())
+
+
+def _held(conn: Connection, role: str, privileges: Sequence[Privilege]) -> list[bool]:
+    """Whether ``role`` holds each privilege (see ``_held_by``)."""
+    return _held_by(conn, [(role, p) for p in privileges])
+
+
+def _existing_roles(conn: Connection, roles: Collection[str]) -> set[str]:
+    import sqlalchemy as sa
+
+    return set(conn.execute(sa.text(_EXISTING_ROLES), {"roles": sorted(set(roles))}).scalars())
 
 
 def _role(conn: Connection, name: str) -> tuple[bool, bool] | None:
@@ -197,18 +214,55 @@ class _Changes:
         return self.create_role or bool(self.grant or self.revoke)
 
 
-def _changes(conn: Connection, env: Environment, relations: Sequence[Relation], *,
-             public_only: bool = False) -> _Changes:
-    """The difference between what the role holds and what it should. ``public_only`` limits it to
-    public's objects: prod's run keeps the other roles current on the shared tables it adds."""
-    want = wanted(env, relations)
-    deny = forbidden(env, relations)
-    if public_only:
-        want = [p for p in want if p.schema == PRIMARY_SCHEMA]
-    if _role(conn, env.pg_role) is None:
-        return _Changes(create_role=not public_only, grant=want if not public_only else [])
-    return _Changes(grant=[p for p, held in zip(want, _held(conn, env.pg_role, want)) if not held],
-                    revoke=[p for p, held in zip(deny, _held(conn, env.pg_role, deny)) if held])
+@dataclass(frozen=True)
+class _Job:
+    """One role to make current: an environment's own, or (from prod's run, ``public_only``) another
+    environment's existing role on public's shared objects. ``owner`` is the environment whose run
+    reports it."""
+
+    env: Environment
+    owner: Environment
+    public_only: bool = False
+
+
+def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Changes]], bool]:
+    """What each job's role lacks, or holds and must not, read in three queries however many jobs there
+    are; and whether PUBLIC may still create in public. Jobs are planned in order, as if each earlier
+    one were already written, so two jobs on one role never grant the same privilege twice."""
+    by_schema: dict[str, list[Relation]] = {}
+    for rel in _relations(conn, {PRIMARY_SCHEMA, *(j.env.schema for j in jobs)}):
+        by_schema.setdefault(rel.schema, []).append(rel)
+    public = by_schema.get(PRIMARY_SCHEMA, [])
+    existing = _existing_roles(conn, [j.env.pg_role for j in jobs])
+    wants: list[tuple[_Job, list[Privilege], list[Privilege]]] = []
+    for job in jobs:
+        env = job.env
+        mine = public if job.public_only or env.primary else by_schema.get(env.schema, []) + public
+        want = wanted(env, mine)
+        if job.public_only:
+            want = [p for p in want if p.schema == PRIMARY_SCHEMA]
+        wants.append((job, want, forbidden(env, mine)))
+    asks = [(job.env.pg_role, p) for job, want, deny in wants if job.env.pg_role in existing for p in (*want, *deny)]
+    held = dict(zip(asks, _held_by(conn, asks)))
+    planned: set[tuple[str, Privilege]] = set()  # granted (or revoked) by an earlier job
+    created: set[str] = set()
+    out: list[tuple[_Job, _Changes]] = []
+    for job, want, deny in wants:
+        role = job.env.pg_role
+        if role not in existing and (job.public_only or role in created):
+            if job.public_only:
+                continue  # another environment's role that does not exist yet: its own run creates it
+            changes = _Changes(grant=[p for p in want if (role, p) not in planned])
+        elif role not in existing:
+            changes = _Changes(create_role=True, grant=list(want))
+            created.add(role)
+        else:
+            changes = _Changes(grant=[p for p in want if not held[(role, p)] and (role, p) not in planned],
+                               revoke=[p for p in deny if held[(role, p)] and (role, p) not in planned])
+        planned.update((role, p) for p in (*changes.grant, *changes.revoke))
+        if changes:
+            out.append((job, changes))
+    return out, _public_may_create(conn)
 
 
 def _public_may_create(conn: Connection) -> bool:
@@ -218,6 +272,7 @@ def _public_may_create(conn: Connection) -> bool:
 
 
 def _statements(role: str, changes: _Changes) -> list[str]:
+    """The SQL that makes the change: one statement per kind of object and set of privileges."""
     from psycopg import sql
 
     ident = sql.Identifier(role)
@@ -228,15 +283,18 @@ def _statements(role: str, changes: _Changes) -> list[str]:
         out.append(sql.SQL("DO $momentry$ BEGIN " + create + "; EXCEPTION WHEN duplicate_object OR "
                            "unique_violation THEN NULL; END $momentry$"))
     for verb, items, to in (("GRANT", changes.grant, "TO"), ("REVOKE", changes.revoke, "FROM")):
-        groups: dict[tuple[str, str], list[Privilege]] = {}
+        privileges: dict[tuple[str, str, str], list[str]] = {}
         for p in items:
-            groups.setdefault((p.kind, p.privilege), []).append(p)
-        for (kind, privilege), group in groups.items():
-            names = sql.SQL(", ").join(sql.Identifier(p.schema) if kind == "schema"
-                                       else sql.Identifier(p.schema, p.name) for p in group)
-            out.append(sql.SQL("{verb} {privilege} ON {kind} {names} {to} {role}").format(
-                verb=sql.SQL(verb), privilege=sql.SQL(privilege), kind=sql.SQL(kind.upper()), names=names,
-                to=sql.SQL(to), role=ident))
+            privileges.setdefault((p.kind, p.schema, p.name), []).append(p.privilege)
+        groups: dict[tuple[str, tuple[str, ...]], list[tuple[str, str]]] = {}
+        for (kind, schema, name), held in privileges.items():
+            groups.setdefault((kind, tuple(held)), []).append((schema, name))
+        for (kind, privs), objects in groups.items():
+            names = sql.SQL(", ").join(sql.Identifier(schema) if kind == "schema"
+                                       else sql.Identifier(schema, name) for schema, name in objects)
+            out.append(sql.SQL("{verb} {privileges} ON {kind} {names} {to} {role}").format(
+                verb=sql.SQL(verb), privileges=sql.SQL(", ".join(privs)), kind=sql.SQL(kind.upper()),
+                names=names, to=sql.SQL(to), role=ident))
     return [s.as_string(None) for s in out]
 
 
@@ -305,9 +363,9 @@ def _stamp(conn: Connection, ensured: Sequence[tuple[Environment, Sequence[Envir
         return
     try:
         state = _grant_state(conn, [e for env, others in ensured for e in (env, *others)])
-        for env, others in ensured:
-            conn.exec_driver_sql(sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                sql.Identifier(env.pg_role), sql.Literal(_fingerprint(state, env, others))).as_string(None))
+        conn.exec_driver_sql(";\n".join(sql.SQL("COMMENT ON ROLE {} IS {}").format(
+            sql.Identifier(env.pg_role), sql.Literal(_fingerprint(state, env, others))).as_string(None)
+            for env, others in ensured))
         conn.commit()
     except DBAPIError:
         conn.rollback()
@@ -323,11 +381,10 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
     public (PostgreSQL before 15 grants it), so no login can plant a table or function there. When
     prod is among the targets, every other environment's existing role in ``everyone`` is also
     kept current on public's shared tables and views. Nothing is written when nothing is missing.
-    A schema named in ``changed`` (just upgraded) most likely lacks something, so its grants are
-    read once, under the lock, instead of first without it.
+    A role whose stamp shows that nothing it depends on moved is not read at all, unless its schema
+    is named in ``changed`` (just upgraded). The rest are read and written together, in a handful of
+    round trips however many environments there are.
     """
-    from sqlalchemy.exc import DBAPIError
-
     from ...errors import MomentryError
 
     notices: list[str] = []
@@ -342,83 +399,94 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
             notices.append(f"postgres: grants not managed: {exc}")
             continue
         with conn:
-            others_of = {t.schema: [e for e in everyone if t.primary and not e.primary and e.pg_grants]
-                         for t in group}
-            try:
-                state = _grant_state(conn, [t.env for t in group] + [e for o in others_of.values() for e in o])
-            except DBAPIError:
-                state = {}  # no shortcut: every environment's privileges are read
-            conn.rollback()
-            ensured: list[tuple[Environment, list[Environment]]] = []
-            for target in group:
-                env = target.env
-                others = others_of[target.schema]
-                if target.schema not in changed and state.get(("stamp", env.pg_role)) == _fingerprint(
-                        state, env, others):
-                    continue  # nothing it depends on moved since its grants were last made current
-                try:
-                    done = _ensure_one(conn, env, others, likely=target.schema in changed)
-                    ensured.append((env, others))
-                except (RefusedError, DBAPIError) as exc:
-                    conn.rollback()
-                    reason = str(exc.orig or exc) if isinstance(exc, DBAPIError) else str(exc)
-                    reason = scrub(reason.strip().splitlines()[0], env.secrets())
-                    notices.append(f"postgres {env.name}: grants not managed ({reason}); "
-                                   f"momentry-db verify --env {env.name} names what is missing")
-                    continue
-                if done:
-                    notices.append(f"postgres {env.name}: role {env.pg_role}: {done}")
-            _stamp(conn, ensured)
+            notices += _ensure_group(conn, group, everyone, changed)
     return notices
 
 
-def _ensure_one(conn: Connection, env: Environment, others: Sequence[Environment], *, likely: bool = False) -> str:
-    """Write what ``env``'s role (and, from prod, the others' roles in public) lack; say what changed.
+def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequence[Environment],
+                  changed: Collection[str]) -> list[str]:
+    """``ensure_grants`` for the targets of one database."""
+    from sqlalchemy.exc import DBAPIError
 
-    Unless a change is ``likely``, a first read without the lock lets a no-op run write nothing."""
-    def plan() -> tuple[list[tuple[Environment, _Changes]], bool]:
-        relations = _relations(conn, env)
-        found = [(env, _changes(conn, env, relations))]
-        for other in others:
-            if _role(conn, other.pg_role) is not None:
-                found.append((other, _changes(conn, other, [r for r in relations if r.schema == PRIMARY_SCHEMA],
-                                              public_only=True)))
-        return [(e, c) for e, c in found if c], _public_may_create(conn)
+    others_of = {t.schema: [e for e in everyone if t.primary and not e.primary and e.pg_grants] for t in group}
+    try:
+        state = _grant_state(conn, [t.env for t in group] + [e for o in others_of.values() for e in o])
+    except DBAPIError:
+        state = {}  # no shortcut: every environment's privileges are read
+    conn.rollback()
+    due = [(t.env, others_of[t.schema]) for t in group if t.schema in changed
+           or state.get(("stamp", t.env.pg_role)) != _fingerprint(state, t.env, others_of[t.schema])]
+    outcomes = _ensure(conn, due)
+    notices: list[str] = []
+    for env, _ in due:
+        outcome = outcomes.get(env.name, "")
+        if isinstance(outcome, Exception):
+            reason = str(outcome.orig or outcome) if isinstance(outcome, DBAPIError) else str(outcome)
+            reason = scrub(reason.strip().splitlines()[0], env.secrets())
+            notices.append(f"postgres {env.name}: grants not managed ({reason}); "
+                           f"momentry-db verify --env {env.name} names what is missing")
+        elif outcome:
+            notices.append(f"postgres {env.name}: role {env.pg_role}: {outcome}")
+    _stamp(conn, [(env, others) for env, others in due if not isinstance(outcomes.get(env.name), Exception)])
+    return notices
 
+
+def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Environment]]]) -> dict[str, str | Exception]:
+    """Write what each environment's role (and, from prod, the others' roles in public) lacks, in one
+    transaction; by environment, what changed, or why its grants could not be managed.
+
+    A first read without the lock lets a no-op run write nothing. When the one transaction fails,
+    each environment is tried on its own, so one refusal is that environment's alone."""
     import sqlalchemy as sa
+    from sqlalchemy.exc import DBAPIError
 
-    def may_write(todo: list[tuple[Environment, _Changes]]) -> None:
-        if any(c.create_role for _, c in todo) and not _may_manage_roles(conn):
-            raise RefusedError(f"role {env.pg_role} does not exist and login {_current_user(conn)} lacks "
-                               f"CREATEROLE; create it (CREATE ROLE {env.pg_role} NOLOGIN) or migrate with a "
-                               "login that may")
-
-    if not likely:
-        todo, public_create = plan()
-        conn.rollback()
-        if not todo and not public_create:
-            return ""  # a no-op run: two catalog reads, nothing written
-        may_write(todo)
+    own = {env.name for env, _ in items}  # a role made current by its own job needs no public-only one
+    jobs = [job for env, others in items
+            for job in (_Job(env, env), *(_Job(o, env, True) for o in others if o.name not in own))]
+    if not jobs:
+        return {}
+    todo, public_create = _plan(conn, jobs)
+    conn.rollback()
+    if not todo and not public_create:
+        return {}  # a no-op run: catalog reads only
     conn.execute(sa.text(_GRANTS_LOCK))
-    todo, public_create = plan()  # (again) under the lock: another run may have done part of it
-    if likely:
-        if not todo and not public_create:
-            conn.rollback()
-            return ""
-        may_write(todo)
-    said: list[str] = []
+    todo, public_create = _plan(conn, jobs)  # again, under the lock: another run may have done part of it
+    outcomes: dict[str, str | Exception] = {}
+    if any(c.create_role for _, c in todo) and not _may_manage_roles(conn):
+        user = _current_user(conn)
+        for job, changes in todo:
+            if changes.create_role:
+                outcomes[job.owner.name] = RefusedError(
+                    f"role {job.env.pg_role} does not exist and login {user} lacks CREATEROLE; create it "
+                    f"(CREATE ROLE {job.env.pg_role} NOLOGIN) or migrate with a login that may")
+        todo = [(job, changes) for job, changes in todo if job.owner.name not in outcomes]
+    said: dict[str, list[str]] = {}
+    statements: list[str] = []
     if public_create:
-        conn.exec_driver_sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-        said.append("CREATE on schema public revoked from PUBLIC")
-    for who, changes in todo:
-        for statement in _statements(who.pg_role, changes):
-            conn.exec_driver_sql(statement)
-        part = (["role created"] if changes.create_role else []) + (
+        first = next((env.name for env, _ in items if env.name not in outcomes), None)
+        if first is not None:
+            statements.append("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            said.setdefault(first, []).append("CREATE on schema public revoked from PUBLIC")
+    for job, changes in todo:
+        statements += _statements(job.env.pg_role, changes)
+        part = ", ".join((["role created"] if changes.create_role else []) + (
             [f"{len(changes.grant)} privilege(s) granted"] if changes.grant else []) + (
-            [f"{len(changes.revoke)} privilege(s) on public's isolated tables revoked"] if changes.revoke else [])
-        said.append(", ".join(part) if who is env else f"{who.pg_role} ({who.name}): " + ", ".join(part))
-    conn.commit()
-    return "; ".join(said)
+            [f"{len(changes.revoke)} privilege(s) on public's isolated tables revoked"] if changes.revoke else []))
+        said.setdefault(job.owner.name, []).append(
+            part if not job.public_only else f"{job.env.pg_role} ({job.env.name}): {part}")
+    try:
+        if statements:
+            conn.exec_driver_sql(";\n".join(statements))
+        conn.commit()
+    except DBAPIError as exc:
+        conn.rollback()
+        if len(items) == 1:
+            return {items[0][0].name: exc}
+        for item in items:  # each on its own: the failure is one environment's
+            if item[0].name not in outcomes:
+                outcomes.update(_ensure(conn, [item]) or {})
+        return outcomes
+    return {**outcomes, **{name: "; ".join(parts) for name, parts in said.items()}}
 
 
 def _current_user(conn: Connection) -> str:
@@ -513,7 +581,9 @@ def grant_login(target: PgTarget, login: str, everyone: Sequence[Environment], *
                 raise RefusedError(f"schema {env.schema} does not exist; run momentry-db migrate --env {env.name} "
                                    "first")
             conn.rollback()
-            _ensure_one(conn, env, ())
+            problem = _ensure(conn, [(env, ())]).get(env.name)
+            if isinstance(problem, Exception):
+                raise problem
             if not member:
                 conn.exec_driver_sql(sql.SQL("GRANT {} TO {}").format(role, ident).as_string(None))
                 changed.append(f"added to role {env.pg_role}")
@@ -565,7 +635,7 @@ def inspect(target: PgTarget, everyone: Sequence[Environment]) -> Privileges:
     with connect(target) as conn:
         if _role(conn, env.pg_role) is None:
             return Privileges(False)
-        relations = _relations(conn, env)
+        relations = _relations(conn, {env.schema, PRIMARY_SCHEMA})
         found = Privileges(True, [Subject(env.pg_role, False)])
         found.subjects += [Subject(n, bool(login), bool(su))
                            for n, login, su in conn.execute(sa.text(_MEMBERS), {"r": env.pg_role})]
