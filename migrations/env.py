@@ -1,8 +1,9 @@
 """Alembic entry point: resolve the targets, then run each schema on its own.
 
 ``alembic -x schema=dev upgrade head`` migrates dev only; with no ``-x``, every
-configured environment is migrated, public first. momentry-db passes its
-targets in ``config.attributes`` instead.
+configured environment is migrated, public first, on the path ``momentry-db migrate
+--all`` takes (schemas at the same revision run one compiled script each).
+momentry-db passes its targets in ``config.attributes`` instead.
 """
 
 import sys
@@ -34,12 +35,17 @@ if targets is None:  # a plain `alembic` call
         x_args = context.get_x_argument(as_dictionary=True)
         targets = postgres.targets_from_x_args(project, x_args)
         postgres.refuse_unconfirmed_downgrade(context, targets, x_args)
-        postgres.run_env(context, targets)
         cmd = getattr(config.cmd_opts, "cmd", None)
-        if not context.is_offline_mode() and cmd and getattr(cmd[0], "__name__", "") == "upgrade":
+        upgrading = not context.is_offline_mode() and cmd and getattr(cmd[0], "__name__", "") == "upgrade"
+        if upgrading and "schema" not in x_args and postgres.to_head(context):
+            results = postgres.upgrade_all(context, targets)  # every environment: migrate's fast path
+        else:
+            results = postgres.run_env(context, targets)
+        if upgrading:
             from momentry_db.stores.postgres.grants import ensure_grants
 
-            for notice in ensure_grants(targets, project.environments()):  # as migrate keeps them
+            upgraded = {schema for schema, ran in results.items() if ran.applied}
+            for notice in ensure_grants(targets, project.environments(), changed=upgraded):  # as migrate keeps them
                 print(notice, file=sys.stderr)
     except MomentryError as exc:
         print(f"error: {scrub(str(exc), secrets)}", file=sys.stderr)

@@ -540,3 +540,46 @@ def test_a_schema_moved_after_the_plan_is_left_to_alembic(many, database, monkey
     assert database.query("SELECT version_num FROM pr_2.alembic_version") == [("0001",)]
     assert database.query("SELECT step, outcome FROM pr_2.momentry_history") == [("0001", "applied")]
     assert database.tables("pr_2") == isolated_tables() | BOOKKEEPING_TABLES
+
+
+def _compiled_lines(result) -> list[str]:
+    return [line for line in result.err.splitlines() if "[momentry_db]" in line]
+
+
+def test_plain_alembic_upgrade_head_takes_the_compiled_path_over_every_environment(many, database) -> None:
+    result = many.alembic("upgrade", "head")
+    assert result.code == 0, result.err
+    assert _compiled_lines(result) == [f"INFO  [momentry_db] Running upgrade base -> 0001 on schema {s} (compiled), "
+                                       "1 revision(s)" for s in ["dev", *SCHEMAS]]
+    assert [line for line in result.err.splitlines() if "[alembic.runtime.migration] Running upgrade" in line] == [
+        "INFO  [alembic.runtime.migration] Running upgrade  -> 0001, initial schema"]  # public's, through Alembic
+    for schema in ["dev", *SCHEMAS]:
+        assert database.tables(schema) == isolated_tables() | BOOKKEEPING_TABLES
+        assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
+        assert database.query(f"SELECT env, step, outcome FROM {schema}.momentry_history") == [
+            ("dev" if schema == "dev" else schema.replace("_", "-"), "0001", "applied")]
+    assert many.cli("verify", "--env", "staging", "--store", "postgres").code == 0
+    again = many.alembic("upgrade", "head")
+    assert again.code == 0 and _compiled_lines(again) == []
+
+
+def test_plain_alembic_reports_a_failing_compiled_schema_and_upgrades_the_others(many, database, tmp_path) -> None:
+    plant(many, tmp_path, 'op.create_table("extras", sa.Column("id", sa.Integer, primary_key=True))', doc="extras")
+    up_to = many.alembic("upgrade", "0001")  # not the head: one schema at a time, through Alembic
+    assert up_to.code == 0 and _compiled_lines(up_to) == []
+    assert _compiled_lines(many.alembic("-x", "schema=pr_3", "upgrade", "head")) == []
+    database.execute("CREATE TABLE staging.extras (id int)")
+    result = many.alembic("upgrade", "head")
+    assert result.code == 1
+    assert [line for line in result.err.splitlines() if line.startswith(("ERROR", "error:"))] == [
+        'ERROR [momentry_db] postgres staging (schema staging): revision 0002 (extras) failed: relation "extras" '
+        "already exists",
+        'error: postgres staging (schema staging): revision 0002 (extras) failed: relation "extras" already exists']
+    assert [line.split(" on schema ")[1] for line in _compiled_lines(result) if "INFO" in line] == [
+        "dev (compiled), 1 revision(s)", "pr_1 (compiled), 1 revision(s)", "pr_2 (compiled), 1 revision(s)"]
+    versions = {s: database.query(f"SELECT version_num FROM {s}.alembic_version")[0][0]
+                for s in ["public", "dev", *SCHEMAS]}
+    assert versions == {"public": "0002", "dev": "0002", "pr_1": "0002", "pr_2": "0002", "pr_3": "0002",
+                        "staging": "0001"}
+    assert database.query("SELECT step, outcome FROM staging.momentry_history ORDER BY id") == [
+        ("0001", "applied"), ("revision 0002 (extras)", "failed")]

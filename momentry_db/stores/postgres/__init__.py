@@ -34,7 +34,7 @@ from .connection import (
     set_search_path,
     tables_with_rows,
 )
-from .fanout import current_versions, read_states, upgrade_chunk, upgrade_compiled, upgrade_many
+from .fanout import current_versions, read_states, upgrade_all, upgrade_chunk, upgrade_compiled, upgrade_many
 from .history import HISTORY_DDL, HISTORY_INSERT, HISTORY_TABLE, history, record_failure
 from .manage import clone_tables, compare_live, drop_schema, preflight_drop
 from .planning import (
@@ -59,6 +59,7 @@ from .runner import (
     run_env,
     targets_for,
     targets_from_x_args,
+    to_head,
 )
 
 __all__ = [
@@ -112,8 +113,10 @@ __all__ = [
     "tables_with_rows",
     "targets_for",
     "targets_from_x_args",
+    "to_head",
     "unmanaged_tables",
     "upgrade",
+    "upgrade_all",
     "upgrade_chunk",
     "upgrade_compiled",
     "upgrade_many",

@@ -129,23 +129,14 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     one when offline mode cannot express the path (reads from the live database,
     autocommit blocks), and any target another run moved meanwhile.
     """
-    from alembic import command
-
     if not targets or any(t.primary for t in targets):
         return {}, list(targets)
     script = load_script(script_location)
     revisions = list(reversed(list(script.iterate_revisions("heads", start[0] if start else "base"))))
-    out = io.StringIO()
-    cfg = alembic_config([targets[0]], script_location=script_location, output=out)
-    cfg.attributes["momentry_template"] = True
-    try:
-        command.upgrade(cfg, f"{start[0]}:head" if start else "head", sql=True)
-    except Exception:  # noqa: BLE001 - the path needs the live database: no compiled run
+    body = render_template(targets[0], start, script, script_location)
+    if body is None:
         return {}, list(targets)
-    body = out.getvalue().strip()
-    if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
-        return {}, list(targets)  # an autocommit block: each schema runs through Alembic
-    work = _CompiledWork(start, body[6:-7].strip(), revisions)
+    work = _CompiledWork(start, body, revisions)
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
@@ -163,6 +154,101 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
             thread.join()
     order = {t.schema: i for i, t in enumerate(targets)}
     return work.done, sorted(work.leftovers, key=lambda t: order[t.schema])
+
+
+def render_template(target: PgTarget, start: tuple[str, ...], script: Any, script_location: Path | None) -> str | None:
+    """The SQL of the path from ``start`` to head as Alembic's offline mode renders it, with unqualified
+    names (search_path picks the schema), without its BEGIN and COMMIT; None when offline mode cannot
+    express the path (it reads from the live database, or holds an autocommit block).
+
+    The environment context is used directly, not through env.py and ``alembic.context``, so this
+    also runs from inside env.py (a plain ``alembic upgrade head``) without disturbing its context.
+    """
+    from alembic.runtime.environment import EnvironmentContext
+
+    from ...models import metadata
+    from .runner import configure_kwargs
+
+    out = io.StringIO()
+    cfg = alembic_config([target], script_location=script_location, output=out)
+
+    def upgrade(rev: Any, _context: Any) -> Any:
+        return script._upgrade_revs("heads", rev)  # what alembic's command.upgrade passes as fn
+
+    import logging
+
+    quiet = logging.getLogger("alembic.runtime.migration")  # its "Generating static SQL" is not the user's run
+    was = quiet.disabled
+    quiet.disabled = True
+    try:
+        context = EnvironmentContext(cfg, script, fn=upgrade, as_sql=True, starting_rev=start[0] if start else None,
+                                     destination_rev="heads")
+        context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True, output_buffer=out,
+                          **{**configure_kwargs(target, metadata), "version_table_schema": None})
+        with context.begin_transaction():
+            context.run_migrations()
+    except Exception:  # noqa: BLE001 - the path needs the live database: no compiled run
+        return None
+    finally:
+        quiet.disabled = was
+    body = out.getvalue().strip()
+    if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")) or "COMMIT;" in body[6:-7]:
+        return None  # an autocommit block: each schema runs through Alembic
+    return body[6:-7].strip()
+
+
+def upgrade_all(context: Any, targets: Sequence[PgTarget]) -> dict[str, SchemaRun]:
+    """A plain ``alembic upgrade head`` over every configured environment, on migrate's path: every
+    schema's version read in one snapshot, public first through this context, the schemas that stand
+    at the same revision as one compiled script each, and the rest through this context one by one.
+
+    Each compiled schema is logged (logger ``momentry_db``) as Alembic logs its own steps. As with
+    Alembic, a failure stops the run with an error; every compiled schema's failure is named first.
+    """
+    import logging
+
+    from .planning import RESULTS
+    from .runner import run_env
+
+    log = logging.getLogger("momentry_db")
+    results: dict[str, SchemaRun] = context.config.attributes.setdefault(RESULTS, {})
+    location = Path(context.script.dir)
+    versions, bare = read_states(targets)
+    head = tuple(sorted(context.script.get_heads()))
+    due = [t for t in targets if versions[t.schema] != head]
+    run_env(context, [t for t in due if t.primary])
+    starts: dict[tuple[str, ...], list[PgTarget]] = {}
+    left: list[PgTarget] = []
+    for t in due:
+        if t.primary:
+            continue
+        if versions[t.schema] == () or bare.get(t.schema):  # downgraded to base, or tables it does not manage
+            left.append(t)
+        else:
+            starts.setdefault(versions[t.schema] or (), []).append(t)
+    failed: list[MomentryError] = []
+    for start, group in starts.items():
+        if len(group) == 1:
+            left += group
+            continue
+        runs, rest = upgrade_compiled(group, start, script_location=location)
+        left += rest
+        for t in group:
+            ran = runs.get(t.schema)
+            if ran is None:
+                continue
+            results[t.schema] = ran
+            if ran.error is not None:
+                failed.append(ran.error)
+                log.error("%s", ran.error)
+            else:
+                log.info("Running upgrade %s -> %s on schema %s (compiled), %d revision(s)",
+                         ", ".join(start) or "base", ", ".join(head), t.schema, len(ran.applied))
+    if failed:
+        raise failed[0]
+    order = {t.schema: i for i, t in enumerate(targets)}
+    run_env(context, sorted(left, key=lambda t: order[t.schema]))
+    return results
 
 
 class _CompiledWork:

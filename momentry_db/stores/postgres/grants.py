@@ -416,7 +416,7 @@ def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequenc
     conn.rollback()
     due = [(t.env, others_of[t.schema]) for t in group if t.schema in changed
            or state.get(("stamp", t.env.pg_role)) != _fingerprint(state, t.env, others_of[t.schema])]
-    outcomes = _ensure(conn, due)
+    outcomes = _ensure(conn, due, likely=any(env.schema in changed for env, _ in due))
     notices: list[str] = []
     for env, _ in due:
         outcome = outcomes.get(env.name, "")
@@ -431,11 +431,13 @@ def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequenc
     return notices
 
 
-def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Environment]]]) -> dict[str, str | Exception]:
+def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Environment]]], *,
+            likely: bool = False) -> dict[str, str | Exception]:
     """Write what each environment's role (and, from prod, the others' roles in public) lacks, in one
     transaction; by environment, what changed, or why its grants could not be managed.
 
-    A first read without the lock lets a no-op run write nothing. When the one transaction fails,
+    Unless a change is ``likely`` (a schema was just upgraded), a first read without the lock lets
+    a no-op run write nothing. When the one transaction fails,
     each environment is tried on its own, so one refusal is that environment's alone."""
     import sqlalchemy as sa
     from sqlalchemy.exc import DBAPIError
@@ -445,10 +447,11 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
             for job in (_Job(env, env), *(_Job(o, env, True) for o in others if o.name not in own))]
     if not jobs:
         return {}
-    todo, public_create = _plan(conn, jobs)
-    conn.rollback()
-    if not todo and not public_create:
-        return {}  # a no-op run: catalog reads only
+    if not likely:
+        todo, public_create = _plan(conn, jobs)
+        conn.rollback()
+        if not todo and not public_create:
+            return {}  # a no-op run: catalog reads only
     conn.execute(sa.text(_GRANTS_LOCK))
     todo, public_create = _plan(conn, jobs)  # again, under the lock: another run may have done part of it
     outcomes: dict[str, str | Exception] = {}
@@ -484,7 +487,7 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
             return {items[0][0].name: exc}
         for item in items:  # each on its own: the failure is one environment's
             if item[0].name not in outcomes:
-                outcomes.update(_ensure(conn, [item]) or {})
+                outcomes.update(_ensure(conn, [item], likely=likely))
         return outcomes
     return {**outcomes, **{name: "; ".join(parts) for name, parts in said.items()}}
 

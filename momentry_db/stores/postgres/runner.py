@@ -67,6 +67,13 @@ def targets_from_x_args(project: Project, x_args: dict[str, str]) -> list[PgTarg
     raise ConfigError(f"-x schema={schema} is not the schema of a configured environment; known: {known}")
 
 
+def to_head(context: EnvironmentContext) -> bool:
+    """Whether an Alembic command's destination is the head (``head``, ``heads`` or its revision id)."""
+    destination = context.get_revision_argument()
+    wanted = destination if isinstance(destination, tuple) else (destination,)
+    return set(wanted) == set(context.script.get_heads())
+
+
 def refuse_unconfirmed_downgrade(context: EnvironmentContext, targets: Sequence[PgTarget],
                                  x_args: dict[str, str]) -> None:
     """Plain ``alembic downgrade`` runs on one named schema, and with consent where it can lose data.
@@ -142,7 +149,7 @@ def _metadata(context: EnvironmentContext) -> MetaData:
     return context.config.attributes.get("momentry_metadata") or metadata
 
 
-def _configure_kwargs(target: PgTarget, meta: MetaData, progress: _Progress | None = None) -> dict[str, Any]:
+def configure_kwargs(target: PgTarget, meta: MetaData, progress: _Progress | None = None) -> dict[str, Any]:
     from ...models.base import Scope
     from ...tables import include_object
 
@@ -183,15 +190,8 @@ def _on_apply(target: PgTarget, progress: _Progress) -> Callable[..., None]:
 
 
 def _run_offline(context: EnvironmentContext, target: PgTarget) -> None:
-    if context.config.attributes.get("momentry_template"):
-        # Schema-agnostic SQL for a compiled fan-out: unqualified names, unqualified version table.
-        kwargs = {**_configure_kwargs(target, _metadata(context)), "version_table_schema": None}
-        context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True, **kwargs)
-        with context.begin_transaction():
-            context.run_migrations()
-        return
     context.configure(dialect_name="postgresql", literal_binds=True, transactional_ddl=True,
-                      **_configure_kwargs(target, _metadata(context)))
+                      **configure_kwargs(target, _metadata(context)))
     impl = context.get_context().impl
     impl.static_output(f"-- momentry-db: environment {target.env.name}, schema {target.schema}")
     with context.begin_transaction():
@@ -214,7 +214,7 @@ def _run_online(context: EnvironmentContext, target: PgTarget, progress: _Progre
     try:
         acquire_lock(conn, target)
         meta = _metadata(context)
-        kwargs = _configure_kwargs(target, meta, progress)
+        kwargs = configure_kwargs(target, meta, progress)
         context.configure(connection=conn, **kwargs)
         opts = context.get_context().opts
         autogenerate = "revision_context" in opts
