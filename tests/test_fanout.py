@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import threading
@@ -16,7 +17,7 @@ import psycopg
 
 from momentry_db.stores import postgres
 from momentry_db.tables import BOOKKEEPING_TABLES, isolated_tables
-from tests.helpers import plant
+from tests.helpers import local_qdrant, plant
 
 EXTRA = "pr-1,pr-2,pr-3,staging"
 SCHEMAS = ["pr_1", "pr_2", "pr_3", "staging"]
@@ -583,3 +584,46 @@ def test_plain_alembic_reports_a_failing_compiled_schema_and_upgrades_the_others
                         "staging": "0001"}
     assert database.query("SELECT step, outcome FROM staging.momentry_history ORDER BY id") == [
         ("0001", "applied"), ("revision 0002 (extras)", "failed")]
+
+
+def test_a_no_op_over_every_store_opens_no_qdrant_storage_and_takes_no_mongo_lock(three, database,
+                                                                                  monkeypatch) -> None:
+    """At head, every environment answers from what was read: Qdrant's local storage stays closed (its
+    lock, held here by another process, is never waited on), MongoDB's migration lock is not taken (a
+    live holder does not delay anyone), and one MongoDB client serves every environment of a server."""
+    import fcntl
+
+    import pymongo
+
+    assert three.cli("migrate", "--all").code == 0
+    state = Path(three.environ["MOMENTRY_STATE_DIR"])
+    clients: list[object] = []
+    real_client = pymongo.MongoClient
+
+    def counting(*args, **kwargs):
+        clients.append(args[0] if args else kwargs.get("host"))
+        return real_client(*args, **kwargs)
+
+    monkeypatch.setattr(pymongo, "MongoClient", counting)
+    other = real_client(three.environ["MONGODB_URL"])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    other["momentry_pr_2"]["momentry_migrate_lock"].insert_one(
+        {"_id": "migrate", "owner": "other-host:1:x", "acquired_at": now,
+         "expires_at": now + datetime.timedelta(minutes=5)})
+    with open(state / "qdrant.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        noop = three.cli("migrate", "--all", "--lock-timeout", "0", "--json")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    other.close()
+    assert noop.code == 0, noop.out
+    assert {(t["store"], t["outcome"]) for t in json.loads(noop.out)["targets"]} == {
+        ("postgres", "up to date"), ("mongo", "up to date"), ("qdrant", "up to date")}
+    assert clients == [three.environ["MONGODB_URL"]]  # five environments, one server, one client
+    # A change made behind the stamp's back in one environment is still seen, and only that one is redone.
+    with local_qdrant(state) as client:
+        client.delete_collection(next(a.collection_name for a in client.get_aliases().aliases
+                                      if a.alias_name == "momentry_pr_1_rule1"))
+    again = three.cli("migrate", "--all", "--store", "qdrant", "--json")
+    assert again.code == 0, again.out
+    assert {t["env"]: t["applied"] for t in json.loads(again.out)["targets"]} == {
+        "prod": [], "dev": [], "pr-1": ["create"], "pr-2": [], "pr-3": []}

@@ -238,6 +238,11 @@ class MongoTarget:
             raise StoreUnreachableError(f"mongo: cannot reach {where}: {reason}") from None
         return client[self.database]
 
+    @property
+    def live_client(self) -> MongoClient | None:
+        """The client in use: the one given, or the one this target opened (None before connect)."""
+        return self.client if self.client is not None else self._opened.client
+
     def close(self) -> None:
         """Close the client this target opened (a given one is the caller's)."""
         if self._opened.client is not None:
@@ -266,6 +271,15 @@ def plan(target: MongoTarget, migrations: list[MongoMigration] | None = None) ->
                     for m in migrations if m.name not in done)
     head = (migrations[-1].name,) if migrations else ()
     return TargetPlan(STORE, target.env.name, target.database, tuple(applied[-1:]), head, pending)
+
+
+def up_to_date(target: MongoTarget, planned: TargetPlan) -> bool:
+    """Whether ``apply`` would find nothing to do: nothing pending and the head's shape recorded.
+    Read without the lock; a run that is still applying leaves something pending, and apply then
+    waits for it."""
+    if planned.pending:
+        return False
+    return not planned.current or mongo_shape.recorded(target.connect(), planned.current[-1]) is not None
 
 
 def _owner() -> str:

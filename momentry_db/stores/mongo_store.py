@@ -154,8 +154,14 @@ class MongoStore:
             yield mongo, target, ()
 
 
+def _server_key(env: Environment) -> object:
+    """Which server an environment's database lives on: its MONGODB_URL, or its embedded server."""
+    return env.mongodb_url.reveal() if env.mongodb_url is not None else ("embedded", str(env.state_dir))
+
+
 class _Migration:
-    """MongoDB's part of a run: plan, then apply, each environment's database in turn."""
+    """MongoDB's part of a run: plan, then apply, each environment's database in turn; the environments
+    of one server share one client."""
 
     def __init__(self, work: MigrationWork) -> None:
         self.work = work
@@ -176,22 +182,34 @@ class _Migration:
         w = self.work
         migrations = w.declared["mongo"]
         outcomes: list[TargetOutcome] = []
-        for i, env in enumerate(w.envs):
-            target = self.first if i == 0 else mongo.MongoTarget(env, client=w.sources.mongo_client)
-            if not target.configured:
-                continue
-            plan = unplanned("mongo", env.name, env.mongo_database)
-            try:
-                plan = mongo.plan(target, migrations)
-                outcome = w.planned(plan)
-                if w.apply:
-                    outcome = w.done(plan, mongo.apply(target, migrations, emit=w.emit, lock_timeout=w.lock_timeout,
-                                                       notice=w.run.notice))
-                outcomes.append(outcome)
-            except Exception as exc:  # noqa: BLE001 - this target's outcome
-                outcomes.append(w.failed(plan, exc, env))
-            finally:
-                target.close()
+        owners: dict[object, Any] = {}  # per server: the target whose client the later environments share
+        try:
+            for i, env in enumerate(w.envs):
+                server = _server_key(env)
+                owner = owners.get(server)
+                shared = w.sources.mongo_client or (owner.live_client if owner is not None else None)
+                target = self.first if i == 0 else mongo.MongoTarget(env, client=shared)
+                if not target.configured:
+                    continue
+                plan = unplanned("mongo", env.name, env.mongo_database)
+                try:
+                    plan = mongo.plan(target, migrations)
+                    outcome = w.planned(plan)
+                    if w.apply and not mongo.up_to_date(target, plan):
+                        outcome = w.done(plan, mongo.apply(target, migrations, emit=w.emit,
+                                                           lock_timeout=w.lock_timeout, notice=w.run.notice))
+                    elif w.apply:
+                        outcome = w.done(plan, [])
+                    outcomes.append(outcome)
+                except Exception as exc:  # noqa: BLE001 - this target's outcome
+                    outcomes.append(w.failed(plan, exc, env))
+                if server not in owners and target.live_client is not None and target.client is None:
+                    owners[server] = target  # connected: its client serves this server's other environments
+                elif all(o is not target for o in owners.values()):
+                    target.close()
+        finally:
+            for owner in owners.values():
+                owner.close()
         if w.envs and not any(configured(e, w.sources) for e in w.envs):
             w.run.skip("mongo", "MONGODB_URL is not set")
         return outcomes

@@ -433,9 +433,21 @@ def plan(target: QdrantTarget, specs: list[CollectionSpec] | None = None) -> lis
 STAMP = "qdrant-applied.json"
 
 
-def _storage_mark(target: QdrantTarget) -> int | None:
-    meta = target.env.state_dir / "qdrant" / "meta.json"
-    return meta.stat().st_mtime_ns if meta.exists() else None
+def storage_mark(target: QdrantTarget) -> list[int] | None:
+    """What tells a change to local storage: its meta.json's modification time and size (None: no storage)."""
+    try:
+        meta = (target.env.state_dir / "qdrant" / "meta.json").stat()
+    except OSError:
+        return None
+    return [meta.st_mtime_ns, meta.st_size]
+
+
+def _read_stamp(target: QdrantTarget) -> dict[str, Any]:
+    try:
+        stamp = json.loads((target.env.state_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
 def cached_plans(target: QdrantTarget, specs: list[CollectionSpec]) -> list[TargetPlan] | None:
@@ -446,12 +458,8 @@ def cached_plans(target: QdrantTarget, specs: list[CollectionSpec]) -> list[Targ
     """
     if not target.local or target.client is not None:
         return None
-    stamp_path = target.env.state_dir / STAMP
-    try:
-        stamp = json.loads(stamp_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if stamp.get("meta_mtime_ns") != _storage_mark(target):
+    stamp = _read_stamp(target)
+    if not stamp or stamp.get("meta") != storage_mark(target):
         return None
     applied = stamp.get("fingerprints", {})
     plans = []
@@ -464,14 +472,22 @@ def cached_plans(target: QdrantTarget, specs: list[CollectionSpec]) -> list[Targ
     return plans
 
 
-def write_stamp(target: QdrantTarget, specs: list[CollectionSpec]) -> None:
-    """Remember, for local mode, that this environment's collections match these specs."""
+def write_stamp(target: QdrantTarget, specs: list[CollectionSpec], before: list[int] | None) -> None:
+    """Remember, for local mode, that this environment's collections match these specs; called
+    while the storage is still locked, with ``before`` the storage's mark when the run opened it.
+
+    Other environments' entries are kept only when nothing but this run changed the storage since
+    they were written (the stamp's mark is ``before``): a run touches only its own collections.
+    """
     if not target.local:
         return
-    # Only what this run saw: another environment's collections are checked afresh next time.
-    fingerprints = {target.env.qdrant_collection_for(s.name): s.fingerprint() for s in specs}
-    (target.env.state_dir / STAMP).write_text(
-        json.dumps({"meta_mtime_ns": _storage_mark(target), "fingerprints": fingerprints}))
+    stamp = _read_stamp(target)
+    kept = stamp.get("fingerprints", {}) if stamp.get("meta") == before else {}
+    fingerprints = {**kept, **{target.env.qdrant_collection_for(s.name): s.fingerprint() for s in specs}}
+    path = target.env.state_dir / STAMP
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps({"meta": storage_mark(target), "fingerprints": fingerprints}))
+    scratch.replace(path)  # whole or not at all, whatever stops this process
 
 
 def _target_plan(target: QdrantTarget, cp: CollectionPlan) -> TargetPlan:

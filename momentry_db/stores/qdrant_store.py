@@ -136,14 +136,15 @@ class _Migration:
                     continue
                 applied: list[Step] = []
                 with target.session() as client:
+                    before = qdrant.storage_mark(target)
                     bound = target.bound(client)  # one connection (and one local-mode lock) for plan and apply
                     plans = qdrant.plan(bound, specs)
                     for p in plans:
                         w.emit("planned", p)
                     if w.apply:
                         applied = qdrant.apply(bound, specs, recreate=w.recreate_qdrant, emit=w.emit)
-                if w.apply or not any(p.pending for p in plans):
-                    qdrant.write_stamp(target, specs)
+                    if w.apply or not any(p.pending for p in plans):
+                        qdrant.write_stamp(target, specs, before)
                 for p in plans:
                     mine = [s for s in applied if s.target == p.target]
                     outcomes.append(w.done(p, mine) if w.apply else

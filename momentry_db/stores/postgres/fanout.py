@@ -52,8 +52,6 @@ def read_states(targets: Sequence[PgTarget]) -> tuple[dict[str, tuple[str, ...] 
     import sqlalchemy as sa
     from psycopg import sql
 
-    from ...models import metadata
-
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
@@ -79,6 +77,8 @@ def read_states(targets: Sequence[PgTarget]) -> tuple[dict[str, tuple[str, ...] 
             bare = [s for s in schemas if not versions[s]]
             unmanaged.update({s: [] for s in bare})
             if bare:
+                from ...models import metadata  # imported only when a schema has no version: a no-op never does
+
                 for schema, table in conn.execute(sa.text(
                         "SELECT table_schema, table_name FROM information_schema.tables "
                         "WHERE table_schema = ANY(:schemas) AND table_name = ANY(:names)"),
