@@ -14,12 +14,15 @@
     .venv/bin/python bench/run.py --scale [--sizes 10,50,200,500] [--loop-max 200] [--chart docs/bench-scale.png]
 
 --scale: how cost grows with the number of schemas N (public + N environment schemas, from empty).
-    At each N, side by side: `migrate --all` on one connection and with `--parallel 2`, psql applying
-    the offline SQL (one transaction per schema), the wire floor (each schema's offline script sent
-    as one round trip on one connection, from this process), and the one-process-per-schema
-    `alembic -x schema=... upgrade head` loop (up to --loop-max schemas: it takes about a second a
-    schema). Then a no-op `migrate --all` at head. Peak memory is each child's ru_maxrss (the loop's
-    largest process). Needs matplotlib for the chart (`pip install -e '.[bench]'`).
+    At each N, side by side: `migrate --all` on one connection and with `--parallel 2`, a plain
+    `alembic upgrade head` (every schema), psql applying the offline SQL (one transaction per
+    schema), the wire floor (each schema's offline script sent as one round trip on one connection,
+    from this process), and the one-process-per-schema `alembic -x schema=... upgrade head` loop (up
+    to --loop-max schemas: it takes about a second a schema). Then a no-op `migrate --all` at head.
+    First, once: a no-op `migrate --all` over 30 environments in every store (MongoDB on the
+    embedded SecantusDB, Qdrant in local mode) against `alembic current`. Peak memory is each
+    child's ru_maxrss (the loop's largest process). Needs matplotlib for the chart
+    (`pip install -e '.[bench]'`).
 
 It is a script, not a test: it prints figures and asserts nothing.
 """
@@ -301,16 +304,37 @@ METHODS = {  # key: (label in the table and chart, line style)
     "parallel": ("migrate --all --parallel 2", "s-"),
     "psql": ("psql floor (offline SQL)", "^--"),
     "wire": ("wire floor (1 round trip/schema)", "v--"),
+    "alembic": ("alembic upgrade head (every schema)", "*-."),
     "loop": ("alembic -x schema=... loop", "x:"),
     "noop": ("no-op migrate --all", "d-"),
 }
 
 
+NOOP_ENVS = 30
+NOOP_ROUNDS = 5
+
+
+def noop_every_store(b: Bench, progress: Progress) -> tuple[float, float]:
+    """A no-op ``migrate --all`` over 30 environments in every store, against ``alembic current`` on the
+    same database: medians of interleaved rounds."""
+    extras = ",".join(f"e{i:02d}" for i in range(1, NOOP_ENVS - 1))  # prod, dev and 28 more
+    env = b.env(b.fresh_db(), MOMENTRY_EXTRA_ENVS=extras)
+    seconds, mb = run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all"], env)
+    progress(NOOP_ENVS, "migrate --all, every store, from empty", seconds, mb)
+    ours, bare = [], []
+    for _ in range(NOOP_ROUNDS):
+        ours.append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all"], env)[0])
+        progress(NOOP_ENVS, "no-op migrate --all, every store", ours[-1])
+        bare.append(run_measured(b, [str(BIN / "alembic"), "-x", "schema=public", "current"], env)[0])
+        progress(NOOP_ENVS, "alembic -x schema=public current", bare[-1])
+    return statistics.median(ours), statistics.median(bare)
+
+
 def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
     times: dict[str, dict[int, float]] = {k: {} for k in METHODS}
     memory: dict[str, dict[int, float]] = {k: {} for k in METHODS}
-    per_size = {n: 5 * (3 if n <= 50 else 1) + (n <= loop_max) for n in sizes}
-    progress = Progress(sum(per_size.values()) + 3)
+    per_size = {n: 6 * (3 if n <= 50 else 1) + (n <= loop_max) for n in sizes}
+    progress = Progress(sum(per_size.values()) + 3 + 1 + 2 * NOOP_ROUNDS)
     print(f"(scale) public + N schemas from empty, N = {', '.join(map(str, sizes))}; the alembic loop up to "
           f"N = {loop_max}; median of 3 interleaved rounds for N <= 50, else one")
     idle = b.env(b.fresh_db(), MOMENTRY_EXTRA_ENVS="")
@@ -321,6 +345,7 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
         currents.append(seconds)
         progress(1, "alembic -x schema=public current", seconds, _mb)
     current = statistics.median(currents)
+    every_store = noop_every_store(b, progress)
     for n in sizes:
         extras = ",".join(f"s{i:03d}" for i in range(1, n))  # dev and N - 1 extras: N schemas beside public
         offline = subprocess.run([str(BIN / "alembic"), "upgrade", "head", "--sql"], cwd=b.work,
@@ -344,6 +369,10 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
             runs["parallel"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--parallel",
                                                      "2", "--store", "postgres"], b.env(url, MOMENTRY_EXTRA_ENVS=extras)))
             progress(n, METHODS["parallel"][0], *runs["parallel"][-1])
+            url = b.fresh_db()
+            runs["alembic"].append(run_measured(b, [str(BIN / "alembic"), "upgrade", "head"],
+                                                b.env(url, MOMENTRY_EXTRA_ENVS=extras)))
+            progress(n, METHODS["alembic"][0], *runs["alembic"][-1])
             url = b.fresh_db()
             runs["psql"].append(run_measured(b, [pg_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script),
                                                  libpq(url)], b.env(url)))
@@ -387,6 +416,13 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
         print(f"    migrate --all --parallel 2 / single-connection wire floor, N={n}: "
               f"{ratio('parallel', 'wire', n):.2f}x  (goal <= 0.8x, issue 13 #1b); / psql floor "
               f"{ratio('parallel', 'psql', n):.2f}x; / migrate --all {ratio('parallel', 'migrate', n):.2f}x")
+    fifty = min(sizes, key=lambda n: abs(n - 50))
+    print(f"    alembic upgrade head (every schema) / psql floor, N={fifty}: {ratio('alembic', 'psql', fifty):.2f}x  "
+          "(goal <= 1.5x, issue 13 #3)")
+    ours, bare = every_store
+    print(f"    no-op migrate --all over {NOOP_ENVS} environments, every store (PostgreSQL, MongoDB on the embedded "
+          f"SecantusDB, Qdrant local mode) / alembic current: {ours:.2f} s / {bare:.2f} s = {ours / bare:.2f}x  "
+          "(goal <= 1.5x, issue 13 #2)")
     for n in sorted(times["loop"]):
         print(f"    alembic loop / migrate --all, N={n}: {ratio('loop', 'migrate', n):.1f}x slower  (goal >= 5x)")
     for n in sizes:

@@ -508,3 +508,26 @@ def test_a_mongo_server_is_asked_with_the_5_second_timeouts(tmp_path: Path, monk
     with pytest.raises(Built):
         mongo.MongoTarget(proj.environment("dev")).connect()
     assert (given["serverSelectionTimeoutMS"], given["connectTimeoutMS"]) == (mongo.TIMEOUT_MS,) * 2 == (5000, 5000)
+
+
+def test_a_silent_server_is_waited_on_once_for_all_its_environments(project, silent_server, monkeypatch) -> None:
+    import pymongo
+
+    port, accepted = silent_server
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    clients: list[str] = []
+    real_client = pymongo.MongoClient
+
+    def counting(*args, **kwargs):
+        clients.append(args[0])
+        return real_client(*args, **kwargs)
+
+    monkeypatch.setattr(pymongo, "MongoClient", counting)
+    result = project.cli("migrate", "--all", "--store", "mongo", "--json",
+                         env={"MONGODB_URL": url, "MOMENTRY_EXTRA_ENVS": "pr-1,pr-2"})
+    assert result.code == 1
+    body = json.loads(result.out)
+    assert [(t["env"], t["outcome"], t["error"]) for t in body["targets"]] == [
+        (env, "failed", f"mongo: cannot reach {url}: no answer within 5s") for env in ("prod", "dev", "pr-1", "pr-2")]
+    assert clients == [url]  # one wait, not one per environment
+    assert accepted

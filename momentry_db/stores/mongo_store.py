@@ -182,7 +182,10 @@ class _Migration:
         w = self.work
         migrations = w.declared["mongo"]
         outcomes: list[TargetOutcome] = []
+        from ..errors import StoreUnreachableError
+
         owners: dict[object, Any] = {}  # per server: the target whose client the later environments share
+        dead: dict[object, Exception] = {}  # per server: why it could not be reached (waited on once)
         try:
             for i, env in enumerate(w.envs):
                 server = _server_key(env)
@@ -192,6 +195,10 @@ class _Migration:
                 if not target.configured:
                     continue
                 plan = unplanned("mongo", env.name, env.mongo_database)
+                if server in dead:
+                    outcomes.append(w.failed(plan, dead[server], env))
+                    target.close()
+                    continue
                 try:
                     plan = mongo.plan(target, migrations)
                     outcome = w.planned(plan)
@@ -203,6 +210,10 @@ class _Migration:
                     outcomes.append(outcome)
                 except Exception as exc:  # noqa: BLE001 - this target's outcome
                     outcomes.append(w.failed(plan, exc, env))
+                    if isinstance(exc, StoreUnreachableError) and w.sources.mongo_client is None:
+                        dead[server] = exc
+                        target.close()
+                        continue
                 if server not in owners and target.live_client is not None and target.client is None:
                     owners[server] = target  # connected: its client serves this server's other environments
                 elif all(o is not target for o in owners.values()):
