@@ -14,7 +14,8 @@
     .venv/bin/python bench/run.py --scale [--sizes 10,50,200,500] [--loop-max 200] [--chart docs/bench-scale.png]
 
 --scale: how cost grows with the number of schemas N (public + N environment schemas, from empty).
-    At each N, side by side: `migrate --all` on one connection and with `--parallel 2`, a plain
+    At each N, side by side: `migrate --all` on one connection (also with MOMENTRY_PG_GRANTS=off: the
+    same work as the floors, which create no roles) and with `--parallel 2`, a plain
     `alembic upgrade head` (every schema), psql applying the offline SQL (one transaction per
     schema), the wire floor (each schema's offline script sent as one round trip on one connection,
     from this process), and the one-process-per-schema `alembic -x schema=... upgrade head` loop (up
@@ -301,6 +302,7 @@ class Progress:
 
 METHODS = {  # key: (label in the table and chart, line style)
     "migrate": ("migrate --all (one connection)", "o-"),
+    "nogrants": ("migrate --all, grants off", "o--"),
     "parallel": ("migrate --all --parallel 2", "s-"),
     "psql": ("psql floor (offline SQL)", "^--"),
     "wire": ("wire floor (1 round trip/schema)", "v--"),
@@ -333,7 +335,7 @@ def noop_every_store(b: Bench, progress: Progress) -> tuple[float, float]:
 def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
     times: dict[str, dict[int, float]] = {k: {} for k in METHODS}
     memory: dict[str, dict[int, float]] = {k: {} for k in METHODS}
-    per_size = {n: 6 * (3 if n <= 50 else 1) + (n <= loop_max) for n in sizes}
+    per_size = {n: 7 * (3 if n <= 50 else 1) + (n <= loop_max) for n in sizes}
     progress = Progress(sum(per_size.values()) + 3 + 1 + 2 * NOOP_ROUNDS)
     print(f"(scale) public + N schemas from empty, N = {', '.join(map(str, sizes))}; the alembic loop up to "
           f"N = {loop_max}; median of 3 interleaved rounds for N <= 50, else one")
@@ -365,6 +367,11 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
             runs["noop"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
                                                  "postgres"], env))
             progress(n, METHODS["noop"][0], *runs["noop"][-1])
+            url = b.fresh_db()
+            runs["nogrants"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
+                                                     "postgres"], b.env(url, MOMENTRY_EXTRA_ENVS=extras,
+                                                                        MOMENTRY_PG_GRANTS="off")))
+            progress(n, METHODS["nogrants"][0], *runs["nogrants"][-1])
             url = b.fresh_db()
             runs["parallel"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--parallel",
                                                      "2", "--store", "postgres"], b.env(url, MOMENTRY_EXTRA_ENVS=extras)))
@@ -411,7 +418,8 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
 
     print("    goals (ratios measured side by side in this run):")
     print(f"    migrate --all / psql floor, N={big}: {ratio('migrate', 'psql', big):.2f}x  (goal <= 1.5x)")
-    print(f"    migrate --all / wire floor, N={big}: {ratio('migrate', 'wire', big):.2f}x  (goal <= 1.15x, issue 13 #1)")
+    print(f"    migrate --all / wire floor, N={big}: {ratio('migrate', 'wire', big):.2f}x  (goal <= 1.15x, issue 13 #1); "
+          f"with grants off (the floor's own work): {ratio('nogrants', 'wire', big):.2f}x")
     for n in hundred:
         print(f"    migrate --all --parallel 2 / single-connection wire floor, N={n}: "
               f"{ratio('parallel', 'wire', n):.2f}x  (goal <= 0.8x, issue 13 #1b); / psql floor "

@@ -860,3 +860,15 @@ def test_several_changed_settings_are_listed_in_one_update() -> None:
             wal_config=models.WalConfig(wal_capacity_mb=32, wal_segments_ahead=0)))
     assert qdrant._mutable_actions(live, "phys", spec) == [
         qdrant.Action("update_hnsw", "phys", "ef_construct 100 -> 128, m 16 -> 32", (("ef_construct", 128), ("m", 32)))]
+
+
+@pytest.mark.parametrize("stamp", ['{"meta": null, "fingerprints": []}', "[1, 2]", "{not json", ""])
+def test_a_stamp_this_version_did_not_write_means_a_full_look_and_a_new_stamp(project, stamp: str) -> None:
+    assert migrate_qdrant(project, "dev").code == 0
+    path = Path(project.environ["MOMENTRY_STATE_DIR"]) / "qdrant-applied.json"
+    path.write_text(stamp)
+    again = migrate_qdrant(project, "dev", "--json")
+    assert again.code == 0, again.out
+    assert [(t["outcome"], t["applied"]) for t in json.loads(again.out)["targets"]] == [("up to date", [])]
+    written = json.loads(path.read_text())
+    assert list(written["fingerprints"]) == ["momentry_dev_rule1"] and len(written["meta"]) == 2

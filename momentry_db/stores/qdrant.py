@@ -447,7 +447,9 @@ def _read_stamp(target: QdrantTarget) -> dict[str, Any]:
         stamp = json.loads((target.env.state_dir / STAMP).read_text())
     except (OSError, ValueError):
         return {}
-    return stamp if isinstance(stamp, dict) else {}
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("fingerprints"), dict):
+        return {}  # not one this version wrote: a full look, and a new stamp
+    return stamp
 
 
 def cached_plans(target: QdrantTarget, specs: list[CollectionSpec]) -> list[TargetPlan] | None:
