@@ -91,11 +91,17 @@ class Bench:
         (self.work / "alembic.ini").write_text(text)
 
     def fresh_db(self) -> str:
+        """A new database, after a checkpoint: no measurement pays for the writes of the one before."""
         name = f"momentry_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         self.databases.append(name)
+        self.settle()
         return with_db(self.admin, name)
+
+    def settle(self) -> None:
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
 
     def env(self, url: str, **extra: str) -> dict[str, str]:
         keep = {k: v for k, v in os.environ.items() if not k.startswith(("MOMENTRY_", "DATABASE_", "MONGODB_",
@@ -364,6 +370,7 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
             runs["migrate"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
                                                     "postgres"], env))
             progress(n, METHODS["migrate"][0], *runs["migrate"][-1])
+            b.settle()
             runs["noop"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
                                                  "postgres"], env))
             progress(n, METHODS["noop"][0], *runs["noop"][-1])

@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 from .errors import MomentryError
 from .plan import Step, TargetOutcome, TargetPlan
+from .stores.base import KIND
 
 JSON_VERSION = 2
 
@@ -147,11 +148,8 @@ class _Scrubbed:
         return getattr(self._stream, name)
 
 
-_TARGET_KIND = {"postgres": "schema", "mongo": "database", "qdrant": "collection"}
-
-
 def _where(item: TargetPlan | Step) -> str:
-    return f"{item.store} {item.env} ({_TARGET_KIND.get(item.store, 'target')} {item.target})"
+    return f"{item.store} {item.env} ({KIND.get(item.store, 'target')} {item.target})"
 
 
 def _summary(result: Any) -> str:

@@ -627,3 +627,34 @@ def test_a_no_op_over_every_store_opens_no_qdrant_storage_and_takes_no_mongo_loc
     assert again.code == 0, again.out
     assert {t["env"]: t["applied"] for t in json.loads(again.out)["targets"]} == {
         "prod": [], "dev": [], "pr-1": ["create"], "pr-2": [], "pr-3": []}
+
+
+def _imports(project, *args: str) -> set[str]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
+                           str(project.root), *args], capture_output=True, text=True,
+                          env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_a_no_op_migrate_imports_no_alembic_while_the_revision_files_are_unchanged(many, database,
+                                                                                    tmp_path) -> None:
+    args = ("migrate", "--all", "--store", "postgres")
+    assert "alembic" in _imports(many, *args)  # the first run loads and checks the revision files
+    cache = Path(many.environ["MOMENTRY_STATE_DIR"]) / "alembic-heads.json"
+    assert json.loads(cache.read_text())["heads"] == ["0001"]
+    assert "alembic" not in _imports(many, *args)  # at head: the heads come from the state directory
+    # A new revision file is seen at once, and applied.
+    plant(many, tmp_path, 'op.create_table("extras", sa.Column("id", sa.Integer, primary_key=True))', doc="extras")
+    result = many.cli(*args, "--json")
+    assert result.code == 0, result.err
+    assert {t["target"]: t["applied"] for t in json.loads(result.out)["targets"]} == {
+        s: ["0002"] for s in ["public", "dev", *SCHEMAS]}
+    assert json.loads(cache.read_text())["heads"] == ["0002"]
+    # A revision file broken after that is refused again, before any connection.
+    revision = tmp_path / "migrations" / "versions" / "0002_planted.py"
+    revision.write_text(revision.read_text() + "\nthis is not python\n")
+    broken = many.cli(*args)
+    assert broken.code == 2
+    assert broken.err.splitlines()[-1].startswith("error: ") and "0002_planted.py" in broken.err

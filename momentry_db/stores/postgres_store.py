@@ -48,6 +48,11 @@ def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: 
                            "with --accept-risky")
 
 
+def heads_cache(ctx: Context) -> Path:
+    """Where the revision files' heads are kept between runs (see ``postgres.heads``)."""
+    return ctx.project.state_dir / "alembic-heads.json"
+
+
 class PostgresStore:
     """PostgreSQL: one schema per environment, migrated by Alembic."""
 
@@ -58,7 +63,7 @@ class PostgresStore:
         from . import postgres
 
         # loading checks the revision files: one that fails to import, or a branched history, stops here
-        return postgres.heads(ctx.scripts)
+        return postgres.heads(ctx.scripts, heads_cache(ctx))
 
     def migration(self, work: MigrationWork) -> _Migration:
         return _Migration(work)
@@ -146,7 +151,7 @@ class _Migration:
         plans: dict[str, TargetPlan] = {}
         if w.apply:  # every target's version and unmanaged tables in one snapshot, not one connection each
             versions, bare = pg.read_states(self.targets)
-            head = pg.heads(w.scripts)
+            head = pg.heads(w.scripts, heads_cache(w))
         for t in self.targets:
             if w.apply and versions[t.schema] == head:  # at head after one query: nothing to plan
                 outcomes[t.schema] = w.planned(TargetPlan("postgres", t.env.name, t.schema, head, head))
@@ -196,7 +201,7 @@ class _Migration:
 
     def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, Any]:
         """Upgrade each target: what its run did (revisions applied, the error that stopped it), by schema."""
-        w, pg = self.work, self.pg
+        w = self.work
         done: dict[str, Any] = {}
         primary = [t for t in pending if t.primary]
         others = [t for t in pending if not t.primary]

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +73,13 @@ class CollectionSpec:
 
     def fingerprint(self) -> str:
         """A short hash of everything the spec declares (not where it came from)."""
-        data = {k: v for k, v in asdict(self).items() if k != "source"}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        return _fingerprint(self)
+
+
+@lru_cache(maxsize=None)
+def _fingerprint(spec: CollectionSpec) -> str:
+    data = {k: v for k, v in asdict(spec).items() if k != "source"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_specs(directory: Path = SPECS_DIR) -> list[CollectionSpec]:

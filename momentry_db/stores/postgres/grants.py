@@ -271,30 +271,39 @@ def _public_may_create(conn: Connection) -> bool:
     return bool(conn.execute(sa.text(_PUBLIC_CREATE)).scalar())
 
 
-def _statements(role: str, changes: _Changes) -> list[str]:
-    """The SQL that makes the change: one statement per kind of object and set of privileges."""
+def _statements(changes: Sequence[tuple[str, _Changes]]) -> list[str]:
+    """The SQL that makes every role's change: the missing roles created in one statement, then one
+    GRANT (or REVOKE) per kind of object, set of privileges and set of roles, so an object that many
+    roles need (a shared table in public) has its privilege list rewritten once, not once per role."""
     from psycopg import sql
 
-    ident = sql.Identifier(role)
     out: list[sql.Composable] = []
-    if changes.create_role:
-        # Another database of the cluster may create it at the same moment: roles are cluster-wide.
-        create = sql.SQL("CREATE ROLE {} NOLOGIN").format(ident).as_string(None)
-        out.append(sql.SQL("DO $momentry$ BEGIN " + create + "; EXCEPTION WHEN duplicate_object OR "
-                           "unique_violation THEN NULL; END $momentry$"))
-    for verb, items, to in (("GRANT", changes.grant, "TO"), ("REVOKE", changes.revoke, "FROM")):
-        privileges: dict[tuple[str, str, str], list[str]] = {}
-        for p in items:
-            privileges.setdefault((p.kind, p.schema, p.name), []).append(p.privilege)
-        groups: dict[tuple[str, tuple[str, ...]], list[tuple[str, str]]] = {}
-        for (kind, schema, name), held in privileges.items():
-            groups.setdefault((kind, tuple(held)), []).append((schema, name))
-        for (kind, privs), objects in groups.items():
+    creating = [role for role, c in changes if c.create_role]
+    if creating:
+        # Another database of the cluster may create one at the same moment: roles are cluster-wide.
+        out.append(sql.SQL(
+            "DO $momentry$ DECLARE r text; BEGIN FOREACH r IN ARRAY {} LOOP BEGIN "
+            "EXECUTE 'CREATE ROLE ' || quote_ident(r) || ' NOLOGIN'; EXCEPTION WHEN duplicate_object OR unique_violation "
+            "THEN NULL; END; END LOOP; END $momentry$").format(
+            sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(sql.Literal(r) for r in creating))))
+    for verb, to in (("GRANT", "TO"), ("REVOKE", "FROM")):
+        held: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # object -> role -> privileges
+        for role, c in changes:
+            for p in c.grant if verb == "GRANT" else c.revoke:
+                held.setdefault((p.kind, p.schema, p.name), {}).setdefault(role, []).append(p.privilege)
+        groups: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[tuple[str, str]]] = {}
+        for (kind, schema, name), by_role in held.items():
+            by_privileges: dict[tuple[str, ...], list[str]] = {}
+            for role, privileges in by_role.items():
+                by_privileges.setdefault(tuple(privileges), []).append(role)
+            for privileges, roles in by_privileges.items():
+                groups.setdefault((kind, privileges, tuple(roles)), []).append((schema, name))
+        for (kind, privileges, roles), objects in groups.items():
             names = sql.SQL(", ").join(sql.Identifier(schema) if kind == "schema"
                                        else sql.Identifier(schema, name) for schema, name in objects)
-            out.append(sql.SQL("{verb} {privileges} ON {kind} {names} {to} {role}").format(
-                verb=sql.SQL(verb), privileges=sql.SQL(", ".join(privs)), kind=sql.SQL(kind.upper()),
-                names=names, to=sql.SQL(to), role=ident))
+            out.append(sql.SQL("{verb} {privileges} ON {kind} {names} {to} {roles}").format(
+                verb=sql.SQL(verb), privileges=sql.SQL(", ".join(privileges)), kind=sql.SQL(kind.upper()),
+                names=names, to=sql.SQL(to), roles=sql.SQL(", ").join(sql.Identifier(r) for r in roles)))
     return [s.as_string(None) for s in out]
 
 
@@ -470,8 +479,8 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
         if first is not None:
             statements.append("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
             said.setdefault(first, []).append("CREATE on schema public revoked from PUBLIC")
+    statements += _statements([(job.env.pg_role, changes) for job, changes in todo])
     for job, changes in todo:
-        statements += _statements(job.env.pg_role, changes)
         part = ", ".join((["role created"] if changes.create_role else []) + (
             [f"{len(changes.grant)} privilege(s) granted"] if changes.grant else []) + (
             [f"{len(changes.revoke)} privilege(s) on public's isolated tables revoked"] if changes.revoke else []))

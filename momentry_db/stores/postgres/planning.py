@@ -86,9 +86,35 @@ def _files_key(location: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(found))
 
 
-def heads(script_location: Path | None) -> tuple[str, ...]:
-    """The head revisions of the revision files (loading them checks each file)."""
-    return tuple(sorted(load_script(script_location).get_heads()))
+def heads(script_location: Path | None, cache: Path | None = None) -> tuple[str, ...]:
+    """The head revisions of the revision files (loading them checks each file).
+
+    With ``cache`` (a file in the state directory), the heads found are kept there with the size
+    and modification time of every revision file and of momentry-db's own files; while none of
+    those changed, the heads are read back without importing Alembic or a revision file, so a
+    no-op run pays for neither. Any change, or an unreadable cache, loads and checks them again.
+    """
+    import json
+
+    location = Path(script_location or SCRIPT_LOCATION).resolve()
+    if cache is not None:
+        key = [list(f) for f in _files_key(location) + _files_key(Path(__file__).resolve().parents[2])]
+        try:
+            kept = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            kept = None
+        if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("heads"), list):
+            return tuple(str(h) for h in kept["heads"])
+    found = tuple(sorted(load_script(script_location).get_heads()))
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            scratch = cache.with_suffix(".tmp")
+            scratch.write_text(json.dumps({"key": key, "heads": list(found)}))
+            scratch.replace(cache)
+        except OSError:
+            pass  # a read-only state directory only loses the shortcut
+    return found
 
 
 def has_revision(script_location: Path | None, revision: str) -> bool:
