@@ -169,11 +169,11 @@ def bench_b(b: Bench) -> None:
     ours = b.median([str(BIN / "momentry-db"), "migrate", "--env", "dev"], env, 7)
     ours_pg = b.median([str(BIN / "momentry-db"), "migrate", "--env", "dev", "--store", "postgres"], env, 7)
     bare = b.median([str(BIN / "alembic"), "-x", "schema=dev", "current"], env, 7)
-    print(f"    momentry-db migrate --env dev (every store: postgres, qdrant local; mongo unset)  {ours:6.3f} s"
+    print(f"    momentry-db migrate --env dev (every store: postgres, qdrant local, mongo embedded) {ours:6.3f} s"
           f"   / alembic current = {ours / bare:4.2f}x  (goal <= 1.3x)")
-    print(f"    momentry-db migrate --env dev --store postgres                                  {ours_pg:6.3f} s"
+    print(f"    momentry-db migrate --env dev --store postgres                                    {ours_pg:6.3f} s"
           f"   / alembic current = {ours_pg / bare:4.2f}x")
-    print(f"    alembic -x schema=dev current                                                   {bare:6.3f} s")
+    print(f"    alembic -x schema=dev current                                                     {bare:6.3f} s")
 
 
 def bench_c(b: Bench) -> None:
@@ -257,7 +257,7 @@ def bench_d(b: Bench) -> None:
         time.sleep(0.2)
         stop.set()
         thread.join()
-        b.timed([str(BIN / "momentry-db"), "downgrade", "--env", "dev", "--to", "0001"], env)
+        b.timed([str(BIN / "momentry-db"), "downgrade", "--env", "dev", "--to", "0001", "--yes"], env)
         results[label] = (max(stalls), elapsed, len(stalls))
         b.set_scripts(REPO / "migrations")
     for label, (stall, elapsed, writes) in results.items():
