@@ -550,8 +550,8 @@ def _compiled_lines(result) -> list[str]:
 def test_plain_alembic_upgrade_head_takes_the_compiled_path_over_every_environment(many, database) -> None:
     result = many.alembic("upgrade", "head")
     assert result.code == 0, result.err
-    assert _compiled_lines(result) == [f"INFO  [momentry_db] Running upgrade base -> 0001 on schema {s} (compiled), "
-                                       "1 revision(s)" for s in ["dev", *SCHEMAS]]
+    assert _compiled_lines(result) == [f"INFO  [momentry_db] Running upgrade -> 0001, initial schema on schema {s} "
+                                       "(compiled)" for s in ["dev", *SCHEMAS]]
     assert [line for line in result.err.splitlines() if "[alembic.runtime.migration] Running upgrade" in line] == [
         "INFO  [alembic.runtime.migration] Running upgrade  -> 0001, initial schema"]  # public's, through Alembic
     for schema in ["dev", *SCHEMAS]:
@@ -576,8 +576,8 @@ def test_plain_alembic_reports_a_failing_compiled_schema_and_upgrades_the_others
         'ERROR [momentry_db] postgres staging (schema staging): revision 0002 (extras) failed: relation "extras" '
         "already exists",
         'error: postgres staging (schema staging): revision 0002 (extras) failed: relation "extras" already exists']
-    assert [line.split(" on schema ")[1] for line in _compiled_lines(result) if "INFO" in line] == [
-        "dev (compiled), 1 revision(s)", "pr_1 (compiled), 1 revision(s)", "pr_2 (compiled), 1 revision(s)"]
+    assert [line for line in _compiled_lines(result) if "INFO" in line] == [
+        f"INFO  [momentry_db] Running upgrade -> 0002, extras on schema {s} (compiled)" for s in ["dev", "pr_1", "pr_2"]]
     versions = {s: database.query(f"SELECT version_num FROM {s}.alembic_version")[0][0]
                 for s in ["public", "dev", *SCHEMAS]}
     assert versions == {"public": "0002", "dev": "0002", "pr_1": "0002", "pr_2": "0002", "pr_3": "0002",

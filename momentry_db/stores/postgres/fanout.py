@@ -7,6 +7,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -231,8 +232,9 @@ def upgrade_all(context: Any, targets: Sequence[PgTarget]) -> dict[str, SchemaRu
         if len(group) == 1:
             left += group
             continue
-        runs, rest = upgrade_compiled(group, start, script_location=location)
-        left += rest
+        logged = [replace(t, emit=_log_step) for t in group]  # each revision as its schema commits
+        runs, rest = upgrade_compiled(logged, start, script_location=location)
+        left += [t for t in group if t.schema in {r.schema for r in rest}]
         for t in group:
             ran = runs.get(t.schema)
             if ran is None:
@@ -241,14 +243,18 @@ def upgrade_all(context: Any, targets: Sequence[PgTarget]) -> dict[str, SchemaRu
             if ran.error is not None:
                 failed.append(ran.error)
                 log.error("%s", ran.error)
-            else:
-                log.info("Running upgrade %s -> %s on schema %s (compiled), %d revision(s)",
-                         ", ".join(start) or "base", ", ".join(head), t.schema, len(ran.applied))
     if failed:
         raise failed[0]
     order = {t.schema: i for i, t in enumerate(targets)}
     run_env(context, sorted(left, key=lambda t: order[t.schema]))
     return results
+
+
+def _log_step(verb: str, step: Step) -> None:
+    import logging
+
+    logging.getLogger("momentry_db").info("Running upgrade -> %s, %s on schema %s (compiled)", step.name,
+                                          step.description, step.target)
 
 
 class _CompiledWork:
