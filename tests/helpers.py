@@ -370,3 +370,18 @@ def live_process() -> Iterator[subprocess.Popen]:
         proc.wait()
         assert proc.stdin is not None
         proc.stdin.close()
+
+
+def count_mongo_clients(monkeypatch: Any) -> list[str]:
+    """Record the URL of every pymongo client momentry-db opens from now on (clients still connect)."""
+    import pymongo
+
+    opened: list[str] = []
+    real = pymongo.MongoClient
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args[0] if args else kwargs.get("host"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pymongo, "MongoClient", counting)
+    return opened

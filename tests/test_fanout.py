@@ -17,7 +17,7 @@ import psycopg
 
 from momentry_db.stores import postgres
 from momentry_db.tables import BOOKKEEPING_TABLES, isolated_tables
-from tests.helpers import local_qdrant, plant
+from tests.helpers import count_mongo_clients, local_qdrant, plant
 
 EXTRA = "pr-1,pr-2,pr-3,staging"
 SCHEMAS = ["pr_1", "pr_2", "pr_3", "staging"]
@@ -115,14 +115,18 @@ with op.get_context().autocommit_block():
     assert "nothing to do" in offline.out
 
 
-@pytest.mark.parametrize("args", [["--help"], ["status", "--env", "dev", "--store", "postgres"]])
-def test_start_up_imports_no_mongo_or_qdrant_client(project, args: list[str]) -> None:
+def _imports(project, *args: str) -> set[str]:
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
                            str(project.root), *args], capture_output=True, text=True,
                           env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    return {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "--env", "dev", "--store", "postgres"]])
+def test_start_up_imports_no_mongo_or_qdrant_client(project, args: list[str]) -> None:
+    imported = _imports(project, *args)
     assert "click" in imported
     assert not imported & {"pymongo", "qdrant_client", "redis", "bson", "grpc", "httpx"}
     if args == ["--help"]:
@@ -597,15 +601,8 @@ def test_a_no_op_over_every_store_opens_no_qdrant_storage_and_takes_no_mongo_loc
 
     assert three.cli("migrate", "--all").code == 0
     state = Path(three.environ["MOMENTRY_STATE_DIR"])
-    clients: list[object] = []
-    real_client = pymongo.MongoClient
-
-    def counting(*args, **kwargs):
-        clients.append(args[0] if args else kwargs.get("host"))
-        return real_client(*args, **kwargs)
-
-    monkeypatch.setattr(pymongo, "MongoClient", counting)
-    other = real_client(three.environ["MONGODB_URL"])
+    other = pymongo.MongoClient(three.environ["MONGODB_URL"])
+    clients = count_mongo_clients(monkeypatch)
     now = datetime.datetime.now(datetime.timezone.utc)
     other["momentry_pr_2"]["momentry_migrate_lock"].insert_one(
         {"_id": "migrate", "owner": "other-host:1:x", "acquired_at": now,
@@ -628,14 +625,6 @@ def test_a_no_op_over_every_store_opens_no_qdrant_storage_and_takes_no_mongo_loc
     assert {t["env"]: t["applied"] for t in json.loads(again.out)["targets"]} == {
         "prod": [], "dev": [], "pr-1": ["create"], "pr-2": [], "pr-3": []}
 
-
-def _imports(project, *args: str) -> set[str]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
-                           str(project.root), *args], capture_output=True, text=True,
-                          env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
-            if line.startswith("import time:")}
 
 
 def test_a_no_op_migrate_imports_no_alembic_while_the_revision_files_are_unchanged(many, database,

@@ -23,7 +23,7 @@ from momentry_db import command
 from momentry_db.errors import ConfigError, StoreError
 from momentry_db.settings import load_project
 from momentry_db.stores import mongo
-from tests.helpers import REPO, wait_until
+from tests.helpers import REPO, count_mongo_clients, wait_until
 
 pytestmark = pytest.mark.mongo
 
@@ -511,18 +511,9 @@ def test_a_mongo_server_is_asked_with_the_5_second_timeouts(tmp_path: Path, monk
 
 
 def test_a_silent_server_is_waited_on_once_for_all_its_environments(project, silent_server, monkeypatch) -> None:
-    import pymongo
-
     port, accepted = silent_server
     url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    clients: list[str] = []
-    real_client = pymongo.MongoClient
-
-    def counting(*args, **kwargs):
-        clients.append(args[0])
-        return real_client(*args, **kwargs)
-
-    monkeypatch.setattr(pymongo, "MongoClient", counting)
+    clients = count_mongo_clients(monkeypatch)
     result = project.cli("migrate", "--all", "--store", "mongo", "--json",
                          env={"MONGODB_URL": url, "MOMENTRY_EXTRA_ENVS": "pr-1,pr-2"})
     assert result.code == 1
