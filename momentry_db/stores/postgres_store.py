@@ -192,8 +192,10 @@ class _Migration:
 
         everyone = list(self.work.envs)
         if any(t.primary for t in targets):  # prod's new shared tables reach every environment's role
-            try:
-                everyone += [e for e in self.work.project.environments() if e.name not in {x.name for x in everyone}]
+            project, known = self.work.project, {e.name for e in everyone}
+            try:  # resolved once: the run's own environments are already
+                everyone += [project.environment(n, one_of_many=True) for n in project.registry.names
+                             if n not in known]
             except MomentryError:
                 pass  # an environment that cannot be resolved is refused by its own run
         for notice in grants.ensure_grants(targets, everyone, changed=upgraded):

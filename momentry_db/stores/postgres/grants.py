@@ -12,7 +12,7 @@ marking; only what is missing (or forbidden and held) is written, so a no-op run
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ...environments import PRIMARY_SCHEMA, Environment, scrub
@@ -33,25 +33,45 @@ _GRANTS_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, hashtext('momentry-d
 
 _RELATIONS = """
 SELECT n.nspname, c.relname, c.relkind,
+       CASE c.relkind WHEN 'S' THEN
        (SELECT t.relname FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid
         WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass
-          AND d.deptype IN ('a', 'i') LIMIT 1)
+          AND d.deptype IN ('a', 'i') LIMIT 1) END,
+       c.oid::bigint, CASE WHEN c.relacl IS NULL THEN c.relowner::bigint END
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY(CAST(:schemas AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
 ORDER BY 1, 2
 """
-# The questions come as one JSON array (a role, kind, schema, name and privilege each): thousands
-# of them cost one parameter.
-_HELD = """
-SELECT CASE k WHEN 'schema' THEN has_schema_privilege(CAST(r AS name), s, p)
-              WHEN 'sequence' THEN has_sequence_privilege(CAST(r AS name), format('%I.%I', s, n), p)
-              WHEN 'function' THEN has_function_privilege(CAST(r AS name), CAST(n AS oid), p)
-              ELSE has_table_privilege(CAST(r AS name), format('%I.%I', s, n), p) END
+# The questions come as one JSON array (a role, kind, schema, object and privilege each): thousands
+# of them cost one parameter. A relation is asked about by its oid when one was read (no name to
+# parse), by its qualified name otherwise. The privilege may list several ("SELECT, INSERT"): then
+# the answer is whether any of them is held.
+_ASK = """
 FROM json_array_elements(CAST(:asks AS json)) WITH ORDINALITY AS a(x, i),
-     LATERAL (SELECT x->>0, x->>1, x->>2, x->>3, x->>4) AS q(r, k, s, n, p)
-ORDER BY i
+     LATERAL (SELECT x->>0, x->>1, x->>2, x->>3, x->>4, (x->>5)::bigint) AS q(r, k, s, n, p, o),
+     LATERAL (SELECT CASE k
+        WHEN 'schema' THEN has_schema_privilege(CAST(r AS name), s, p)
+        WHEN 'function' THEN has_function_privilege(CAST(r AS name), CAST(n AS oid), p)
+        WHEN 'sequence' THEN CASE WHEN o IS NULL THEN has_sequence_privilege(CAST(r AS name), format('%I.%I', s, n), p)
+                                  ELSE has_sequence_privilege(CAST(r AS name), CAST(o AS oid), p) END
+        ELSE CASE WHEN o IS NULL THEN has_table_privilege(CAST(r AS name), format('%I.%I', s, n), p)
+                  ELSE has_table_privilege(CAST(r AS name), CAST(o AS oid), p) END END) AS h(held)
 """
+_HELD = "SELECT held " + _ASK + "ORDER BY i"
+# Only the answers that are not the one expected (each ask's seventh element): a run that finds
+# everything in place transfers nothing. A dropped object (NULL) counts as not held.
+_UNEXPECTED = "SELECT i - 1 " + _ASK + "WHERE coalesce(held, false) <> CAST(x->>6 AS boolean)"
 _EXISTING_ROLES = "SELECT rolname::text FROM pg_roles WHERE rolname = ANY(CAST(:roles AS text[]))"
+# Roles that may hold a privilege on a relation whose ACL is still the default (its owner's alone):
+# superusers, members of one of those owners, and members of the roles that read or write all data.
+_OWNER_RIGHTS = """
+SELECT r.rolname::text FROM pg_roles r
+WHERE r.rolname = ANY(CAST(:roles AS text[]))
+  AND (r.rolsuper OR EXISTS (
+      SELECT 1 FROM pg_roles o
+      WHERE (o.oid = ANY(CAST(:owners AS bigint[])) OR o.rolname IN ('pg_read_all_data', 'pg_write_all_data'))
+        AND pg_has_role(r.oid, o.oid, 'USAGE')))
+"""
 _HAS_ROLE = "SELECT pg_has_role(CAST(:m AS name), CAST(:r AS name), 'MEMBER')"
 _ROLE = "SELECT rolcanlogin, rolsuper FROM pg_roles WHERE rolname = :r"
 _MAY_MANAGE = "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
@@ -94,6 +114,9 @@ class Privilege:
     name: str  # the object's name; for a function its oid, shown as ``shown``
     privilege: str
     shown: str = ""
+    oid: int | None = field(default=None, compare=False)  # a relation's, when read from the catalogs
+    #: the relation's owner, when its ACL is still the default: only the owner (and its members) hold anything
+    owner_only: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.kind == "schema":
@@ -109,6 +132,8 @@ class Relation:
     name: str
     kind: str  # pg_class.relkind: r, p, v, m or S
     owner_table: str | None = None  # for a sequence, the table whose column owns it
+    oid: int | None = None
+    owner_only: int | None = None  # the owner, when the ACL is the default (no GRANT made on it yet)
 
 
 def search_path_for(env: Environment) -> tuple[str, ...]:
@@ -127,12 +152,13 @@ def wanted(env: Environment, relations: Sequence[Relation]) -> list[Privilege]:
         shared = rel.schema == PRIMARY_SCHEMA and not env.primary
         if rel.kind in ("r", "p") and (mine and rel.name not in BOOKKEEPING_TABLES
                                        or shared and rel.name in shared_tables()):
-            out += [Privilege("table", rel.schema, rel.name, p) for p in DML]
+            out += [Privilege("table", rel.schema, rel.name, p, oid=rel.oid, owner_only=rel.owner_only) for p in DML]
         elif rel.kind in ("v", "m") and (mine or shared and rel.name in view_names()):
-            out.append(Privilege("table", rel.schema, rel.name, "SELECT"))
+            out.append(Privilege("table", rel.schema, rel.name, "SELECT", oid=rel.oid, owner_only=rel.owner_only))
         elif rel.kind == "S" and (mine and rel.owner_table not in BOOKKEEPING_TABLES
                                   or shared and rel.owner_table in shared_tables()):
-            out += [Privilege("sequence", rel.schema, rel.name, p) for p in SEQUENCE_PRIVILEGES]
+            out += [Privilege("sequence", rel.schema, rel.name, p, oid=rel.oid, owner_only=rel.owner_only)
+                    for p in SEQUENCE_PRIVILEGES]
     return out
 
 
@@ -147,9 +173,9 @@ def forbidden(env: Environment, relations: Sequence[Relation]) -> list[Privilege
         if rel.schema != PRIMARY_SCHEMA:
             continue
         if rel.kind in ("r", "p") and rel.name in isolated_tables():
-            out += [Privilege("table", rel.schema, rel.name, p) for p in TABLE_PRIVILEGES]
+            out += [Privilege("table", rel.schema, rel.name, p, oid=rel.oid) for p in TABLE_PRIVILEGES]
         elif rel.kind == "S" and rel.owner_table in isolated_tables():
-            out += [Privilege("sequence", rel.schema, rel.name, p) for p in _FORBIDDEN_SEQUENCE]
+            out += [Privilege("sequence", rel.schema, rel.name, p, oid=rel.oid) for p in _FORBIDDEN_SEQUENCE]
     return out
 
 
@@ -170,8 +196,21 @@ def _held_by(conn: Connection, asks: Sequence[tuple[str, Privilege]]) -> list[bo
 
     if not asks:
         return []
-    questions = json.dumps([[r, p.kind, p.schema, p.name, p.privilege] for r, p in asks])
+    questions = json.dumps([[r, p.kind, p.schema, p.name, p.privilege, p.oid] for r, p in asks])
     return list(conn.execute(sa.text(_HELD), {"asks": questions}).scalars())
+
+
+def _unexpected(conn: Connection, asks: Sequence[tuple[str, Privilege, bool]]) -> set[int]:
+    """The positions of the asks (role, privilege, whether it is expected to be held) whose answer is
+    not the expected one, in one read."""
+    import json
+
+    import sqlalchemy as sa
+
+    if not asks:
+        return set()
+    questions = json.dumps([[r, p.kind, p.schema, p.name, p.privilege, p.oid, held] for r, p, held in asks])
+    return set(conn.execute(sa.text(_UNEXPECTED), {"asks": questions}).scalars())
 
 
 def _held(conn: Connection, role: str, privileges: Sequence[Privilege]) -> list[bool]:
@@ -235,15 +274,19 @@ def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Cha
     public = by_schema.get(PRIMARY_SCHEMA, [])
     existing = _existing_roles(conn, [j.env.pg_role for j in jobs])
     wants: list[tuple[_Job, list[Privilege], list[Privilege]]] = []
+    shared: tuple[list[Privilege], list[Privilege]] | None = None  # public's part: one for every non-prod role
     for job in jobs:
         env = job.env
-        mine = public if job.public_only or env.primary else by_schema.get(env.schema, []) + public
-        want = wanted(env, mine)
-        if job.public_only:
-            want = [p for p in want if p.schema == PRIMARY_SCHEMA]
-        wants.append((job, want, forbidden(env, mine)))
-    asks = [(job.env.pg_role, p) for job, want, deny in wants if job.env.pg_role in existing for p in (*want, *deny)]
-    held = dict(zip(asks, _held_by(conn, asks)))
+        if job.public_only or env.primary:
+            want = wanted(env, public)
+            if job.public_only:
+                want = [p for p in want if p.schema == PRIMARY_SCHEMA]
+            wants.append((job, want, forbidden(env, public)))
+            continue
+        if shared is None:
+            shared = [p for p in wanted(env, public) if p.kind != "schema"], forbidden(env, public)
+        wants.append((job, wanted(env, by_schema.get(env.schema, [])) + shared[0], shared[1]))
+    held = _held_plan(conn, [(job.env.pg_role, want, deny) for job, want, deny in wants if job.env.pg_role in existing])
     planned: set[tuple[str, Privilege]] = set()  # granted (or revoked) by an earlier job
     created: set[str] = set()
     out: list[tuple[_Job, _Changes]] = []
@@ -263,6 +306,46 @@ def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Cha
         if changes:
             out.append((job, changes))
     return out, _public_may_create(conn)
+
+
+def _held_plan(conn: Connection, roles: Sequence[tuple[str, list[Privilege], list[Privilege]]]
+               ) -> dict[tuple[str, Privilege], bool]:
+    """Whether each role holds each privilege it wants and each it must not hold. A forbidden
+    object's privileges are asked about together (is any held?), and only the answers that are not
+    the expected ones come back, so the common case (everything wanted held, nothing forbidden) is
+    one read that returns nothing; objects found to hold a forbidden privilege are asked again, one
+    privilege at a time. A relation whose ACL is still the default (a table just created) is not
+    asked about: only its owner, the owner's members and superusers hold anything on it."""
+    import sqlalchemy as sa
+
+    owners = sorted({p.owner_only for _, want, _ in roles for p in want if p.owner_only is not None})
+    owner_rights = set(conn.execute(sa.text(_OWNER_RIGHTS), {"roles": sorted({r for r, _, _ in roles}),
+                                                              "owners": owners}).scalars()) if owners else set()
+    asks: list[tuple[str, Privilege, bool]] = []
+    held: dict[tuple[str, Privilege], bool] = {}
+    for role, want, deny in roles:
+        if role in owner_rights:
+            asks += [(role, p, True) for p in want]
+            held.update({(role, p): True for p in want})
+        else:  # a relation no GRANT has touched (one just created): nobody else holds anything on it
+            asks += [(role, p, True) for p in want if p.owner_only is None]
+            held.update({(role, p): p.owner_only is None for p in want})
+        objects: dict[tuple[str, str, str], list[Privilege]] = {}
+        for p in deny:
+            objects.setdefault((p.kind, p.schema, p.name), []).append(p)
+            held[(role, p)] = False
+        asks += [(role, replace(ps[0], privilege=", ".join(p.privilege for p in ps)), False)
+                 for ps in objects.values()]
+    unexpected = _unexpected(conn, asks)
+    again: list[tuple[str, Privilege]] = []
+    for i in unexpected:
+        role, p, expected = asks[i]
+        if expected:
+            held[(role, p)] = False
+        else:
+            again += [(role, replace(p, privilege=one.strip())) for one in p.privilege.split(",")]
+    held.update(zip(again, _held_by(conn, again)))
+    return held
 
 
 def _public_may_create(conn: Connection) -> bool:
@@ -310,7 +393,9 @@ def _statements(changes: Sequence[tuple[str, _Changes]]) -> list[str]:
 #: What a role's grants depend on, in one read per database: the relations of each schema (name and
 #: kind), and the ACL entries of each role, and of PUBLIC (grantee 0), per schema.
 _STATE = """
-WITH rels AS (
+WITH roles AS (  -- a set joined by hash: with hundreds of roles, = ANY(array) per ACL entry is what costs
+    SELECT r.oid, r.rolname::text AS name FROM pg_roles r JOIN unnest(CAST(:roles AS text[])) AS u(n) ON u.n = r.rolname
+), rels AS (
     SELECT n.nspname::text AS s, c.relname::text AS name, c.relkind::text AS kind, c.relacl AS acl
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = ANY(CAST(:schemas AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
@@ -323,13 +408,13 @@ WITH rels AS (
 )
 SELECT 'schema', s, md5(string_agg(name || ':' || kind, ',' ORDER BY name)) FROM rels GROUP BY s
 UNION ALL
-SELECT 'acl', coalesce(g.rolname, '') || '@' || a.s,
+SELECT 'acl', coalesce(g.name, '') || '@' || a.s,
        md5(string_agg(a.name || ':' || a.privilege_type, ',' ORDER BY a.name, a.privilege_type))
-FROM acls a LEFT JOIN pg_roles g ON g.oid = a.grantee
-WHERE a.grantee = 0 OR g.rolname = ANY(CAST(:roles AS text[]))
-GROUP BY g.rolname, a.s
+FROM acls a LEFT JOIN roles g ON g.oid = a.grantee
+WHERE a.grantee = 0 OR g.oid IS NOT NULL
+GROUP BY g.name, a.s
 UNION ALL
-SELECT 'stamp', rolname::text, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = ANY(CAST(:roles AS text[]))
+SELECT 'stamp', name, shobj_description(oid, 'pg_authid') FROM roles
 UNION ALL
 SELECT 'database', '', current_database()
 """
@@ -418,11 +503,13 @@ def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequenc
     from sqlalchemy.exc import DBAPIError
 
     others_of = {t.schema: [e for e in everyone if t.primary and not e.primary and e.pg_grants] for t in group}
-    try:
-        state = _grant_state(conn, [t.env for t in group] + [e for o in others_of.values() for e in o])
-    except DBAPIError:
-        state = {}  # no shortcut: every environment's privileges are read
-    conn.rollback()
+    state: dict[tuple[str, str], str | None] = {}  # no shortcut: every environment's privileges are read
+    if any(t.schema not in changed for t in group):  # the stamps matter only to a schema not just upgraded
+        try:
+            state = _grant_state(conn, [t.env for t in group] + [e for o in others_of.values() for e in o])
+        except DBAPIError:
+            pass
+        conn.rollback()
     due = [(t.env, others_of[t.schema]) for t in group if t.schema in changed
            or state.get(("stamp", t.env.pg_role)) != _fingerprint(state, t.env, others_of[t.schema])]
     outcomes = _ensure(conn, due, likely=any(env.schema in changed for env, _ in due))
