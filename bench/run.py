@@ -91,7 +91,8 @@ class Bench:
         (self.work / "alembic.ini").write_text(text)
 
     def fresh_db(self) -> str:
-        """A new database, after a checkpoint: no measurement pays for the writes of the one before."""
+        """A new database, after a checkpoint and a sync: no measurement pays for the writes (or the
+        dropped databases) of the one before."""
         name = f"momentry_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -100,8 +101,12 @@ class Bench:
         return with_db(self.admin, name)
 
     def settle(self) -> None:
+        """Flush what earlier measurements left behind: dirty buffers (a checkpoint) and the files of
+        dropped databases (their unlinks are written back by the kernel for seconds afterwards)."""
+        os.sync()
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
+        os.sync()
 
     def env(self, url: str, **extra: str) -> dict[str, str]:
         keep = {k: v for k, v in os.environ.items() if not k.startswith(("MOMENTRY_", "DATABASE_", "MONGODB_",
