@@ -115,7 +115,7 @@ class Privilege:
     privilege: str
     shown: str = ""
     oid: int | None = field(default=None, compare=False)  # a relation's, when read from the catalogs
-    #: the relation's owner, when its ACL is still the default: only the owner (and its members) hold anything
+    #: the relation's owner, when its ACL is still the default: no GRANT has given anyone else anything
     owner_only: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
@@ -314,8 +314,9 @@ def _held_plan(conn: Connection, roles: Sequence[tuple[str, list[Privilege], lis
     object's privileges are asked about together (is any held?), and only the answers that are not
     the expected ones come back, so the common case (everything wanted held, nothing forbidden) is
     one read that returns nothing; objects found to hold a forbidden privilege are asked again, one
-    privilege at a time. A relation whose ACL is still the default (a table just created) is not
-    asked about: only its owner, the owner's members and superusers hold anything on it."""
+    privilege at a time. A relation whose ACL is still the default (a table just created) is asked
+    about only for the roles that can hold something on it (``_OWNER_RIGHTS``): superusers, the
+    owner's members, and members of pg_read_all_data or pg_write_all_data."""
     import sqlalchemy as sa
 
     owners = sorted({p.owner_only for _, want, _ in roles for p in want if p.owner_only is not None})
