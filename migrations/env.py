@@ -45,7 +45,9 @@ if targets is None:  # a plain `alembic` call
             from momentry_db.stores.postgres.grants import ensure_grants
 
             upgraded = {schema for schema, ran in results.items() if ran.applied}
-            for notice in ensure_grants(targets, project.environments(), changed=upgraded):  # as migrate keeps them
+            streamed = config.attributes.get(postgres.STREAMED)  # made while the schemas ran
+            for notice in ensure_grants(targets, project.environments(), changed=upgraded,  # as migrate keeps them
+                                        streamed=streamed):
                 print(notice, file=sys.stderr)
     except MomentryError as exc:
         print(f"error: {scrub(str(exc), secrets)}", file=sys.stderr)

@@ -6,6 +6,7 @@ environment, the environment's env file, the built-in default.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -416,7 +417,8 @@ def _check_authority(variable: str, shown: str, scheme: str, host_part: str, que
         params = [k for k, _ in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))]
     except ValueError:
         raise ConfigError(f"{shown}: the query string cannot be parsed; write ?name=value&name=value") from None
-    unknown = [k for k in params if k not in _known_params(variable, params)]
+    known = _known_params(variable, params)
+    unknown = [k for k in params if k not in known]
     if unknown and variable == "QDRANT_URL":
         raise ConfigError(f"{shown}: unknown parameter {unknown[0]!r}; a Qdrant URL takes none "
                           "(put the API key in QDRANT_API_KEY)")
@@ -425,13 +427,11 @@ def _check_authority(variable: str, shown: str, scheme: str, host_part: str, que
                           f"{_PARAM_SOURCE[variable]} knows")
 
 
-def _known_params(variable: str, params: list[str]) -> set[str]:
+def _known_params(variable: str, params: list[str]) -> set[str] | frozenset[str]:
     if not params:
         return set()
     if variable == "DATABASE_URL":
-        from psycopg import pq
-
-        return {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
+        return _libpq_keywords()
     if variable == "MONGODB_URL":
         from pymongo.common import URI_OPTIONS_ALIAS_MAP, URI_OPTIONS_VALIDATOR_MAP
 
@@ -442,6 +442,14 @@ def _known_params(variable: str, params: list[str]) -> set[str]:
 
         return set(URL_QUERY_ARGUMENT_PARSERS) | _REDIS_PARAMS
     return set()  # QDRANT_URL: the client takes no URL parameters
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    """The connection parameters this libpq knows (read once: every environment's URL is checked)."""
+    from psycopg import pq
+
+    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
 _PARAM_SOURCE = {"DATABASE_URL": "libpq", "MONGODB_URL": "pymongo", "REDIS_URL": "redis-py"}

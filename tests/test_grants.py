@@ -450,3 +450,107 @@ def test_the_plan_asks_about_a_relation_no_grant_touched_only_for_roles_that_may
                      *((member, n, p) for n in ("fresh", "granted") for p in ("SELECT", "INSERT")),
                      (member, "fresh_id_seq", "USAGE"), (member, "fresh_id_seq", "SELECT"),
                      (reader, "fresh", "SELECT"), (reader, "granted", "SELECT"), (reader, "fresh_id_seq", "SELECT")}
+
+
+# --- grants made while a fan-out runs ------------------------------------------------------------
+
+_EVERY_NEW_ROLE = 2 + (12 + 16) * (4 + 2) + 4  # as in the tests above: USAGE, DML, sequences, shared views
+
+
+def _held_by_role(db, role: str, schema: str) -> set[tuple[str, str, str]]:
+    """Every privilege ``role`` holds on public's and ``schema``'s relations, from the catalogs, with
+    ``schema`` written as "own" so two environments' sets compare."""
+    rows = db.query(
+        "SELECT n.nspname, c.relname, p FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, "
+        "unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER', 'USAGE']) p "
+        "WHERE n.nspname IN ('public', %s) AND CASE WHEN c.relkind = 'S' THEN p IN ('SELECT', 'UPDATE', 'USAGE') "
+        "AND has_sequence_privilege(%s, c.oid, p) ELSE c.relkind IN ('r', 'p', 'v', 'm') AND p <> 'USAGE' "
+        "AND has_table_privilege(%s, c.oid, p) END", (schema, role, role))
+    return {("own" if s == schema else s, rel, p) for s, rel, p in rows}
+
+
+@pytest.mark.parametrize("batch_fails", [False, True], ids=["batches", "a-failed-batch-left-to-the-end"])
+def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted: Granted, monkeypatch,
+                                                                        batch_fails: bool) -> None:
+    """Over enough schemas, a thread of its own grants the committed ones in batches while the lanes go on;
+    the end of the run grants what is left. The roles end with exactly what one grant step at the end
+    gives them, each environment is granted once and reported once, in order, and a batch that fails
+    as a whole is left to the end."""
+    import threading
+
+    from momentry_db.stores.postgres import fanout, grants
+
+    db, project = granted.database, granted.project
+    streamed_envs = [f"pr-{i}" for i in range(1, 7)]
+    at_end_envs = [f"pr-{i}" for i in range(11, 17)]
+    roles = {env: granted.declare(env) for env in streamed_envs + at_end_envs}
+    calls: list[tuple[str, list[str]]] = []  # (thread, schemas) of every grant batch
+    first_batch = threading.Event()
+    real_group, real_run = grants._ensure_group, fanout._run_compiled
+
+    def spy_group(conn, group, *args, **kwargs):
+        thread = threading.current_thread().name
+        if batch_fails and thread == "momentry-db grants":
+            calls.append((thread + " (failed)", [t.schema for t in group]))
+            first_batch.set()
+            raise RuntimeError("the server went away")
+        out = real_group(conn, group, *args, **kwargs)
+        calls.append((thread, [t.schema for t in group]))
+        if thread == "momentry-db grants":
+            first_batch.set()
+        return out
+
+    def lane_waits_for_a_batch(conn, target, *args, **kwargs):
+        if target.schema == "pr_6":  # the last schema runs only once a batch was granted beside the lane
+            assert first_batch.wait(60)
+        return real_run(conn, target, *args, **kwargs)
+
+    monkeypatch.setattr(grants, "_ensure_group", spy_group)
+    monkeypatch.setattr(fanout, "_run_compiled", lane_waits_for_a_batch)
+    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 2)
+    args = [a for env in streamed_envs for a in ("--env", env)]
+    streamed = project.cli("migrate", *args, "--store", "postgres")
+    assert streamed.code == 0, streamed.err
+    assert streamed.err.splitlines() == [f"postgres {env}: role {roles[env]}: role created, "
+                                         f"{_EVERY_NEW_ROLE} privilege(s) granted" for env in streamed_envs]
+    beside = [schemas for thread, schemas in calls if thread.startswith("momentry-db grants")]
+    assert beside[0] == ["pr_1", "pr_2"]
+    granted_once = [s for thread, schemas in calls if not thread.endswith("(failed)") for s in schemas]
+    assert sorted(granted_once) == [env.replace("-", "_") for env in streamed_envs]  # each once
+    if batch_fails:
+        assert calls[-1] == ("MainThread", [env.replace("-", "_") for env in streamed_envs])
+    else:
+        assert len(calls[-1][1]) <= 2 and calls[-1][0] == "MainThread"
+
+    calls.clear()
+    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 10**6)  # one grant step at the end
+    at_end = project.cli("migrate", *[a for env in at_end_envs for a in ("--env", env)], "--store", "postgres")
+    assert at_end.code == 0, at_end.err
+    assert calls == [("MainThread", [env.replace("-", "_") for env in at_end_envs])]
+    expected = _held_by_role(db, roles["pr-11"], "pr_11")
+    assert len(expected) == _EVERY_NEW_ROLE - 2  # every privilege but the two USAGE on schemas
+    assert not {p for p in expected if p[0] == "public" and p[1] == "videos"}  # an isolated table of prod
+    for env in streamed_envs + at_end_envs:
+        assert _held_by_role(db, roles[env], env.replace("-", "_")) == expected, env
+    again = project.cli("migrate", *args, "--store", "postgres")  # every batch stamped its roles
+    assert (again.code, again.err) == (0, "")
+    code, failed = _verify(granted, "pr-3")
+    assert (code, failed) == (0, {})
+
+
+def test_plain_alembic_over_enough_schemas_grants_each_role_once_and_in_order(granted: Granted) -> None:
+    """``alembic upgrade head`` over 32 new environments takes the compiled path, whose grants are made
+    while the schemas run (``grants.Alongside``): every role gets all it needs, once, reported in order."""
+    db, project = granted.database, granted.project
+    envs = [f"e{i:02d}" for i in range(1, 33)]
+    roles = {env: granted.declare(env) for env in envs}
+    result = project.alembic("upgrade", "head")
+    assert result.code == 0, result.err
+    notices = [line for line in result.err.splitlines() if line.startswith("postgres ")]
+    assert notices == [f"postgres {env}: role {roles[env]}: role created, {_EVERY_NEW_ROLE} privilege(s) granted"
+                       for env in envs]
+    expected = _held_by_role(db, roles["e01"], "e01")
+    assert len(expected) == _EVERY_NEW_ROLE - 2
+    assert all(_held_by_role(db, roles[env], env) == expected for env in envs)
+    again = project.cli("migrate", "--all", "--store", "postgres")
+    assert again.code == 0 and again.err == "", again.err

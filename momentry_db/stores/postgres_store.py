@@ -171,8 +171,9 @@ class _Migration:
             outcomes[t.schema] = w.planned(plan)
             plans[t.schema] = plan
         pending = [t for t in self.targets if t.schema in plans and plans[t.schema].pending]
+        streamed = None
         if w.apply and pending:
-            results = self._upgrade(pending, versions)
+            results, streamed = self._upgrade(pending, versions)
             for t in pending:
                 ran = results[t.schema]
                 plan = plans[t.schema]
@@ -182,11 +183,12 @@ class _Migration:
                     outcomes[t.schema] = w.failed(plan, ran.error, t.env)
         if w.apply:
             self._grants([t for t in self.targets if outcomes[t.schema].ok],
-                         {t.schema for t in pending if outcomes[t.schema].ok})
+                         {t.schema for t in pending if outcomes[t.schema].ok}, streamed)
         return [outcomes[t.schema] for t in self.targets]
 
-    def _grants(self, targets: list[Any], upgraded: set[str]) -> None:
-        """Keep each migrated environment's role and grants current (a no-op run only reads)."""
+    def _grants(self, targets: list[Any], upgraded: set[str], streamed: Any) -> None:
+        """Keep each migrated environment's role and grants current (a no-op run only reads), but for
+        the ones made current while the schemas ran (``streamed``)."""
         from ..errors import MomentryError
         from .postgres import grants
 
@@ -198,11 +200,12 @@ class _Migration:
                              if n not in known]
             except MomentryError:
                 pass  # an environment that cannot be resolved is refused by its own run
-        for notice in grants.ensure_grants(targets, everyone, changed=upgraded):
+        for notice in grants.ensure_grants(targets, everyone, changed=upgraded, streamed=streamed):
             self.work.run.notice(notice)
 
-    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> dict[str, Any]:
-        """Upgrade each target: what its run did (revisions applied, the error that stopped it), by schema."""
+    def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Upgrade each target: what its run did (revisions applied, the error that stopped it), by
+        schema; and the grants made while the compiled schemas ran (see ``grants.Alongside``)."""
         w = self.work
         done: dict[str, Any] = {}
         primary = [t for t in pending if t.primary]
@@ -216,28 +219,36 @@ class _Migration:
                 left.append(t)
             else:
                 starts.setdefault(versions[t.schema] or (), []).append(t)
-        for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
-            if len(group) > 1:
-                compiled, rest = self._compiled(group, start)
-                done.update(compiled)
-                left += rest
-            else:
-                left += group
+        from .postgres.grants import Alongside
+
+        # grants made as the compiled schemas commit: the end of the run waits for one batch, not all
+        along = Alongside.for_run([t for group in starts.values() if len(group) > 1 for t in group])
+        try:
+            for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
+                if len(group) > 1:
+                    ran, rest = self._compiled(group, start, along.committed if along else None)
+                    done.update(ran)
+                    left += rest
+                else:
+                    left += group
+        finally:
+            streamed = along.finish() if along else None
         if left and w.parallel > 1:
             done.update(self._workers(left))
         elif left:
             done.update(self._alembic(left))
-        return done
+        return done, streamed
 
     def _alembic(self, targets: list[Any]) -> dict[str, Any]:
         return self.pg.upgrade_many(targets, script_location=self.work.scripts,  # type: ignore[no-any-return]
                                     project=self.work.project)
 
-    def _compiled(self, targets: list[Any], start: tuple[str, ...]) -> tuple[dict[str, Any], list[Any]]:
+    def _compiled(self, targets: list[Any], start: tuple[str, ...],
+                  on_commit: Any = None) -> tuple[dict[str, Any], list[Any]]:
         """The compiled run of targets at one revision; what stops it early is each target's outcome."""
         try:
             return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts,  # type: ignore[no-any-return]
-                                            parallel=self.work.parallel)
+                                            parallel=self.work.parallel, on_commit=on_commit)
         except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
             return {t.schema: self.pg.SchemaRun(error=self.pg.failure(t, exc)) for t in targets}, []
 

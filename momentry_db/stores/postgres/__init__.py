@@ -34,7 +34,15 @@ from .connection import (
     set_search_path,
     tables_with_rows,
 )
-from .fanout import current_versions, read_states, upgrade_all, upgrade_chunk, upgrade_compiled, upgrade_many
+from .fanout import (
+    STREAMED,
+    current_versions,
+    read_states,
+    upgrade_all,
+    upgrade_chunk,
+    upgrade_compiled,
+    upgrade_many,
+)
 from .history import HISTORY_DDL, HISTORY_INSERT, HISTORY_TABLE, history, record_failure
 from .manage import clone_tables, compare_live, drop_schema, preflight_drop
 from .planning import (
@@ -71,6 +79,7 @@ __all__ = [
     "LOCK_CLASS",
     "REPO_ROOT",
     "SCRIPT_LOCATION",
+    "STREAMED",
     "STORE",
     "UNMANAGED",
     "PgTarget",

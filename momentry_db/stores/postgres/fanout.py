@@ -6,7 +6,7 @@ import io
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,14 +118,16 @@ def upgrade_chunk(envs: list[Environment], script_location: Path | None,
 
 
 def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
-                     script_location: Path | None = None,
-                     parallel: int = 1) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
+                     script_location: Path | None = None, parallel: int = 1,
+                     on_commit: Callable[[PgTarget], None] | None = None,
+                     ) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
     """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
 
     The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
     then sent to each schema as one script in one transaction (search_path set to that
     schema, history rows included), under the schema's advisory lock. With ``parallel``
-    > 1, that many connections (one thread each) take schemas from one queue. Returns what
+    > 1, that many connections (one thread each) take schemas from one queue. ``on_commit`` is
+    called with each target whose script committed, from the lane that ran it. Returns what
     each compiled run did, by schema, and the targets left for a regular Alembic run: every
     one when offline mode cannot express the path (reads from the live database,
     autocommit blocks), and any target another run moved meanwhile.
@@ -137,7 +139,7 @@ def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
     body = render_template(targets[0], start, script, script_location)
     if body is None:
         return {}, list(targets)
-    work = _CompiledWork(start, body, revisions)
+    work = _CompiledWork(start, body, revisions, on_commit)
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
@@ -208,6 +210,7 @@ def upgrade_all(context: Any, targets: Sequence[PgTarget]) -> dict[str, SchemaRu
     """
     import logging
 
+    from .grants import Alongside
     from .planning import RESULTS
     from .runner import run_env
 
@@ -228,26 +231,37 @@ def upgrade_all(context: Any, targets: Sequence[PgTarget]) -> dict[str, SchemaRu
         else:
             starts.setdefault(versions[t.schema] or (), []).append(t)
     failed: list[MomentryError] = []
-    for start, group in starts.items():
-        if len(group) == 1:
-            left += group
-            continue
-        logged = [replace(t, emit=_log_step) for t in group]  # each revision as its schema commits
-        runs, rest = upgrade_compiled(logged, start, script_location=location)
-        left += [t for t in group if t.schema in {r.schema for r in rest}]
-        for t in group:
-            ran = runs.get(t.schema)
-            if ran is None:
+    # grants made as the compiled schemas commit, for env.py's ensure_grants (see grants.Alongside)
+    along = Alongside.for_run([t for group in starts.values() if len(group) > 1 for t in group])
+    try:
+        for start, group in starts.items():
+            if len(group) == 1:
+                left += group
                 continue
-            results[t.schema] = ran
-            if ran.error is not None:
-                failed.append(ran.error)
-                log.error("%s", ran.error)
+            logged = [replace(t, emit=_log_step) for t in group]  # each revision as its schema commits
+            runs, rest = upgrade_compiled(logged, start, script_location=location,
+                                          on_commit=along.committed if along else None)
+            left += [t for t in group if t.schema in {r.schema for r in rest}]
+            for t in group:
+                ran = runs.get(t.schema)
+                if ran is None:
+                    continue
+                results[t.schema] = ran
+                if ran.error is not None:
+                    failed.append(ran.error)
+                    log.error("%s", ran.error)
+    finally:
+        if along is not None:
+            context.config.attributes[STREAMED] = along.finish()
     if failed:
         raise failed[0]
     order = {t.schema: i for i, t in enumerate(targets)}
     run_env(context, sorted(left, key=lambda t: order[t.schema]))
     return results
+
+
+#: Where ``upgrade_all`` leaves the grants it made while the schemas ran (a ``grants.Streamed``).
+STREAMED = "momentry_grants_streamed"
 
 
 def _log_step(verb: str, step: Step) -> None:
@@ -260,8 +274,9 @@ def _log_step(verb: str, step: Step) -> None:
 class _CompiledWork:
     """One compiled script and what its runs did; each lane drains the shared queue on its own connection."""
 
-    def __init__(self, start: tuple[str, ...], body: str, revisions: list[Any]) -> None:
-        self.start, self.body, self.revisions = start, body, revisions
+    def __init__(self, start: tuple[str, ...], body: str, revisions: list[Any],
+                 on_commit: Callable[[PgTarget], None] | None = None) -> None:
+        self.start, self.body, self.revisions, self.on_commit = start, body, revisions, on_commit
         self.done: dict[str, SchemaRun] = {}
         self.leftovers: list[PgTarget] = []
         self.emitting = threading.Lock()  # lanes report one event at a time
@@ -300,8 +315,10 @@ class _CompiledWork:
                         break
                     if ran is None:
                         self.leftovers.append(target)
-                    else:
-                        self.done[target.schema] = ran
+                        continue
+                    self.done[target.schema] = ran
+                    if ran.error is None and self.on_commit is not None:
+                        self.on_commit(target)
 
 
 # SQLSTATEs the guard raises: the schema's lock is held by another session, or the schema moved since the plan

@@ -467,9 +467,9 @@ def _stamp(conn: Connection, ensured: Sequence[tuple[Environment, Sequence[Envir
 
 
 def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] = (), *,
-                  changed: Collection[str] = ()) -> list[str]:
+                  changed: Collection[str] = (), streamed: Streamed | None = None) -> list[str]:
     """Bring each target environment's role and grants up to date; return one notice per environment
-    whose grants changed or could not be managed.
+    whose grants changed or could not be managed, in the targets' order.
 
     The role is created when missing (which needs CREATEROLE), then granted what it lacks, and a
     non-prod role loses any privilege on public's isolated tables. PUBLIC loses CREATE on schema
@@ -478,29 +478,113 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
     kept current on public's shared tables and views. Nothing is written when nothing is missing.
     A role whose stamp shows that nothing it depends on moved is not read at all, unless its schema
     is named in ``changed`` (just upgraded). The rest are read and written together, in a handful of
-    round trips however many environments there are.
+    round trips however many environments there are. The environments ``streamed`` names were made
+    current earlier in the run (:class:`Alongside`): they are left alone, and their notices come
+    back with the rest.
     """
     from ...errors import MomentryError
 
-    notices: list[str] = []
+    made = streamed or Streamed()
+    notices = list(made.notices)
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
-        if target.env.pg_grants:
+        if target.env.pg_grants and target.env.name not in made.envs:
             by_url.setdefault(target.url(), []).append(target)
     for group in by_url.values():
         try:
             conn = connect(group[0])
         except MomentryError as exc:
-            notices.append(f"postgres: grants not managed: {exc}")
+            notices.append(("", f"postgres: grants not managed: {exc}"))
             continue
         with conn:
-            notices += _ensure_group(conn, group, everyone, changed)
-    return notices
+            notices += _ensure_group(conn, group, everyone, changed, made.envs)
+    order = {t.env.name: i for i, t in enumerate(targets)}
+    return [notice for _, notice in sorted(notices, key=lambda named: order.get(named[0], -1))]
+
+
+@dataclass
+class Streamed:
+    """What :class:`Alongside` made while the schemas ran: its notices, by environment, and the
+    environments whose roles it made current."""
+
+    notices: list[tuple[str, str]] = field(default_factory=list)
+    envs: set[str] = field(default_factory=set)
+
+
+class Alongside:
+    """Grants made while a fan-out runs: each schema the lanes commit is handed over (``committed``),
+    and a thread of its own grants them in batches of ``batch``, one ``ensure_grants`` each, on one
+    connection per database, so the run's last step is left with one batch, not every environment.
+
+    ``finish`` stops it and returns what the batches made (:class:`Streamed`); the targets handed over since the last batch are not granted here:
+    the run's final ``ensure_grants`` takes them, with ``done`` naming the rest. A batch that fails
+    as a whole (the server went away) ends the streaming, and its targets are left to that final call.
+    """
+
+    #: Below twice this many schemas, every grant waits for the end of the run (one batch).
+    SMALLEST_BATCH = 16
+
+    @classmethod
+    def for_run(cls, targets: Sequence[PgTarget]) -> Alongside | None:
+        """One for a compiled run of ``targets``, when they are enough to leave more than one batch."""
+        wanted = sum(1 for t in targets if t.env.pg_grants)
+        if wanted < 2 * cls.SMALLEST_BATCH:
+            return None
+        return cls(max(cls.SMALLEST_BATCH, wanted // 8))
+
+    def __init__(self, batch: int) -> None:
+        import threading
+
+        self.batch = batch
+        self.ready: list[PgTarget] = []
+        self.made = Streamed()
+        self.closing = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._work, name="momentry-db grants", daemon=True)
+        self.thread.start()
+
+    def committed(self, target: PgTarget) -> None:
+        """A lane committed ``target``'s schema: its grants may be made."""
+        if target.env.pg_grants:
+            with self.changed:
+                self.ready.append(target)
+                if len(self.ready) >= self.batch:
+                    self.changed.notify()
+
+    def finish(self) -> Streamed:
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.thread.join()
+        return self.made
+
+    def _work(self) -> None:
+        conns: dict[str, Connection] = {}
+        try:
+            while True:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.closing or len(self.ready) >= self.batch)
+                    if self.closing:
+                        return
+                    batch, self.ready = self.ready[:self.batch], self.ready[self.batch:]
+                by_url: dict[str, list[PgTarget]] = {}
+                for target in batch:
+                    by_url.setdefault(target.url(), []).append(target)
+                for url, group in by_url.items():
+                    if url not in conns:
+                        conns[url] = connect(group[0])
+                    self.made.notices += _ensure_group(conns[url], group, (), {t.schema for t in group})
+                    self.made.envs.update(t.env.name for t in group)
+        except Exception:  # noqa: BLE001 - what is not granted here, the run's final ensure_grants grants
+            return
+        finally:
+            for conn in conns.values():
+                conn.close()
 
 
 def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequence[Environment],
-                  changed: Collection[str]) -> list[str]:
-    """``ensure_grants`` for the targets of one database."""
+                  changed: Collection[str], done: Collection[str] = ()) -> list[tuple[str, str]]:
+    """``ensure_grants`` for the targets of one database: its notices, by environment."""
     from sqlalchemy.exc import DBAPIError
 
     others_of = {t.schema: [e for e in everyone if t.primary and not e.primary and e.pg_grants] for t in group}
@@ -513,23 +597,23 @@ def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequenc
         conn.rollback()
     due = [(t.env, others_of[t.schema]) for t in group if t.schema in changed
            or state.get(("stamp", t.env.pg_role)) != _fingerprint(state, t.env, others_of[t.schema])]
-    outcomes = _ensure(conn, due, likely=any(env.schema in changed for env, _ in due))
-    notices: list[str] = []
+    outcomes = _ensure(conn, due, likely=any(env.schema in changed for env, _ in due), done=done)
+    notices: list[tuple[str, str]] = []
     for env, _ in due:
         outcome = outcomes.get(env.name, "")
         if isinstance(outcome, Exception):
             reason = str(outcome.orig or outcome) if isinstance(outcome, DBAPIError) else str(outcome)
             reason = scrub(reason.strip().splitlines()[0], env.secrets())
-            notices.append(f"postgres {env.name}: grants not managed ({reason}); "
-                           f"momentry-db verify --env {env.name} names what is missing")
+            notices.append((env.name, f"postgres {env.name}: grants not managed ({reason}); "
+                                      f"momentry-db verify --env {env.name} names what is missing"))
         elif outcome:
-            notices.append(f"postgres {env.name}: role {env.pg_role}: {outcome}")
+            notices.append((env.name, f"postgres {env.name}: role {env.pg_role}: {outcome}"))
     _stamp(conn, [(env, others) for env, others in due if not isinstance(outcomes.get(env.name), Exception)])
     return notices
 
 
 def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Environment]]], *,
-            likely: bool = False) -> dict[str, str | Exception]:
+            likely: bool = False, done: Collection[str] = ()) -> dict[str, str | Exception]:
     """Write what each environment's role (and, from prod, the others' roles in public) lacks, in one
     transaction; by environment, what changed, or why its grants could not be managed.
 
@@ -539,7 +623,8 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
     import sqlalchemy as sa
     from sqlalchemy.exc import DBAPIError
 
-    own = {env.name for env, _ in items}  # a role made current by its own job needs no public-only one
+    # a role made current by its own job (here, or earlier in the run: ``done``) needs no public-only one
+    own = {env.name for env, _ in items} | set(done)
     jobs = [job for env, others in items
             for job in (_Job(env, env), *(_Job(o, env, True) for o in others if o.name not in own))]
     if not jobs:
@@ -584,7 +669,7 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
             return {items[0][0].name: exc}
         for item in items:  # each on its own: the failure is one environment's
             if item[0].name not in outcomes:
-                outcomes.update(_ensure(conn, [item], likely=likely))
+                outcomes.update(_ensure(conn, [item], likely=likely, done=done))
         return outcomes
     return {**outcomes, **{name: "; ".join(parts) for name, parts in said.items()}}
 
