@@ -288,12 +288,33 @@ def libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
-def wire_floor(url: str, chunks: list[str]) -> float:
-    """Each schema's offline script as one round trip on one connection: no lock reads, no history."""
+def wire_floor(url: str, chunks: list[str], lanes: int = 1) -> float:
+    """Each schema's offline script as one round trip: no lock reads, no history. public's first, on one
+    connection; the rest on ``lanes`` connections (one thread each) taking scripts from one queue."""
     started = time.perf_counter()
-    with psycopg.connect(url, autocommit=True) as conn:
-        for chunk in chunks:
-            conn.execute(chunk.encode())  # no parameters: the simple query protocol, many statements
+    queue = list(reversed(chunks[1:]))
+
+    def lane(first: str | None) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            if first is not None:
+                conn.execute(first.encode())  # no parameters: the simple query protocol, many statements
+            while queue:
+                try:
+                    chunk = queue.pop()
+                except IndexError:
+                    return
+                conn.execute(chunk.encode())
+
+    if lanes == 1:
+        lane(chunks[0])
+    else:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(chunks[0].encode())
+        threads = [threading.Thread(target=lane, args=(None,)) for _ in range(lanes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     return time.perf_counter() - started
 
 
@@ -317,6 +338,7 @@ METHODS = {  # key: (label in the table and chart, line style)
     "parallel": ("migrate --all --parallel 2", "s-"),
     "psql": ("psql floor (offline SQL)", "^--"),
     "wire": ("wire floor (1 round trip/schema)", "v--"),
+    "wire2": ("wire floor, 2 connections", "<--"),
     "alembic": ("alembic upgrade head (every schema)", "*-."),
     "loop": ("alembic -x schema=... loop", "x:"),
     "noop": ("no-op migrate --all", "d-"),
@@ -343,13 +365,13 @@ def noop_every_store(b: Bench, progress: Progress) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(bare)
 
 
-def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
+def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: int) -> None:
     times: dict[str, dict[int, float]] = {k: {} for k in METHODS}
     memory: dict[str, dict[int, float]] = {k: {} for k in METHODS}
-    per_size = {n: 7 * (3 if n <= 50 else 1) + (n <= loop_max) for n in sizes}
+    per_size = {n: 8 * rounds + (n <= loop_max) for n in sizes}
     progress = Progress(sum(per_size.values()) + 3 + 1 + 2 * NOOP_ROUNDS)
     print(f"(scale) public + N schemas from empty, N = {', '.join(map(str, sizes))}; the alembic loop up to "
-          f"N = {loop_max}; median of 3 interleaved rounds for N <= 50, else one")
+          f"N = {loop_max}; median of {rounds} interleaved rounds, each in a rotated order")
     idle = b.env(b.fresh_db(), MOMENTRY_EXTRA_ENVS="")
     b.timed([str(BIN / "momentry-db"), "migrate", "--env", "prod", "--store", "postgres"], idle)
     currents = []
@@ -369,36 +391,34 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
         chunks = [c + "COMMIT;" for c in offline.split("\nCOMMIT;") if "BEGIN;" in c]
         assert len(chunks) == n + 1, (len(chunks), n)
         runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in METHODS}
-        for _ in range(3 if n <= 50 else 1):  # interleaved, so every method sees the same machine
+        migrate = [str(BIN / "momentry-db"), "migrate", "--all", "--store", "postgres"]
+
+        def measure(key: str) -> None:
             url = b.fresh_db()
             env = b.env(url, MOMENTRY_EXTRA_ENVS=extras)
-            runs["migrate"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
-                                                    "postgres"], env))
-            progress(n, METHODS["migrate"][0], *runs["migrate"][-1])
-            b.settle()
-            runs["noop"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
-                                                 "postgres"], env))
-            progress(n, METHODS["noop"][0], *runs["noop"][-1])
-            url = b.fresh_db()
-            runs["nogrants"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--store",
-                                                     "postgres"], b.env(url, MOMENTRY_EXTRA_ENVS=extras,
-                                                                        MOMENTRY_PG_GRANTS="off")))
-            progress(n, METHODS["nogrants"][0], *runs["nogrants"][-1])
-            url = b.fresh_db()
-            runs["parallel"].append(run_measured(b, [str(BIN / "momentry-db"), "migrate", "--all", "--parallel",
-                                                     "2", "--store", "postgres"], b.env(url, MOMENTRY_EXTRA_ENVS=extras)))
-            progress(n, METHODS["parallel"][0], *runs["parallel"][-1])
-            url = b.fresh_db()
-            runs["alembic"].append(run_measured(b, [str(BIN / "alembic"), "upgrade", "head"],
-                                                b.env(url, MOMENTRY_EXTRA_ENVS=extras)))
-            progress(n, METHODS["alembic"][0], *runs["alembic"][-1])
-            url = b.fresh_db()
-            runs["psql"].append(run_measured(b, [pg_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script),
-                                                 libpq(url)], b.env(url)))
-            progress(n, METHODS["psql"][0], *runs["psql"][-1])
-            url = b.fresh_db()
-            runs["wire"].append((wire_floor(libpq(url), chunks), None))
-            progress(n, METHODS["wire"][0], runs["wire"][-1][0])
+            if key in ("wire", "wire2"):
+                runs[key].append((wire_floor(libpq(url), chunks, lanes=2 if key == "wire2" else 1), None))
+            elif key == "psql":
+                runs[key].append(run_measured(b, [pg_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script),
+                                                  libpq(url)], b.env(url)))
+            elif key == "alembic":
+                runs[key].append(run_measured(b, [str(BIN / "alembic"), "upgrade", "head"], env))
+            elif key == "parallel":
+                runs[key].append(run_measured(b, [*migrate, "--parallel", "2"], env))
+            elif key == "nogrants":
+                runs[key].append(run_measured(b, migrate, {**env, "MOMENTRY_PG_GRANTS": "off"}))
+            else:  # migrate, then the no-op on the same database
+                runs[key].append(run_measured(b, migrate, env))
+                progress(n, METHODS[key][0], *runs[key][-1])
+                b.settle()
+                runs["noop"].append(run_measured(b, migrate, env))
+                key = "noop"
+            progress(n, METHODS[key][0], *runs[key][-1])
+
+        order = ["migrate", "nogrants", "parallel", "alembic", "psql", "wire", "wire2"]
+        for r in range(rounds):  # interleaved, each round in a rotated order: no method always goes first
+            for key in order[r % len(order):] + order[:r % len(order)]:
+                measure(key)
             b.drop_databases()
         if n <= loop_max:
             url = b.fresh_db()
@@ -435,7 +455,8 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path) -> None:
     for n in hundred:
         print(f"    migrate --all --parallel 2 / single-connection wire floor, N={n}: "
               f"{ratio('parallel', 'wire', n):.2f}x  (goal <= 0.8x, issue 13 #1b); / psql floor "
-              f"{ratio('parallel', 'psql', n):.2f}x; / migrate --all {ratio('parallel', 'migrate', n):.2f}x")
+              f"{ratio('parallel', 'psql', n):.2f}x; / migrate --all {ratio('parallel', 'migrate', n):.2f}x; "
+              f"the wire floor on 2 connections itself: {ratio('wire2', 'wire', n):.2f}x")
     fifty = min(sizes, key=lambda n: abs(n - 50))
     print(f"    alembic upgrade head (every schema) / psql floor, N={fifty}: {ratio('alembic', 'psql', fifty):.2f}x  "
           "(goal <= 1.5x, issue 13 #3)")
@@ -497,6 +518,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,50,200,500", help="schemas besides public, comma-separated")
     parser.add_argument("--loop-max", type=int, default=200,
                         help="largest N at which the one-process-per-schema alembic loop runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds at each N (the median is kept)")
     parser.add_argument("--chart", type=Path, default=REPO / "docs" / "bench-scale.png")
     args = parser.parse_args()
     b = Bench()
@@ -504,7 +526,7 @@ def main() -> None:
         print(f"momentry-db benchmark on {'the embedded server' if b.server else 'MOMENTRY_BENCH_DATABASE_URL'}, "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
         if args.scale:
-            bench_scale(b, sorted(int(n) for n in args.sizes.split(",")), args.loop_max, args.chart)
+            bench_scale(b, sorted(int(n) for n in args.sizes.split(",")), args.loop_max, args.chart, args.rounds)
         else:
             for step in (bench_a, bench_b, bench_c, bench_d):
                 step(b)
