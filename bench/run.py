@@ -12,14 +12,17 @@
     CREATE INDEX CONCURRENTLY against a plain CREATE INDEX.
 
     .venv/bin/python bench/run.py --scale [--sizes 10,50,200,500] [--loop-max 200] [--chart docs/bench-scale.png]
+    .venv/bin/python bench/run.py --scale --data-dir /dev/shm   # the embedded server's files in memory
 
 --scale: how cost grows with the number of schemas N (public + N environment schemas, from empty).
     At each N, side by side: `migrate --all` on one connection (also with MOMENTRY_PG_GRANTS=off: the
     same work as the floors, which create no roles) and with `--parallel 2`, a plain
     `alembic upgrade head` (every schema), psql applying the offline SQL (one transaction per
     schema), the wire floor (each schema's offline script sent as one round trip on one connection,
-    from this process), and the one-process-per-schema `alembic -x schema=... upgrade head` loop (up
-    to --loop-max schemas: it takes about a second a schema). Then a no-op `migrate --all` at head.
+    from this process; and on two connections, public first, the floor `--parallel 2` is held to),
+    and the one-process-per-schema `alembic -x schema=... upgrade head` loop (up to --loop-max
+    schemas: it takes about a second a schema). Then a no-op `migrate --all` at head. Each size runs
+    --rounds interleaved rounds (3), each in a rotated order, and keeps each method's median.
     First, once: a no-op `migrate --all` over 30 environments in every store (MongoDB on the
     embedded SecantusDB, Qdrant in local mode) against `alembic current`. Peak memory is each
     child's ru_maxrss (the loop's largest process). Needs matplotlib for the chart
@@ -60,14 +63,15 @@ def pg_bin(name: str) -> str:
     return str(POSTGRES_BIN_PATH / name)
 
 
-def admin_url() -> tuple[str, object | None]:
+def admin_url(data_dir: Path | None = None) -> tuple[str, object | None]:
     url = os.environ.get("MOMENTRY_BENCH_DATABASE_URL")
     if url:
         return url, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
-    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="momentry-bench-pg-")), cleanup_mode="delete")
+    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="momentry-bench-pg-", dir=data_dir)),
+                                 cleanup_mode="delete")
     return server.get_uri(), server
 
 
@@ -78,8 +82,8 @@ def with_db(url: str, name: str) -> str:
 
 
 class Bench:
-    def __init__(self) -> None:
-        self.admin, self.server = admin_url()
+    def __init__(self, data_dir: Path | None = None) -> None:
+        self.admin, self.server = admin_url(data_dir)
         self.work = Path(tempfile.mkdtemp(prefix="momentry-bench-"))
         shutil.copy(REPO / "alembic.ini", self.work / "alembic.ini")
         self.set_scripts(REPO / "migrations")
@@ -520,10 +524,16 @@ def main() -> None:
                         help="largest N at which the one-process-per-schema alembic loop runs")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds at each N (the median is kept)")
     parser.add_argument("--chart", type=Path, default=REPO / "docs" / "bench-scale.png")
+    parser.add_argument("--data-dir", type=Path, help="where the embedded server keeps its files (default: a temporary "
+                        "directory); /dev/shm keeps them in memory, which takes the disk out of the figures")
     args = parser.parse_args()
-    b = Bench()
+    if args.data_dir and os.environ.get("MOMENTRY_BENCH_DATABASE_URL"):
+        parser.error("--data-dir is for the embedded server; MOMENTRY_BENCH_DATABASE_URL names another")
+    b = Bench(args.data_dir)
     try:
-        print(f"momentry-db benchmark on {'the embedded server' if b.server else 'MOMENTRY_BENCH_DATABASE_URL'}, "
+        where = f"the embedded server in {args.data_dir or 'a temporary directory'}" if b.server else \
+            "MOMENTRY_BENCH_DATABASE_URL"
+        print(f"momentry-db benchmark on {where}, "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
         if args.scale:
             bench_scale(b, sorted(int(n) for n in args.sizes.split(",")), args.loop_max, args.chart, args.rounds)
