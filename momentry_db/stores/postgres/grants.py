@@ -516,9 +516,10 @@ class Alongside:
     and a thread of its own grants them in batches of ``batch``, one ``ensure_grants`` each, on one
     connection per database, so the run's last step is left with one batch, not every environment.
 
-    ``finish`` stops it and returns what the batches made (:class:`Streamed`); the targets handed over since the last batch are not granted here:
-    the run's final ``ensure_grants`` takes them, with ``done`` naming the rest. A batch that fails
-    as a whole (the server went away) ends the streaming, and its targets are left to that final call.
+    ``finish`` stops it and returns what the batches made (:class:`Streamed`). The targets handed
+    over since the last batch are not granted here: the run's final ``ensure_grants`` takes them,
+    told what was streamed. A batch that fails as a whole (the server went away) ends the
+    streaming, and its targets are left to that final call.
     """
 
     #: Below twice this many schemas, every grant waits for the end of the run (one batch).
