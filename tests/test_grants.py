@@ -356,7 +356,7 @@ def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: 
     role = granted.roles["dev"]
     assert project.cli("migrate", "--env", "prod", "--env", "dev", "--store", "postgres").code == 0
     stamp = db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'")
-    assert stamp[0][0].startswith("momentry-db grants v1 ")
+    assert stamp[0][0].startswith("momentry-db grants v2 ")
     statements: list[str] = []
 
     def record(conn, cursor, statement, *args) -> None:
@@ -376,6 +376,53 @@ def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: 
     assert (result.code, result.err.splitlines()) == (0, [f"postgres dev: role {role}: 4 privilege(s) granted"])
     assert db.query(f"SELECT has_table_privilege('{role}', 'dev.by_hand', 'INSERT')") == [(True,)]
     assert db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'") != stamp
+
+
+def _privilege_reads(granted: Granted, env: str) -> int:
+    """How many statements a ``migrate --env ENV`` run, in this process, sends that read privileges."""
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    from momentry_db import command
+
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        result = command.migrate(load_project(granted.project.root, granted.project.environ), [env],
+                                 stores=["postgres"])
+    finally:
+        event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    assert [(t["env"], t["outcome"]) for t in result.to_json()["targets"]] == [(env, "up to date")]
+    return sum("has_table_privilege" in s for s in statements)
+
+
+def test_the_stamp_sees_a_privilege_changed_by_hand_where_the_role_depends_on_it(granted: Granted) -> None:
+    """A role's stamp covers its own schema's ACLs whole and, in public, its own entries and PUBLIC's:
+    a privilege revoked by hand in the schema is seen and granted again, while another role's entry
+    changed in public's shared tables (which list every environment's role) leaves it unread."""
+    db, project, role = granted.database, granted.project, granted.roles["dev"]
+    other = granted.declare("pr-1")
+    assert project.cli("migrate", "--env", "pr-1", "--store", "postgres").code == 0
+    assert _privilege_reads(granted, "dev") == 0
+    db.execute(f"REVOKE ALL ON public.api_keys FROM {other}")
+    assert _privilege_reads(granted, "dev") == 0
+    result = project.cli("migrate", "--env", "pr-1", "--store", "postgres")
+    assert (result.code, result.err.splitlines()) == (0, [f"postgres pr-1: role {other}: 4 privilege(s) granted"])
+    for revoke, granted_again in ((f"REVOKE INSERT ON dev.videos FROM {role}", 1),
+                                  (f"REVOKE USAGE ON SEQUENCE dev.videos_id_seq FROM {role}", 1),
+                                  (f"REVOKE USAGE ON SCHEMA dev FROM {role}", 1)):
+        db.execute(revoke)
+        result = project.cli("migrate", "--env", "dev", "--store", "postgres")
+        assert (result.code, result.err.splitlines()) == (
+            0, [f"postgres dev: role {role}: {granted_again} privilege(s) granted"]), revoke
+    assert db.query(f"SELECT has_table_privilege('{role}', 'dev.videos', 'INSERT'), "
+                    f"has_sequence_privilege('{role}', 'dev.videos_id_seq', 'USAGE'), "
+                    f"has_schema_privilege('{role}', 'dev', 'USAGE')") == [(True, True, True)]
+    assert _privilege_reads(granted, "dev") == 0
 
 
 def test_one_environment_whose_grants_fail_does_not_stop_the_others_in_one_run(granted: Granted) -> None:
@@ -444,8 +491,9 @@ def test_the_plan_asks_about_a_relation_no_grant_touched_only_for_roles_that_may
     truth = {(role, p): db.query(f"SELECT has_{p.kind}_privilege(%s, %s::regclass::oid, %s)",
                                  (role, f"{schema}.{p.name}", p.privilege))[0][0]
              for role in (plain, member, reader) for p in asked}
-    assert held == truth
-    short = {(role, p.name, p.privilege) for (role, p), yes in held.items() if yes}
+    answers = {key: held[key] for key in truth}
+    assert answers == truth
+    short = {(role, p.name, p.privilege) for (role, p), yes in answers.items() if yes}
     assert short == {(plain, "granted", "INSERT"),
                      *((member, n, p) for n in ("fresh", "granted") for p in ("SELECT", "INSERT")),
                      (member, "fresh_id_seq", "USAGE"), (member, "fresh_id_seq", "SELECT"),

@@ -11,6 +11,7 @@ marking; only what is missing (or forbidden and held) is written, so a no-op run
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -287,7 +288,9 @@ def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Cha
             shared = [p for p in wanted(env, public) if p.kind != "schema"], forbidden(env, public)
         wants.append((job, wanted(env, by_schema.get(env.schema, [])) + shared[0], shared[1]))
     held = _held_plan(conn, [(job.env.pg_role, want, deny) for job, want, deny in wants if job.env.pg_role in existing])
-    planned: set[tuple[str, Privilege]] = set()  # granted (or revoked) by an earlier job
+    # granted (or revoked) by an earlier job: kept only for a role with more than one job (prod's run)
+    repeated = {role for role, n in Counter(job.env.pg_role for job in jobs).items() if n > 1}
+    planned: set[tuple[str, Privilege]] = set()
     created: set[str] = set()
     out: list[tuple[_Job, _Changes]] = []
     for job, want, deny in wants:
@@ -299,17 +302,39 @@ def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Cha
         elif role not in existing:
             changes = _Changes(create_role=True, grant=list(want))
             created.add(role)
-        else:
+        elif role in repeated:
             changes = _Changes(grant=[p for p in want if not held[(role, p)] and (role, p) not in planned],
-                               revoke=[p for p in deny if held[(role, p)] and (role, p) not in planned])
-        planned.update((role, p) for p in (*changes.grant, *changes.revoke))
+                               revoke=[p for p in deny if held.forbidden(role, p) and (role, p) not in planned])
+        else:
+            changes = _Changes(grant=[p for p in want if not held[(role, p)]],
+                               revoke=[p for p in deny if held.forbidden(role, p)])
+        if role in repeated:
+            planned.update((role, p) for p in (*changes.grant, *changes.revoke))
         if changes:
             out.append((job, changes))
     return out, _public_may_create(conn)
 
 
-def _held_plan(conn: Connection, roles: Sequence[tuple[str, list[Privilege], list[Privilege]]]
-               ) -> dict[tuple[str, Privilege], bool]:
+class _Held:
+    """What ``_held_plan`` found: ``held[(role, privilege)]`` says whether the role holds a privilege
+    it wants, ``held.forbidden(role, privilege)`` whether it holds one it must not. Only the
+    exceptions are kept (a wanted privilege missing, a forbidden one held), so a plan over hundreds
+    of roles builds no entry per privilege."""
+
+    def __init__(self, owner_rights: set[str], missing: set[tuple[str, Privilege]],
+                 forbidden_held: set[tuple[str, Privilege]]) -> None:
+        self.owner_rights, self.missing, self.forbidden_held = owner_rights, missing, forbidden_held
+
+    def __getitem__(self, key: tuple[str, Privilege]) -> bool:
+        if key[1].owner_only is not None and key[0] not in self.owner_rights:
+            return False  # a relation no GRANT has touched: nobody else holds anything on it
+        return key not in self.missing
+
+    def forbidden(self, role: str, privilege: Privilege) -> bool:
+        return (role, privilege) in self.forbidden_held
+
+
+def _held_plan(conn: Connection, roles: Sequence[tuple[str, list[Privilege], list[Privilege]]]) -> _Held:
     """Whether each role holds each privilege it wants and each it must not hold. A forbidden
     object's privileges are asked about together (is any held?), and only the answers that are not
     the expected ones come back, so the common case (everything wanted held, nothing forbidden) is
@@ -323,30 +348,26 @@ def _held_plan(conn: Connection, roles: Sequence[tuple[str, list[Privilege], lis
     owner_rights = set(conn.execute(sa.text(_OWNER_RIGHTS), {"roles": sorted({r for r, _, _ in roles}),
                                                               "owners": owners}).scalars()) if owners else set()
     asks: list[tuple[str, Privilege, bool]] = []
-    held: dict[tuple[str, Privilege], bool] = {}
     for role, want, deny in roles:
         if role in owner_rights:
             asks += [(role, p, True) for p in want]
-            held.update({(role, p): True for p in want})
         else:  # a relation no GRANT has touched (one just created): nobody else holds anything on it
             asks += [(role, p, True) for p in want if p.owner_only is None]
-            held.update({(role, p): p.owner_only is None for p in want})
         objects: dict[tuple[str, str, str], list[Privilege]] = {}
         for p in deny:
             objects.setdefault((p.kind, p.schema, p.name), []).append(p)
-            held[(role, p)] = False
         asks += [(role, replace(ps[0], privilege=", ".join(p.privilege for p in ps)), False)
                  for ps in objects.values()]
-    unexpected = _unexpected(conn, asks)
+    missing: set[tuple[str, Privilege]] = set()
     again: list[tuple[str, Privilege]] = []
-    for i in unexpected:
+    for i in _unexpected(conn, asks):
         role, p, expected = asks[i]
         if expected:
-            held[(role, p)] = False
+            missing.add((role, p))
         else:
             again += [(role, replace(p, privilege=one.strip())) for one in p.privilege.split(",")]
-    held.update(zip(again, _held_by(conn, again)))
-    return held
+    found = {ask for ask, yes in zip(again, _held_by(conn, again)) if yes}
+    return _Held(owner_rights, missing, found)
 
 
 def _public_may_create(conn: Connection) -> bool:
@@ -392,34 +413,43 @@ def _statements(changes: Sequence[tuple[str, _Changes]]) -> list[str]:
 
 
 #: What a role's grants depend on, in one read per database: the relations of each schema (name and
-#: kind), and the ACL entries of each role, and of PUBLIC (grantee 0), per schema.
+#: kind); each schema's ACLs but public's, whole (its own and its relations'); and in public, the
+#: ACL entries of each role and of PUBLIC, role by role: its shared tables list every environment's
+#: role, and one role's change there must not move the others' state. Role names are plain
+#: identifiers (``validate_role``), so an ACL item's text names them as they are.
 _STATE = """
 WITH roles AS (  -- a set joined by hash: with hundreds of roles, = ANY(array) per ACL entry is what costs
     SELECT r.oid, r.rolname::text AS name FROM pg_roles r JOIN unnest(CAST(:roles AS text[])) AS u(n) ON u.n = r.rolname
+), spaces AS (
+    SELECT n.oid, n.nspname::text AS s, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl
+    FROM pg_namespace n WHERE n.nspname = ANY(CAST(:schemas AS text[]))
 ), rels AS (
-    SELECT n.nspname::text AS s, c.relname::text AS name, c.relkind::text AS kind, c.relacl AS acl
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = ANY(CAST(:schemas AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
-), acls AS (
-    SELECT r.s, r.name, a.grantee, a.privilege_type FROM rels r, aclexplode(r.acl) a
+    SELECT sp.s, c.relname::text AS name, c.relkind::text AS kind, c.relacl AS acl
+    FROM pg_class c JOIN spaces sp ON sp.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S')
+), acls AS (  -- each ACL item as text, "grantee=privileges/grantor" (PUBLIC's grantee is empty): aclexplode
+    -- detoasts the whole ACL once per privilege, and public's shared tables list every environment's role
+    SELECT r.name, i FROM rels r, unnest(CAST(r.acl AS text[])) AS i WHERE r.s = 'public'
     UNION ALL
-    SELECT n.nspname::text, '', a.grantee, a.privilege_type
-    FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
-    WHERE n.nspname = ANY(CAST(:schemas AS text[]))
+    SELECT '', i FROM spaces sp, unnest(CAST(sp.acl AS text[])) AS i WHERE sp.s = 'public'
+), entries AS (
+    SELECT name, split_part(i, '=', 1) AS grantee, split_part(split_part(i, '=', 2), '/', 1) AS privileges FROM acls
 )
 SELECT 'schema', s, md5(string_agg(name || ':' || kind, ',' ORDER BY name)) FROM rels GROUP BY s
 UNION ALL
-SELECT 'acl', coalesce(g.name, '') || '@' || a.s,
-       md5(string_agg(a.name || ':' || a.privilege_type, ',' ORDER BY a.name, a.privilege_type))
-FROM acls a LEFT JOIN roles g ON g.oid = a.grantee
-WHERE a.grantee = 0 OR g.oid IS NOT NULL
-GROUP BY g.name, a.s
+SELECT 'acls', sp.s, md5(max(sp.acl::text) || '|'
+                         || coalesce(string_agg(r.name || ':' || coalesce(r.acl::text, ''), ',' ORDER BY r.name), ''))
+FROM spaces sp LEFT JOIN rels r ON r.s = sp.s WHERE sp.s <> 'public' GROUP BY sp.s
+UNION ALL
+SELECT 'acl', e.grantee || '@public', md5(string_agg(e.name || ':' || e.privileges, ',' ORDER BY e.name, e.privileges))
+FROM entries e WHERE e.grantee = '' OR e.grantee IN (SELECT name FROM roles)
+GROUP BY e.grantee
 UNION ALL
 SELECT 'stamp', name, shobj_description(oid, 'pg_authid') FROM roles
 UNION ALL
 SELECT 'database', '', current_database()
 """
-_STAMP_PREFIX = "momentry-db grants v1 "
+_STAMP_PREFIX = "momentry-db grants v2 "
 
 
 def _grant_state(conn: Connection, envs: Sequence[Environment]) -> dict[tuple[str, str], str | None]:
@@ -432,18 +462,18 @@ def _grant_state(conn: Connection, envs: Sequence[Environment]) -> dict[tuple[st
 
 
 def _fingerprint(state: dict[tuple[str, str], str | None], env: Environment, others: Sequence[Environment]) -> str:
-    """What ``env``'s grants were last made current against: its schema's and public's relations, the
-    ACL entries of its role (and, for prod, the other roles) and of PUBLIC, in this database."""
+    """What ``env``'s grants were last made current against: its schema's and public's relations, its
+    schema's ACLs, the ACL entries in public of its role (and, for prod, of the other roles) and of
+    PUBLIC, in this database."""
     import hashlib
 
-    def acl(role: str, schema: str) -> str | None:
-        return state.get(("acl", f"{role}@{schema}"))
+    def acl(role: str) -> str | None:
+        return state.get(("acl", f"{role}@{PRIMARY_SCHEMA}"))
 
     parts = [state.get(("database", "")), env.schema, env.pg_role, state.get(("schema", env.schema)),
-             state.get(("schema", PRIMARY_SCHEMA)), acl("", env.schema), acl("", PRIMARY_SCHEMA),
-             acl(env.pg_role, env.schema), acl(env.pg_role, PRIMARY_SCHEMA)]
+             state.get(("schema", PRIMARY_SCHEMA)), state.get(("acls", env.schema)), acl(""), acl(env.pg_role)]
     for other in sorted(others, key=lambda e: e.pg_role):  # prod keeps the others' roles current in public
-        parts += [other.pg_role, ("stamp", other.pg_role) in state, acl(other.pg_role, PRIMARY_SCHEMA)]
+        parts += [other.pg_role, ("stamp", other.pg_role) in state, acl(other.pg_role)]
     return _STAMP_PREFIX + hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
 
 
