@@ -32,7 +32,10 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any]) -> 
         secrets = _known_secrets(ctx, project)
         reporter.scrub_with(secrets)
         with _warnings_as_notices(reporter, secrets):
-            result = work(project, reporter)
+            try:
+                result = work(project, reporter)
+            finally:
+                _leave_mongo_monitors()
         if result is not None:
             reporter.result(result)
     except MomentryError as exc:
@@ -47,6 +50,22 @@ def _run(ctx: click.Context, as_json: bool, work: Callable[[Any, Any], Any]) -> 
         ctx.exit(EXIT_FAILURE)
     if result is not None and getattr(result, "ok", True) is False:  # a failed check
         ctx.exit(EXIT_FAILURE)
+
+
+def _leave_mongo_monitors() -> None:
+    """Let the process exit without joining pymongo's monitor threads.
+
+    pymongo joins them at exit, and a monitor waiting on a streaming ``hello`` notices that its
+    client was closed only at its next half-second poll: every command that used MongoDB would end
+    up to half a second later. Each client a command opens is closed when the command ends, and
+    what is left of a monitor only reads, so its daemon thread is left to end with the process.
+    """
+    import atexit
+
+    for name in ("pymongo.synchronous.monitor", "pymongo.monitor"):  # where pymongo registers it, by release
+        shutdown = getattr(sys.modules.get(name), "_shutdown_resources", None)
+        if shutdown is not None:
+            atexit.unregister(shutdown)
 
 
 @contextmanager

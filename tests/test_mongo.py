@@ -522,3 +522,26 @@ def test_a_silent_server_is_waited_on_once_for_all_its_environments(project, sil
         (env, "failed", f"mongo: cannot reach {url}: no answer within 5s") for env in ("prod", "dev", "pr-1", "pr-2")]
     assert clients == [url]  # one wait, not one per environment
     assert accepted
+
+
+def test_a_command_that_used_mongodb_exits_without_waiting_on_pymongos_monitors(mongo_project) -> None:
+    """pymongo joins its monitor threads at exit, and a monitor waiting on a streaming ``hello`` notices
+    that its client was closed only at its next half-second poll. Every client a command opened is
+    closed when it ends, so the command leaves the threads to end with the process: the exit join
+    never runs, and the run's outcome is unchanged."""
+    probe = mongo_project.root / "probe.py"
+    probe.write_text(
+        "import runpy, sys\n"
+        "import pymongo.periodic_executor as executors\n"
+        "join = executors.PeriodicExecutor.join\n"
+        "def joined(self, timeout=None):\n"
+        "    print('joined', self._name, file=sys.stderr)\n"
+        "    return join(self, timeout)\n"
+        "executors.PeriodicExecutor.join = joined\n"
+        "sys.argv = ['momentry-db', *sys.argv[1:]]\n"
+        "runpy.run_module('momentry_db.cli', run_name='__main__')\n")
+    for _ in range(2):  # the first run applies the migrations, the second finds nothing to do
+        result = mongo_project.run(sys.executable, str(probe), "migrate", "--env", "dev", "--store", "mongo", "--json")
+        assert result.code == 0, result.err
+        assert [line for line in result.err.splitlines() if line.startswith("joined")] == []
+        assert [t["outcome"] for t in json.loads(result.out)["targets"]] in (["upgraded"], ["up to date"])
