@@ -423,6 +423,14 @@ def test_the_stamp_sees_a_privilege_changed_by_hand_where_the_role_depends_on_it
                     f"has_sequence_privilege('{role}', 'dev.videos_id_seq', 'USAGE'), "
                     f"has_schema_privilege('{role}', 'dev', 'USAGE')") == [(True, True, True)]
     assert _privilege_reads(granted, "dev") == 0
+    # A stamp of the earlier format is stale: the next run reads the privileges, writes none, stamps again.
+    db.execute(f"COMMENT ON ROLE {role} IS 'momentry-db grants v1 {'0' * 64}'")
+    before = _acls(granted)
+    assert _privilege_reads(granted, "dev") > 0
+    assert _acls(granted) == before
+    stamp = db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'")[0][0]
+    assert stamp.startswith("momentry-db grants v2 ")
+    assert _privilege_reads(granted, "dev") == 0
 
 
 def test_one_environment_whose_grants_fail_does_not_stop_the_others_in_one_run(granted: Granted) -> None:
