@@ -302,12 +302,10 @@ def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Cha
         elif role not in existing:
             changes = _Changes(create_role=True, grant=list(want))
             created.add(role)
-        elif role in repeated:
-            changes = _Changes(grant=[p for p in want if not held[(role, p)] and (role, p) not in planned],
-                               revoke=[p for p in deny if held.forbidden(role, p) and (role, p) not in planned])
         else:
-            changes = _Changes(grant=[p for p in want if not held[(role, p)]],
-                               revoke=[p for p in deny if held.forbidden(role, p)])
+            earlier = planned if role in repeated else ()
+            changes = _Changes(grant=[p for p in want if not held[(role, p)] and (role, p) not in earlier],
+                               revoke=[p for p in deny if held.forbidden(role, p) and (role, p) not in earlier])
         if role in repeated:
             planned.update((role, p) for p in (*changes.grant, *changes.revoke))
         if changes:
