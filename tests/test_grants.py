@@ -346,17 +346,13 @@ def test_verify_names_a_function_that_runs_with_its_owners_rights(granted: Grant
     assert _verify(granted) == (0, {})
 
 
-def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: Granted) -> None:
+def _statements_of_a_no_op(granted: Granted, *envs: str) -> list[str]:
+    """What a ``migrate --env ...`` run, in this process, sends; every target must be up to date."""
     import sqlalchemy as sa
     from sqlalchemy import event
 
     from momentry_db import command
 
-    project, db = granted.project, granted.database
-    role = granted.roles["dev"]
-    assert project.cli("migrate", "--env", "prod", "--env", "dev", "--store", "postgres").code == 0
-    stamp = db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'")
-    assert stamp[0][0].startswith("momentry-db grants v2 ")
     statements: list[str] = []
 
     def record(conn, cursor, statement, *args) -> None:
@@ -364,11 +360,26 @@ def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: 
 
     event.listen(sa.engine.Engine, "before_cursor_execute", record)
     try:
-        result = command.migrate(load_project(project.root, project.environ), ["prod", "dev"], stores=["postgres"])
+        result = command.migrate(load_project(granted.project.root, granted.project.environ), list(envs),
+                                 stores=["postgres"])
     finally:
         event.remove(sa.engine.Engine, "before_cursor_execute", record)
-    assert [(t["env"], t["outcome"]) for t in result.to_json()["targets"]] == [("prod", "up to date"),
-                                                                               ("dev", "up to date")]
+    assert [(t["env"], t["outcome"]) for t in result.to_json()["targets"]] == [(e, "up to date") for e in envs]
+    return statements
+
+
+def _privilege_reads(granted: Granted, env: str) -> int:
+    """How many statements a no-op ``migrate --env ENV`` sends that read privileges."""
+    return sum("has_table_privilege" in s for s in _statements_of_a_no_op(granted, env))
+
+
+def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: Granted) -> None:
+    project, db = granted.project, granted.database
+    role = granted.roles["dev"]
+    assert project.cli("migrate", "--env", "prod", "--env", "dev", "--store", "postgres").code == 0
+    stamp = db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'")
+    assert stamp[0][0].startswith("momentry-db grants v2 ")
+    statements = _statements_of_a_no_op(granted, "prod", "dev")
     assert [s for s in statements if "has_table_privilege" in s or "COMMENT ON ROLE" in s] == []
     # A table made by hand outside a migration moves the state: the next run grants it, and stamps again.
     db.execute("CREATE TABLE dev.by_hand (id int)")
@@ -376,28 +387,6 @@ def test_a_no_op_migrate_reads_no_privilege_once_the_roles_are_stamped(granted: 
     assert (result.code, result.err.splitlines()) == (0, [f"postgres dev: role {role}: 4 privilege(s) granted"])
     assert db.query(f"SELECT has_table_privilege('{role}', 'dev.by_hand', 'INSERT')") == [(True,)]
     assert db.query(f"SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = '{role}'") != stamp
-
-
-def _privilege_reads(granted: Granted, env: str) -> int:
-    """How many statements a ``migrate --env ENV`` run, in this process, sends that read privileges."""
-    import sqlalchemy as sa
-    from sqlalchemy import event
-
-    from momentry_db import command
-
-    statements: list[str] = []
-
-    def record(conn, cursor, statement, *args) -> None:
-        statements.append(statement)
-
-    event.listen(sa.engine.Engine, "before_cursor_execute", record)
-    try:
-        result = command.migrate(load_project(granted.project.root, granted.project.environ), [env],
-                                 stores=["postgres"])
-    finally:
-        event.remove(sa.engine.Engine, "before_cursor_execute", record)
-    assert [(t["env"], t["outcome"]) for t in result.to_json()["targets"]] == [(env, "up to date")]
-    return sum("has_table_privilege" in s for s in statements)
 
 
 def test_the_stamp_sees_a_privilege_changed_by_hand_where_the_role_depends_on_it(granted: Granted) -> None:
@@ -412,13 +401,11 @@ def test_the_stamp_sees_a_privilege_changed_by_hand_where_the_role_depends_on_it
     assert _privilege_reads(granted, "dev") == 0
     result = project.cli("migrate", "--env", "pr-1", "--store", "postgres")
     assert (result.code, result.err.splitlines()) == (0, [f"postgres pr-1: role {other}: 4 privilege(s) granted"])
-    for revoke, granted_again in ((f"REVOKE INSERT ON dev.videos FROM {role}", 1),
-                                  (f"REVOKE USAGE ON SEQUENCE dev.videos_id_seq FROM {role}", 1),
-                                  (f"REVOKE USAGE ON SCHEMA dev FROM {role}", 1)):
+    for revoke in (f"REVOKE INSERT ON dev.videos FROM {role}", f"REVOKE USAGE ON SEQUENCE dev.videos_id_seq FROM {role}",
+                   f"REVOKE USAGE ON SCHEMA dev FROM {role}"):  # one at a time: each is seen on its own
         db.execute(revoke)
         result = project.cli("migrate", "--env", "dev", "--store", "postgres")
-        assert (result.code, result.err.splitlines()) == (
-            0, [f"postgres dev: role {role}: {granted_again} privilege(s) granted"]), revoke
+        assert (result.code, result.err.splitlines()) == (0, [f"postgres dev: role {role}: 1 privilege(s) granted"]), revoke
     assert db.query(f"SELECT has_table_privilege('{role}', 'dev.videos', 'INSERT'), "
                     f"has_sequence_privilege('{role}', 'dev.videos_id_seq', 'USAGE'), "
                     f"has_schema_privilege('{role}', 'dev', 'USAGE')") == [(True, True, True)]

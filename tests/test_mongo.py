@@ -540,8 +540,8 @@ def test_a_command_that_used_mongodb_exits_without_waiting_on_pymongos_monitors(
         "executors.PeriodicExecutor.join = joined\n"
         "sys.argv = ['momentry-db', *sys.argv[1:]]\n"
         "runpy.run_module('momentry_db.cli', run_name='__main__')\n")
-    for _ in range(2):  # the first run applies the migrations, the second finds nothing to do
+    for outcome in ("upgraded", "up to date"):  # the first run applies the migrations, the second finds nothing
         result = mongo_project.run(sys.executable, str(probe), "migrate", "--env", "dev", "--store", "mongo", "--json")
         assert result.code == 0, result.err
         assert [line for line in result.err.splitlines() if line.startswith("joined")] == []
-        assert [t["outcome"] for t in json.loads(result.out)["targets"]] in (["upgraded"], ["up to date"])
+        assert [t["outcome"] for t in json.loads(result.out)["targets"]] == [outcome]
