@@ -562,8 +562,10 @@ def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted:
     assert sorted(granted_once) == [env.replace("-", "_") for env in streamed_envs]  # each once
     if batch_fails:
         assert calls[-1] == ("MainThread", [env.replace("-", "_") for env in streamed_envs])
-    else:
-        assert len(calls[-1][1]) <= 2 and calls[-1][0] == "MainThread"
+    else:  # the end of the run grants what no full batch took: at most one batch, or nothing at all
+        at_the_end = [schemas for thread, schemas in calls if thread == "MainThread"]
+        assert at_the_end == [] or (len(at_the_end) == 1 and len(at_the_end[0]) <= 2
+                                    and calls[-1][0] == "MainThread")
 
     calls.clear()
     monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 10**6)  # one grant step at the end
