@@ -22,7 +22,10 @@
     from this process; and on two connections, public first, the floor `--parallel 2` is held to),
     and the one-process-per-schema `alembic -x schema=... upgrade head` loop (up to --loop-max
     schemas: it takes about a second a schema). Then a no-op `migrate --all` at head. Each size runs
-    --rounds interleaved rounds (3), each in a rotated order, and keeps each method's median.
+    --rounds interleaved rounds (3) and keeps each method's median. A goal's ratio is the median of
+    its per-round ratios, each taken between two measurements made one after the other: the order
+    puts each method next to the floor it is held to, and every other round reverses it, so no method
+    always goes first and the disk's slow swings fall on both sides of each ratio alike.
     First, once: a no-op `migrate --all` over 30 environments in every store (MongoDB on the
     embedded SecantusDB, Qdrant in local mode) against `alembic current`. Peak memory is each
     child's ru_maxrss (the loop's largest process). Needs matplotlib for the chart
@@ -371,11 +374,12 @@ def noop_every_store(b: Bench, progress: Progress) -> tuple[float, float]:
 
 def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: int) -> None:
     times: dict[str, dict[int, float]] = {k: {} for k in METHODS}
+    rounds_of: dict[str, dict[int, list[float]]] = {k: {} for k in METHODS}
     memory: dict[str, dict[int, float]] = {k: {} for k in METHODS}
     per_size = {n: 8 * rounds + (n <= loop_max) for n in sizes}
     progress = Progress(sum(per_size.values()) + 3 + 1 + 2 * NOOP_ROUNDS)
     print(f"(scale) public + N schemas from empty, N = {', '.join(map(str, sizes))}; the alembic loop up to "
-          f"N = {loop_max}; median of {rounds} interleaved rounds, each in a rotated order")
+          f"N = {loop_max}; median of {rounds} interleaved rounds, every other one in reverse order")
     idle = b.env(b.fresh_db(), MOMENTRY_EXTRA_ENVS="")
     b.timed([str(BIN / "momentry-db"), "migrate", "--env", "prod", "--store", "postgres"], idle)
     currents = []
@@ -419,9 +423,10 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
                 key = "noop"
             progress(n, METHODS[key][0], *runs[key][-1])
 
-        order = ["migrate", "nogrants", "parallel", "alembic", "psql", "wire", "wire2"]
-        for r in range(rounds):  # interleaved, each round in a rotated order: no method always goes first
-            for key in order[r % len(order):] + order[:r % len(order)]:
+        # each method beside the floor it is held to; every other round reversed: no method always goes first
+        order = ["alembic", "psql", "migrate", "wire", "parallel", "wire2", "nogrants"]
+        for r in range(rounds):
+            for key in order if r % 2 == 0 else order[::-1]:
                 measure(key)
             b.drop_databases()
         if n <= loop_max:
@@ -435,6 +440,7 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
             progress(n, f"{METHODS['loop'][0]} ({n + 1} processes)", loop, peak)
             b.drop_databases()
         for key, measured in runs.items():
+            rounds_of[key][n] = [t for t, _ in measured]
             if measured:
                 times[key][n] = statistics.median(t for t, _ in measured)
                 if measured[0][1] is not None:
@@ -452,17 +458,24 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
     def ratio(a: str, c: str, n: int) -> float:
         return times[a][n] / times[c][n]
 
-    print("    goals (ratios measured side by side in this run):")
+    def paired(a: str, c: str, n: int) -> str:
+        """The median of the per-round ratios (two measurements one after the other), then the ratio of
+        the medians and each round's."""
+        each = [x / y for x, y in zip(rounds_of[a][n], rounds_of[c][n])]
+        return (f"{statistics.median(each):.2f}x (ratio of medians {ratio(a, c, n):.2f}x; rounds "
+                f"{', '.join(f'{x:.2f}' for x in each)})")
+
+    print("    goals (the median of each round's ratio of two measurements made one after the other):")
     print(f"    migrate --all / psql floor, N={big}: {ratio('migrate', 'psql', big):.2f}x  (goal <= 1.5x)")
-    print(f"    migrate --all / wire floor, N={big}: {ratio('migrate', 'wire', big):.2f}x  (goal <= 1.15x, issue 13 #1); "
+    print(f"    migrate --all / wire floor, N={big}: {paired('migrate', 'wire', big)}  (goal <= 1.15x, issue 13 #1); "
           f"with grants off (the floor's own work): {ratio('nogrants', 'wire', big):.2f}x")
     for n in hundred:
         print(f"    migrate --all --parallel 2 / single-connection wire floor, N={n}: "
-              f"{ratio('parallel', 'wire', n):.2f}x  (goal <= 0.8x, issue 13 #1b); / psql floor "
+              f"{paired('parallel', 'wire', n)}  (goal <= 0.8x, issue 13 #1b); / psql floor "
               f"{ratio('parallel', 'psql', n):.2f}x; / migrate --all {ratio('parallel', 'migrate', n):.2f}x; "
               f"the wire floor on 2 connections itself: {ratio('wire2', 'wire', n):.2f}x")
     fifty = min(sizes, key=lambda n: abs(n - 50))
-    print(f"    alembic upgrade head (every schema) / psql floor, N={fifty}: {ratio('alembic', 'psql', fifty):.2f}x  "
+    print(f"    alembic upgrade head (every schema) / psql floor, N={fifty}: {paired('alembic', 'psql', fifty)}  "
           "(goal <= 1.5x, issue 13 #3)")
     ours, bare = every_store
     print(f"    no-op migrate --all over {NOOP_ENVS} environments, every store (PostgreSQL, MongoDB on the embedded "
