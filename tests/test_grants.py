@@ -500,15 +500,18 @@ def test_roles_that_hold_nothing_here_are_asked_about_once_and_answered_as_has_p
     """Existing roles that hold nothing of their own in the database (a new database on a cluster that
     kept its roles) hold exactly what PUBLIC holds: the plan asks each question once, for one of
     them. A role named in an ACL, one that owns an object, a member of another role and a superuser
-    are each asked about on their own, and every answer is has_*_privilege's."""
+    are each asked about on their own, as is the database's owner (through pg_database_owner it may
+    create in public), and every answer is has_*_privilege's."""
     from momentry_db.stores.postgres import grants
     from momentry_db.stores.postgres.connection import create_engine
 
     db = granted.database
     blank = [granted.create_login(f"blank{i}", login=False) for i in range(3)]
     named, owner, member, group = (granted.create_login(n, login=False) for n in ("named", "owner", "member", "group"))
-    superuser = granted.create_login("super", login=False)
+    superuser, dbowner = (granted.create_login(n, login=False) for n in ("super", "dbowner"))
     schema = f"{granted.prefix}_bare"
+    database, was = db.query("SELECT current_database(), pg_get_userbyid(datdba) FROM pg_database "
+                             "WHERE datname = current_database()")[0]
     db.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.open (id int); CREATE TABLE {schema}.shut (id int); "
                f"CREATE TABLE {schema}.named (id int); CREATE TABLE {schema}.grouped (id int); "
                f"GRANT SELECT ON {schema}.open TO PUBLIC; GRANT USAGE ON SCHEMA {schema} TO PUBLIC; "
@@ -516,23 +519,27 @@ def test_roles_that_hold_nothing_here_are_asked_about_once_and_answered_as_has_p
                f"GRANT {group} TO {member}; CREATE TABLE {schema}.owned (id int); "
                f"ALTER TABLE {schema}.owned OWNER TO {owner}; ALTER ROLE {superuser} SUPERUSER")
     tables = ("open", "shut", "named", "grouped", "owned")
-    want = [grants.Privilege("schema", schema, "", "USAGE")] + [
+    want = [grants.Privilege("schema", schema, "", "USAGE"), grants.Privilege("schema", "public", "", "CREATE")] + [
         grants.Privilege("table", schema, t, p) for t in tables for p in ("SELECT", "INSERT")]
     deny = [grants.Privilege("table", schema, t, p) for t in tables for p in ("SELECT", "DELETE")]
-    roles = [*blank, named, owner, member, superuser]
+    roles = [*blank, named, owner, member, superuser, dbowner]
     asked: list[int] = []
     real = grants._unexpected
     monkeypatch.setattr(grants, "_unexpected", lambda conn, asks: asked.append(len(asks)) or real(conn, asks))
-    engine = create_engine(db.sa_url)
-    with engine.connect() as conn:
-        held = grants._held_plan(conn, [(role, want, deny) for role in roles])
-        conn.rollback()
-    engine.dispose()
+    db.execute(f'ALTER DATABASE "{database}" OWNER TO {dbowner}')
+    try:
+        engine = create_engine(db.sa_url)
+        with engine.connect() as conn:
+            held = grants._held_plan(conn, [(role, want, deny) for role in roles])
+            conn.rollback()
+        engine.dispose()
+        truth = {(role, p): db.query(f"SELECT has_{p.kind}_privilege(%s, %s, %s)", (
+            role, p.schema if p.kind == "schema" else f"{schema}.{p.name}", p.privilege))[0][0]
+            for role in roles for p in [*want, *deny]}
+    finally:
+        db.execute(f'ALTER DATABASE "{database}" OWNER TO "{was}"')
     per_role = len(want) + len(tables)  # a forbidden object's privileges are one question
     assert asked == [per_role * (1 + len(roles) - len(blank))]
-    truth = {(role, p): db.query(f"SELECT has_{p.kind}_privilege(%s, %s, %s)",
-                                 (role, p.schema if p.kind == "schema" else f"{schema}.{p.name}", p.privilege))[0][0]
-             for role in roles for p in [*want, *deny]}
     answers = {(role, p): held[(role, p)] for role in roles for p in want}
     answers.update({(role, p): held.forbidden(role, p) for role in roles for p in deny})
     assert answers == truth
@@ -542,6 +549,8 @@ def test_roles_that_hold_nothing_here_are_asked_about_once_and_answered_as_has_p
     assert truth[member, grants.Privilege("table", schema, "grouped", "DELETE")]
     assert truth[owner, grants.Privilege("table", schema, "owned", "INSERT")]
     assert truth[superuser, grants.Privilege("table", schema, "shut", "INSERT")]
+    create = grants.Privilege("schema", "public", "", "CREATE")
+    assert [truth[role, create] for role in roles] == [False] * (len(roles) - 2) + [True, True]
 
 
 # --- grants made while a fan-out runs ------------------------------------------------------------

@@ -73,14 +73,16 @@ WHERE r.rolname = ANY(CAST(:roles AS text[]))
       WHERE (o.oid = ANY(CAST(:owners AS bigint[])) OR o.rolname IN ('pg_read_all_data', 'pg_write_all_data'))
         AND pg_has_role(r.oid, o.oid, 'USAGE')))
 """
-# Roles that hold nothing of their own in this database: no superuser, a member of no role, and named
-# by no object here (pg_shdepend lists every role an object's ACL names or that owns it). Each holds
-# what PUBLIC holds, no more, so one of them answers for all. OFFSET 0 keeps the last test a probe of
+# Roles that hold nothing of their own in this database: no superuser, a member of no role, not the
+# database's owner (a member of pg_database_owner, which owns schema public), and named by no object
+# here (pg_shdepend lists every role an object's ACL names or that owns it). Each holds what PUBLIC
+# holds, no more, so one of them answers for all. OFFSET 0 keeps the last test a probe of
 # pg_shdepend's index per role: as an anti join, with the catalog's statistics, it rescanned every
 # dependency of the database once per role (0.9 s at 500 roles).
 _BLANK = """
 SELECT r.rolname::text FROM pg_roles r
 WHERE r.rolname = ANY(CAST(:roles AS text[])) AND NOT r.rolsuper
+  AND r.oid <> (SELECT datdba FROM pg_database WHERE datname = current_database())
   AND NOT EXISTS (SELECT 1 FROM pg_auth_members a WHERE a.member = r.oid)
   AND NOT EXISTS (SELECT 1 FROM pg_shdepend d WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = r.oid
                   AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) OFFSET 0)
