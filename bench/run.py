@@ -25,7 +25,9 @@
     --rounds interleaved rounds (3) and keeps each method's median. A goal's ratio is the median of
     its per-round ratios, each taken between two measurements made one after the other: the order
     puts each method next to the floor it is held to, and every other round reverses it, so no method
-    always goes first and the disk's slow swings fall on both sides of each ratio alike.
+    always goes first and the disk's slow swings fall on both sides of each ratio alike. One size's
+    databases (about 9 GB at 500 schemas) are dropped after its last round, and the next size waits
+    for the disk to go idle.
     First, once: a no-op `migrate --all` over 30 environments in every store (MongoDB on the
     embedded SecantusDB, Qdrant in local mode) against `alembic current`. Peak memory is each
     child's ru_maxrss (the loop's largest process). Needs matplotlib for the chart
@@ -114,6 +116,18 @@ class Bench:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
         os.sync()
+
+    def quiet(self, limit: float = 120.0) -> None:
+        """Wait until the disk has been idle for ten seconds (``/proc/pressure/io``), at most ``limit``
+        seconds: freeing a dropped database's files (and discarding their blocks) stalls every fsync
+        for a while, and no measurement should pay for it."""
+        pressure = Path("/proc/pressure/io")
+        os.sync()
+        deadline = time.monotonic() + limit
+        while pressure.exists() and time.monotonic() < deadline:
+            if float(pressure.read_text().split()[1].split("=")[1]) < 1.0:  # "some avg10=..."
+                return
+            time.sleep(1)
 
     def env(self, url: str, **extra: str) -> dict[str, str]:
         keep = {k: v for k, v in os.environ.items() if not k.startswith(("MOMENTRY_", "DATABASE_", "MONGODB_",
@@ -428,7 +442,6 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
         for r in range(rounds):
             for key in order if r % 2 == 0 else order[::-1]:
                 measure(key)
-            b.drop_databases()
         if n <= loop_max:
             url = b.fresh_db()
             env = b.env(url, MOMENTRY_EXTRA_ENVS=extras)
@@ -438,7 +451,8 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
                 loop, peak = loop + seconds, max(peak, mb)
             runs["loop"].append((loop, peak))
             progress(n, f"{METHODS['loop'][0]} ({n + 1} processes)", loop, peak)
-            b.drop_databases()
+        b.drop_databases()  # between sizes only: no measurement runs while the disk frees their files
+        b.quiet()
         for key, measured in runs.items():
             rounds_of[key][n] = [t for t, _ in measured]
             if measured:
