@@ -641,6 +641,54 @@ def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted:
     assert (code, failed) == (0, {})
 
 
+def test_a_batch_whose_connection_dies_after_its_commit_still_reports_what_it_granted(granted: Granted,
+                                                                                    monkeypatch) -> None:
+    """The server drops the grants thread's connection after a batch committed and before its roles
+    were stamped: what the batch granted is still reported, once per environment and in order; the
+    roles left unstamped are read again by the next run, which finds nothing to grant."""
+    import threading
+
+    from momentry_db.stores.postgres import fanout, grants
+
+    db, project = granted.database, granted.project
+    envs = [f"pr-{i}" for i in range(21, 27)]
+    roles = {env: granted.declare(env) for env in envs}
+    killed: list[list[str]] = []
+    first_batch = threading.Event()
+    real_stamp, real_run = grants._stamp, fanout._run_compiled
+
+    def stamp_on_a_dead_connection(conn, ensured):
+        if threading.current_thread().name == "momentry-db grants" and not killed:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            db.execute(f"SELECT pg_terminate_backend({pid}, 5000)")
+            killed.append([env.schema for env, _ in ensured])
+            first_batch.set()
+        return real_stamp(conn, ensured)
+
+    def lane_waits_for_a_batch(conn, target, *args, **kwargs):
+        if target.schema == "pr_26":
+            assert first_batch.wait(60)
+        return real_run(conn, target, *args, **kwargs)
+
+    monkeypatch.setattr(grants, "_stamp", stamp_on_a_dead_connection)
+    monkeypatch.setattr(fanout, "_run_compiled", lane_waits_for_a_batch)
+    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 2)
+    args = [a for env in envs for a in ("--env", env)]
+    run = project.cli("migrate", *args, "--store", "postgres")
+    assert run.code == 0, run.err
+    assert killed and killed[0] == ["pr_21", "pr_22"]
+    assert run.err.splitlines() == [f"postgres {env}: role {roles[env]}: role created, "
+                                    f"{_EVERY_NEW_ROLE} privilege(s) granted" for env in envs]
+    unstamped = db.query("SELECT r.rolname FROM pg_roles r WHERE r.rolname = ANY(%s) "
+                         "AND shobj_description(r.oid, 'pg_authid') IS NULL ORDER BY 1",
+                         ([roles["pr-21"], roles["pr-22"]],))
+    assert unstamped == [(roles["pr-21"],), (roles["pr-22"],)]
+    again = project.cli("migrate", *args, "--store", "postgres")
+    assert (again.code, again.err) == (0, "")
+    code, failed = _verify(granted, "pr-21")
+    assert (code, failed) == (0, {})
+
+
 def test_plain_alembic_over_enough_schemas_grants_each_role_once_and_in_order(granted: Granted) -> None:
     """``alembic upgrade head`` over 32 new environments takes the compiled path, whose grants are made
     while the schemas run (``grants.Alongside``): every role gets all it needs, once, reported in order."""
