@@ -118,9 +118,10 @@ class Bench:
         os.sync()
 
     def quiet(self, limit: float = 120.0) -> None:
-        """Wait until the disk has been idle for ten seconds (``/proc/pressure/io``), at most ``limit``
-        seconds: freeing a dropped database's files (and discarding their blocks) stalls every fsync
-        for a while, and no measurement should pay for it."""
+        """Wait until tasks have stalled on the disk less than 1% of the last ten seconds
+        (``/proc/pressure/io``, "some avg10"), at most ``limit`` seconds: freeing a dropped database's
+        files (and discarding their blocks) stalls every fsync for a while, and no measurement should
+        pay for it."""
         pressure = Path("/proc/pressure/io")
         os.sync()
         deadline = time.monotonic() + limit
