@@ -570,6 +570,22 @@ def _held_by_role(db, role: str, schema: str) -> set[tuple[str, str, str]]:
     return {("own" if s == schema else s, rel, p) for s, rel, p in rows}
 
 
+def _streamed_in_batches_of_two(monkeypatch, last_schema: str, first_batch) -> None:
+    """Grants made beside the lanes in batches of two; the lane holds ``last_schema`` until
+    ``first_batch`` (a threading.Event) is set."""
+    from momentry_db.stores.postgres import fanout, grants
+
+    real_run = fanout._run_compiled
+
+    def lane_waits_for_a_batch(conn, target, *args, **kwargs):
+        if target.schema == last_schema:
+            assert first_batch.wait(60)
+        return real_run(conn, target, *args, **kwargs)
+
+    monkeypatch.setattr(fanout, "_run_compiled", lane_waits_for_a_batch)
+    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 2)
+
+
 @pytest.mark.parametrize("batch_fails", [False, True], ids=["batches", "a-failed-batch-left-to-the-end"])
 def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted: Granted, monkeypatch,
                                                                         batch_fails: bool) -> None:
@@ -579,7 +595,7 @@ def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted:
     as a whole is left to the end."""
     import threading
 
-    from momentry_db.stores.postgres import fanout, grants
+    from momentry_db.stores.postgres import grants
 
     db, project = granted.database, granted.project
     streamed_envs = [f"pr-{i}" for i in range(1, 7)]
@@ -587,7 +603,7 @@ def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted:
     roles = {env: granted.declare(env) for env in streamed_envs + at_end_envs}
     calls: list[tuple[str, list[str]]] = []  # (thread, schemas) of every grant batch
     first_batch = threading.Event()
-    real_group, real_run = grants._ensure_group, fanout._run_compiled
+    real_group = grants._ensure_group
 
     def spy_group(conn, group, *args, **kwargs):
         thread = threading.current_thread().name
@@ -601,14 +617,8 @@ def test_grants_made_while_the_schemas_run_equal_grants_made_at_the_end(granted:
             first_batch.set()
         return out
 
-    def lane_waits_for_a_batch(conn, target, *args, **kwargs):
-        if target.schema == "pr_6":  # the last schema runs only once a batch was granted beside the lane
-            assert first_batch.wait(60)
-        return real_run(conn, target, *args, **kwargs)
-
     monkeypatch.setattr(grants, "_ensure_group", spy_group)
-    monkeypatch.setattr(fanout, "_run_compiled", lane_waits_for_a_batch)
-    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 2)
+    _streamed_in_batches_of_two(monkeypatch, "pr_6", first_batch)  # the last schema waits for a batch
     args = [a for env in streamed_envs for a in ("--env", env)]
     streamed = project.cli("migrate", *args, "--store", "postgres")
     assert streamed.code == 0, streamed.err
@@ -648,14 +658,14 @@ def test_a_batch_whose_connection_dies_after_its_commit_still_reports_what_it_gr
     roles left unstamped are read again by the next run, which finds nothing to grant."""
     import threading
 
-    from momentry_db.stores.postgres import fanout, grants
+    from momentry_db.stores.postgres import grants
 
     db, project = granted.database, granted.project
     envs = [f"pr-{i}" for i in range(21, 27)]
     roles = {env: granted.declare(env) for env in envs}
     killed: list[list[str]] = []
     first_batch = threading.Event()
-    real_stamp, real_run = grants._stamp, fanout._run_compiled
+    real_stamp = grants._stamp
 
     def stamp_on_a_dead_connection(conn, ensured):
         if threading.current_thread().name == "momentry-db grants" and not killed:
@@ -665,14 +675,8 @@ def test_a_batch_whose_connection_dies_after_its_commit_still_reports_what_it_gr
             first_batch.set()
         return real_stamp(conn, ensured)
 
-    def lane_waits_for_a_batch(conn, target, *args, **kwargs):
-        if target.schema == "pr_26":
-            assert first_batch.wait(60)
-        return real_run(conn, target, *args, **kwargs)
-
     monkeypatch.setattr(grants, "_stamp", stamp_on_a_dead_connection)
-    monkeypatch.setattr(fanout, "_run_compiled", lane_waits_for_a_batch)
-    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 2)
+    _streamed_in_batches_of_two(monkeypatch, "pr_26", first_batch)
     args = [a for env in envs for a in ("--env", env)]
     run = project.cli("migrate", *args, "--store", "postgres")
     assert run.code == 0, run.err
