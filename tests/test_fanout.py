@@ -307,8 +307,9 @@ def test_a_rolled_back_target_reports_no_applied_revision(three, database, tmp_p
     assert result.code == 1
     # 0001 ran in each schema's transaction, then 0002 failed and took it back with it.
     assert rows(result) == expected({env: ("failed", []) for env in ALL}, stores=("postgres",))
-    assert errors(result)[("postgres", "prod")].startswith(
-        "postgres prod (schema public): revision 0002 (divides by zero) failed: division by zero")
+    for env, schema in PG.items():  # compiled or not, the error names the revision that failed
+        assert errors(result)[("postgres", env)].startswith(
+            f"postgres {env} (schema {schema}): revision 0002 (divides by zero) failed: division by zero")
     for schema in PG.values():
         assert database.tables(schema) == set()
 
@@ -401,7 +402,7 @@ def test_public_commits_before_any_other_schema_starts(many, database) -> None:
 
 
 def test_schemas_at_the_same_revision_take_the_compiled_path(many, database, monkeypatch) -> None:
-    """Only public goes through a per-schema Alembic run; the other schemas get the compiled script."""
+    """public gets its own compiled script, first; the other schemas share one; none goes through Alembic."""
     compiled: list[tuple[list[str], list[str]]] = []
     through_alembic: list[list[str]] = []
     real_compiled, real_many = postgres.upgrade_compiled, postgres.upgrade_many
@@ -419,9 +420,9 @@ def test_schemas_at_the_same_revision_take_the_compiled_path(many, database, mon
     monkeypatch.setattr(postgres, "upgrade_many", spy_many)
     result = many.cli("migrate", "--all", "--store", "postgres")
     assert result.code == 0, result.err
-    assert compiled == [(["dev", *SCHEMAS], [])]
-    assert through_alembic == [["public"]]
-    for schema in ["dev", *SCHEMAS]:
+    assert compiled == [(["public"], []), (["dev", *SCHEMAS], [])]
+    assert through_alembic == []
+    for schema in ["public", "dev", *SCHEMAS]:
         assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
 
 
@@ -438,6 +439,8 @@ def _lanes_spy(monkeypatch: pytest.MonkeyPatch, lanes: int) -> tuple[list[str], 
 
     def spy_run(conn, target, *args, **kwargs):
         me = threading.get_ident()
+        if target.primary:  # public runs alone, before the lanes
+            return real_run(conn, target, *args, **kwargs)
         if me not in started:
             started.add(me)
             together.wait()
@@ -454,8 +457,8 @@ def _lanes_spy(monkeypatch: pytest.MonkeyPatch, lanes: int) -> tuple[list[str], 
 
 
 def test_parallel_runs_the_compiled_script_on_k_connections_at_once(many, database, monkeypatch) -> None:
-    """--parallel 2: public through Alembic, then two lanes take the compiled schemas from one queue;
-    no schema goes through a per-schema Alembic run or a worker process."""
+    """--parallel 2: public's compiled script first, then two lanes take the other schemas' from one
+    queue; no schema goes through a per-schema Alembic run or a worker process."""
     ran_on, calls = _lanes_spy(monkeypatch, 2)
     through_alembic: list[list[str]] = []
     real_many = postgres.upgrade_many
@@ -473,8 +476,8 @@ def test_parallel_runs_the_compiled_script_on_k_connections_at_once(many, databa
     assert result.code == 0, result.err
     assert [t["target"] for t in json.loads(result.out)["targets"]] == ["public", "dev", *SCHEMAS]
     assert set(outcomes(result).values()) == {"upgraded"}
-    assert through_alembic == [["public"]]
-    assert calls == [(["dev", *SCHEMAS], 2)]
+    assert through_alembic == []
+    assert calls == [(["public"], 2), (["dev", *SCHEMAS], 2)]
     assert len(ran_on) == 5 and len(set(ran_on)) == 2  # both lanes worked
     for schema in ["dev", *SCHEMAS]:
         assert database.tables(schema) == isolated_tables() | BOOKKEEPING_TABLES
@@ -488,7 +491,7 @@ def test_parallel_compiled_failure_is_its_own_targets_outcome(many, database, mo
     ran_on, calls = _lanes_spy(monkeypatch, 2)
     result = many.cli("migrate", "--all", "--store", "postgres", "--parallel", "2", "--json")
     assert result.code == 1, result.err
-    assert calls == [(["dev", *SCHEMAS], 2)] and len(set(ran_on)) == 2
+    assert calls == [(["public"], 2), (["dev", *SCHEMAS], 2)] and len(set(ran_on)) == 2
     states = outcomes(result)
     assert states.pop(("postgres", "pr_2")) == "failed"
     assert set(states.values()) == {"upgraded"}
@@ -532,7 +535,9 @@ def test_a_schema_moved_after_the_plan_is_left_to_alembic(many, database, monkey
     left: list[list[str]] = []
 
     def move_then_compile(targets, *args, **kwargs):
-        moved = next(t for t in targets if t.schema == "pr_2")
+        moved = next((t for t in targets if t.schema == "pr_2"), None)
+        if moved is None:  # public's own compiled run
+            return real_compiled(targets, *args, **kwargs)
         assert postgres.upgrade_many([moved])["pr_2"].error is None
         done, rest = real_compiled(targets, *args, **kwargs)
         left.append([t.schema for t in rest])
@@ -545,6 +550,121 @@ def test_a_schema_moved_after_the_plan_is_left_to_alembic(many, database, monkey
     assert database.query("SELECT version_num FROM pr_2.alembic_version") == [("0001",)]
     assert database.query("SELECT step, outcome FROM pr_2.momentry_history") == [("0001", "applied")]
     assert database.tables("pr_2") == isolated_tables() | BOOKKEEPING_TABLES
+
+
+def _modules(project, *args: str) -> set[str]:
+    """Every module a real run of momentry-db imports, by full name."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
+                           str(project.root), *args], capture_output=True, text=True,
+                          env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+
+def _emptied(database, schemas: list[str]) -> None:
+    """Every schema of the run dropped, public made again: the database as a first run finds it."""
+    database.execute("; ".join(f"DROP SCHEMA IF EXISTS {s} CASCADE" for s in schemas)
+                     + "; CREATE SCHEMA public AUTHORIZATION pg_database_owner; GRANT USAGE ON SCHEMA public TO PUBLIC; "
+                     "COMMENT ON SCHEMA public IS 'standard public schema'")
+
+
+def test_a_second_run_from_empty_takes_the_kept_scripts_and_imports_neither_alembic_nor_the_models(
+        many, database) -> None:
+    """The first run renders public's script and the other schemas' one and keeps them in the state
+    directory; a later run over an empty database sends them as they are, with the same result."""
+    args = ("migrate", "--all", "--store", "postgres")
+    schemas = ["public", "dev", *SCHEMAS]
+    cold = _modules(many, *args)
+    assert {"alembic", "momentry_db.models"} <= cold
+    kept = json.loads((Path(many.environ["MOMENTRY_STATE_DIR"]) / "postgres-scripts.json").read_text())
+    assert sorted(kept["templates"]) == ["public:", "schema:"]
+    assert kept["line"] == [["0001", "initial schema", False]]
+    dumps = {s: database.dump_schema(s) for s in schemas}
+    _emptied(database, schemas)
+    warm = _modules(many, *args)
+    assert not {m for m in warm if m.startswith(("alembic", "momentry_db.models", "momentry_db.tables"))}, warm
+    assert {s: database.dump_schema(s) for s in schemas} == dumps
+    for schema in schemas:
+        assert database.query(f"SELECT version_num FROM {schema}.alembic_version") == [("0001",)]
+        assert database.query(f"SELECT env, step, outcome FROM {schema}.momentry_history") == [
+            ("prod" if schema == "public" else schema.replace("_", "-"), "0001", "applied")]
+
+
+def test_public_compiled_is_the_public_alembic_makes(many, database, tmp_path: Path) -> None:
+    """prod's compiled run (shared tables and views included) leaves public as Alembic's own run does."""
+    assert many.alembic("-x", "schema=public", "upgrade", "head").code == 0
+    by_alembic = database.dump_schema("public")
+    _emptied(database, ["public"])
+    result = many.cli("migrate", "--env", "prod", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert [t["applied"] for t in json.loads(result.out)["targets"]] == [["0001"]]
+    assert "public:" in json.loads((Path(many.environ["MOMENTRY_STATE_DIR"]) / "postgres-scripts.json").read_text())[
+        "templates"]
+    assert database.dump_schema("public") == by_alembic
+
+
+@pytest.mark.parametrize("damage", ["other key", "not json"])
+def test_a_kept_record_that_no_longer_holds_is_not_used(many, database, damage: str) -> None:
+    """A record kept for other revision files (or a torn one) is ignored and written again: its scripts
+    never reach a schema."""
+    args = ("migrate", "--all", "--store", "postgres")
+    assert many.cli(*args).code == 0
+    file = Path(many.environ["MOMENTRY_STATE_DIR"]) / "postgres-scripts.json"
+    kept = json.loads(file.read_text())
+    key = list(kept["key"])
+    if damage == "other key":
+        kept["key"] = [[*kept["key"][0][:1], kept["key"][0][1] + 1, *kept["key"][0][2:]], *kept["key"][1:]]
+        kept["templates"] = {name: "CREATE TABLE planted (id int);" for name in kept["templates"]}
+        file.write_text(json.dumps(kept))
+    else:
+        file.write_text(file.read_text()[:100])
+    _emptied(database, ["public", "dev", *SCHEMAS])
+    result = many.cli(*args, "--json")
+    assert result.code == 0, result.err
+    assert set(outcomes(result).values()) == {"upgraded"}
+    for schema in ["dev", *SCHEMAS]:
+        assert database.tables(schema) == isolated_tables() | BOOKKEEPING_TABLES
+    again = json.loads(file.read_text())
+    assert "planted" not in json.dumps(again["templates"]) and again["key"] == key
+
+
+def test_percent_signs_in_a_revision_reach_every_compiled_schema_as_written(many, database, tmp_path) -> None:
+    """The driver reads ``%%`` as ``%``: the SQL, the description in the history and the revision's
+    marker all come out as the revision wrote them."""
+    plant(many, tmp_path, 'op.create_table("extras", sa.Column("id", sa.Integer, primary_key=True))\n'
+                          'op.execute("COMMENT ON TABLE extras IS \'100%s %% sure\'")', doc="extras at 100% %s")
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert set(outcomes(result).values()) == {"upgraded"}
+    for schema in ["public", "dev", *SCHEMAS]:
+        assert database.query(f"SELECT obj_description('{schema}.extras'::regclass)") == [("100%s %% sure",)]
+        assert database.query(f"SELECT step, description FROM {schema}.momentry_history ORDER BY id") == [
+            ("0001", "initial schema"), ("0002", "extras at 100% %s")]
+
+
+@pytest.mark.parametrize("offline", ["context.is_offline_mode()", "op.get_context().as_sql"])
+def test_a_revision_that_branches_on_offline_mode_runs_through_alembic_everywhere(many, database, tmp_path,
+                                                                                 monkeypatch, offline: str) -> None:
+    """Compiling renders offline: a revision that does something else online would lose it, so its
+    path runs through Alembic in every schema, and what it does online lands."""
+    through_alembic: list[list[str]] = []
+    real_many = postgres.upgrade_many
+
+    def spy_many(targets, *args, **kwargs):
+        through_alembic.append([t.schema for t in targets])
+        return real_many(targets, *args, **kwargs)
+
+    monkeypatch.setattr(postgres, "upgrade_many", spy_many)
+    plant(many, tmp_path, 'op.create_table("extras", sa.Column("id", sa.Integer, primary_key=True))\n'
+                          'from alembic import context\n'
+                          f'if not {offline}:\n'
+                          '    op.execute("INSERT INTO extras VALUES (1)")', doc="extras")
+    result = many.cli("migrate", "--all", "--store", "postgres", "--json")
+    assert result.code == 0, result.err
+    assert set(outcomes(result).values()) == {"upgraded"}
+    assert through_alembic == [["public"], ["dev", *SCHEMAS]]
+    for schema in ["public", "dev", *SCHEMAS]:
+        assert database.query(f"SELECT id FROM {schema}.extras") == [(1,)]
 
 
 def _compiled_lines(result) -> list[str]:
@@ -631,7 +751,7 @@ def test_a_no_op_migrate_imports_no_alembic_while_the_revision_files_are_unchang
                                                                                     tmp_path) -> None:
     args = ("migrate", "--all", "--store", "postgres")
     assert "alembic" in _imports(many, *args)  # the first run loads and checks the revision files
-    cache = Path(many.environ["MOMENTRY_STATE_DIR"]) / "alembic-heads.json"
+    cache = Path(many.environ["MOMENTRY_STATE_DIR"]) / "postgres-scripts.json"
     assert json.loads(cache.read_text())["heads"] == ["0001"]
     assert "alembic" not in _imports(many, *args)  # at head: the heads come from the state directory
     # A new revision file is seen at once, and applied.

@@ -48,9 +48,9 @@ def _consent_to_risks(target: Any, plan: TargetPlan, consent: Consent, scripts: 
                            "with --accept-risky")
 
 
-def heads_cache(ctx: Context) -> Path:
-    """Where the revision files' heads are kept between runs (see ``postgres.heads``)."""
-    return ctx.project.state_dir / "alembic-heads.json"
+def kept_file(ctx: Context) -> Path:
+    """Where what a run needs of the revision files is kept between runs (see ``postgres.Kept``)."""
+    return ctx.project.state_dir / "postgres-scripts.json"
 
 
 class PostgresStore:
@@ -63,7 +63,7 @@ class PostgresStore:
         from . import postgres
 
         # loading checks the revision files: one that fails to import, or a branched history, stops here
-        return postgres.heads(ctx.scripts, heads_cache(ctx))
+        return postgres.Kept.open(kept_file(ctx), ctx.scripts).heads()
 
     def migration(self, work: MigrationWork) -> _Migration:
         return _Migration(work)
@@ -138,6 +138,7 @@ class _Migration:
 
         self.work, self.pg = work, postgres
         self.targets: list[Any] = []
+        self.kept = postgres.Kept.open(kept_file(work), work.scripts)
 
     def preflight(self) -> None:
         w = self.work
@@ -150,15 +151,16 @@ class _Migration:
         outcomes: dict[str, TargetOutcome] = {}
         plans: dict[str, TargetPlan] = {}
         if w.apply:  # every target's version and unmanaged tables in one snapshot, not one connection each
-            versions, bare = pg.read_states(self.targets)
-            head = pg.heads(w.scripts, heads_cache(w))
+            versions, bare = pg.read_states(self.targets, self.kept)
+            head = self.kept.heads()
         for t in self.targets:
             if w.apply and versions[t.schema] == head:  # at head after one query: nothing to plan
                 outcomes[t.schema] = w.planned(TargetPlan("postgres", t.env.name, t.schema, head, head))
                 continue
             try:
                 if w.apply:
-                    plan = pg.plan_at(t, versions[t.schema] or (), bare.get(t.schema, ()), script_location=w.scripts)
+                    plan = pg.plan_at(t, versions[t.schema] or (), bare.get(t.schema, ()), script_location=w.scripts,
+                                      kept=self.kept)
                 else:
                     plan = pg.plan(t, with_sql=w.dry_run, script_location=w.scripts, project=w.project)
                 if w.apply and plan.pending:
@@ -210,8 +212,12 @@ class _Migration:
         done: dict[str, Any] = {}
         primary = [t for t in pending if t.primary]
         others = [t for t in pending if not t.primary]
-        if primary:  # public first
-            done.update(self._alembic(primary))
+        if primary:  # public first: compiled, one round trip, unless its path needs Alembic
+            start = versions[primary[0].schema]
+            ran, rest = self._compiled(primary, start or ()) if start != () else ({}, primary)
+            done.update(ran)
+            if rest:
+                done.update(self._alembic(rest))
         starts: dict[tuple[str, ...], list[Any]] = {}
         left: list[Any] = []
         for t in others:  # compile each revision path once for the schemas at the same revision
@@ -248,7 +254,7 @@ class _Migration:
         """The compiled run of targets at one revision; what stops it early is each target's outcome."""
         try:
             return self.pg.upgrade_compiled(targets, start, script_location=self.work.scripts,  # type: ignore[no-any-return]
-                                            parallel=self.work.parallel, on_commit=on_commit)
+                                            parallel=self.work.parallel, on_commit=on_commit, kept=self.kept)
         except Exception as exc:  # noqa: BLE001 - one outcome per target, never an aborted run
             return {t.schema: self.pg.SchemaRun(error=self.pg.failure(t, exc)) for t in targets}, []
 

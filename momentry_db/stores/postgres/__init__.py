@@ -46,6 +46,7 @@ from .fanout import (
 from .history import HISTORY_DDL, HISTORY_INSERT, HISTORY_TABLE, history, record_failure
 from .manage import clone_tables, compare_live, drop_schema, preflight_drop
 from .planning import (
+    Kept,
     alembic_config,
     check_revisions,
     current_heads,
@@ -76,6 +77,7 @@ __all__ = [
     "HISTORY_DDL",
     "HISTORY_INSERT",
     "HISTORY_TABLE",
+    "Kept",
     "LOCK_CLASS",
     "REPO_ROOT",
     "SCRIPT_LOCATION",

@@ -35,7 +35,7 @@ from .connection import (
     session_settings_sql,
 )
 from .history import HISTORY_DDL, HISTORY_TABLE, record_failure
-from .planning import alembic_config, load_script, run_results
+from .planning import Kept, Rev, alembic_config, load_script, run_results
 from .runner import failure
 
 # --- fan-out over many schemas ----------------------------------------------------------------
@@ -46,10 +46,12 @@ def current_versions(targets: Sequence[PgTarget]) -> dict[str, tuple[str, ...] |
     return read_states(targets)[0]
 
 
-def read_states(targets: Sequence[PgTarget]) -> tuple[dict[str, tuple[str, ...] | None], dict[str, list[str]]]:
+def read_states(targets: Sequence[PgTarget], kept: Kept | None = None,
+                ) -> tuple[dict[str, tuple[str, ...] | None], dict[str, list[str]]]:
     """Every target's recorded revisions (None: never migrated) and, for a schema with none, the model
     tables it already holds (created outside momentry-db), in three queries per database and one
-    snapshot, so a concurrent first run is seen whole or not at all."""
+    snapshot, so a concurrent first run is seen whole or not at all. The models' table names come
+    from ``kept`` when it has them."""
     import sqlalchemy as sa
     from psycopg import sql
 
@@ -77,13 +79,12 @@ def read_states(targets: Sequence[PgTarget]) -> tuple[dict[str, tuple[str, ...] 
                 versions.update({s: tuple(sorted(v)) for s, v in found.items()})
             bare = [s for s in schemas if not versions[s]]
             unmanaged.update({s: [] for s in bare})
-            if bare:
-                from ...models import metadata  # imported only when a schema has no version: a no-op never does
-
+            if bare:  # a no-op never asks for the models' tables
+                names = (kept or Kept.open(None, None)).tables()
                 for schema, table in conn.execute(sa.text(
                         "SELECT table_schema, table_name FROM information_schema.tables "
                         "WHERE table_schema = ANY(:schemas) AND table_name = ANY(:names)"),
-                        {"schemas": bare, "names": sorted(metadata.tables)}):
+                        {"schemas": bare, "names": names}):
                     unmanaged[schema].append(table)
                 unmanaged = {s: sorted(t) for s, t in unmanaged.items()}
             conn.rollback()
@@ -119,27 +120,33 @@ def upgrade_chunk(envs: list[Environment], script_location: Path | None,
 
 def upgrade_compiled(targets: Sequence[PgTarget], start: tuple[str, ...], *,
                      script_location: Path | None = None, parallel: int = 1,
-                     on_commit: Callable[[PgTarget], None] | None = None,
+                     on_commit: Callable[[PgTarget], None] | None = None, kept: Kept | None = None,
                      ) -> tuple[dict[str, SchemaRun], list[PgTarget]]:
-    """Upgrade many non-primary schemas that stand at the same revision, compiling the SQL once.
+    """Upgrade schemas that stand at the same revision, compiling the SQL once.
 
-    The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL,
-    then sent to each schema as one script in one transaction (search_path set to that
-    schema, history rows included), under the schema's advisory lock. With ``parallel``
-    > 1, that many connections (one thread each) take schemas from one queue. ``on_commit`` is
-    called with each target whose script committed, from the lane that ran it. Returns what
-    each compiled run did, by schema, and the targets left for a regular Alembic run: every
-    one when offline mode cannot express the path (reads from the live database,
-    autocommit blocks), and any target another run moved meanwhile.
+    The revision path is rendered once by Alembic's offline mode as schema-agnostic SQL (or taken
+    from ``kept``, where it is kept between runs), then sent to each schema as one script in one
+    transaction (search_path set to that schema, history rows included), under the schema's
+    advisory lock. The targets are public alone (its script holds the shared operations too) or
+    schemas other than public. With ``parallel`` > 1, that many connections (one thread each) take
+    schemas from one queue. ``on_commit`` is called with each target whose script committed, from
+    the lane that ran it. Returns what each compiled run did, by schema, and the targets left for a
+    regular Alembic run: every one when the history is not one line or offline mode cannot express
+    the path (a revision that reads the live database, holds an autocommit block or mentions
+    offline mode), and any target another run moved meanwhile.
     """
-    if not targets or any(t.primary for t in targets):
+    primary = {t.primary for t in targets}
+    if len(primary) != 1:
         return {}, list(targets)
-    script = load_script(script_location)
-    revisions = list(reversed(list(script.iterate_revisions("heads", start[0] if start else "base"))))
-    body = render_template(targets[0], start, script, script_location)
+    kept = kept or Kept.open(None, script_location)
+    revisions = kept.path(start)
+    if revisions is None or not kept.compilable(start):
+        return {}, list(targets)
+    body = kept.template(start, primary.pop(), lambda: render_template(targets[0], start,
+                                                                      load_script(script_location), script_location))
     if body is None:
         return {}, list(targets)
-    work = _CompiledWork(start, body, revisions, on_commit)
+    work = _CompiledWork(start, _marked(body), revisions, on_commit)
     by_url: dict[str, list[PgTarget]] = {}
     for target in targets:
         by_url.setdefault(target.url(), []).append(target)
@@ -274,7 +281,7 @@ def _log_step(verb: str, step: Step) -> None:
 class _CompiledWork:
     """One compiled script and what its runs did; each lane drains the shared queue on its own connection."""
 
-    def __init__(self, start: tuple[str, ...], body: str, revisions: list[Any],
+    def __init__(self, start: tuple[str, ...], body: str, revisions: list[Rev],
                  on_commit: Callable[[PgTarget], None] | None = None) -> None:
         self.start, self.body, self.revisions, self.on_commit = start, body, revisions, on_commit
         self.done: dict[str, SchemaRun] = {}
@@ -321,6 +328,34 @@ class _CompiledWork:
                         self.on_commit(target)
 
 
+#: The notice a compiled script raises as each revision begins, so a failure names its revision.
+MARK = "momentry-db revision "
+
+
+def _marked(body: str) -> str:
+    """The script with a notice where each revision's part begins, in place of the ``-- Running upgrade
+    A -> B, description`` line Alembic's offline mode writes there (the one text of the script that
+    is not SQL escaped for the driver, which reads ``%%`` as ``%``)."""
+    import re
+
+    from .connection import quote_literal
+
+    return re.sub(r"^-- Running upgrade .*?-> (\S+?),? .*$|^-- Running upgrade .*?-> (\S+)$",
+                  lambda m: "DO $momentry$ BEGIN RAISE NOTICE '%%', "
+                            f"{quote_literal(MARK + (m.group(1) or m.group(2))).replace('%', '%%')}; END $momentry$;",
+                  body, flags=re.M)
+
+
+def _failed_step(revisions: list[Rev], heard: list[str]) -> str:
+    """The step a failed script stopped in: the last revision it began, or the whole path when unknown."""
+    failed = next((r for r in revisions if heard and r.revision == heard[-1]), None)
+    if failed is None and len(revisions) == 1:
+        failed = revisions[0]
+    if failed is not None:
+        return f"revision {failed.revision} ({failed.doc})"
+    return f"revisions {revisions[0].revision}..{revisions[-1].revision}"
+
+
 # SQLSTATEs the guard raises: the schema's lock is held by another session, or the schema moved since the plan
 LOCKED = "MDLCK"
 MOVED = "MDMOV"
@@ -344,7 +379,7 @@ def _guard_sql(target: PgTarget, start: tuple[str, ...]) -> str:
 
 
 def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], body: str,
-                  revisions: list[Any], sql: Any, emitting: threading.Lock) -> SchemaRun | None:
+                  revisions: list[Rev], sql: Any, emitting: threading.Lock) -> SchemaRun | None:
     """Run the compiled script on one schema: what it did, or None when the schema moved since the plan.
 
     One round trip when nobody else holds the schema: the session settings, the transaction with
@@ -362,16 +397,28 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
                 "VALUES ({}, 'postgres', {}, {}, 'upgrade', {}, 'applied');\n").format(
             schema, sql.Identifier(HISTORY_TABLE), sql.Literal(target.env.name),
             sql.Literal(r.revision), sql.Literal(r.doc or ""), share) for r in revisions)
-    script = sql.SQL("{settings};\nBEGIN;\n{guard};\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
+    script = sql.SQL("{settings};\nSET client_min_messages = notice;\nBEGIN;\n{guard};\nCREATE SCHEMA IF NOT EXISTS {schema};\n"
                      "SET search_path TO {schema};\n{history_ddl};\n").format(
         settings=sql.SQL(";\n").join(sql.SQL(s) for s in session_settings_sql(target.env)),
         guard=sql.SQL(_guard_sql(target, start)),
         schema=schema, history_ddl=sql.SQL(HISTORY_DDL.format(schema=quote_ident(target.schema))))
-    text = script.as_string(None) + body + "\n" + history.as_string(None) + "COMMIT;\nRESET ALL;"
+    # the driver reads the script as a query with parameters (``%%`` for ``%``): Alembic's SQL is written
+    # that way, and what is added to it here is escaped to match
+    text = (script.as_string(None).replace("%", "%%") + body + "\n" + history.as_string(None).replace("%", "%%")
+            + "COMMIT;\nRESET ALL;")
     locked = reset = False
     started = time.monotonic()
+    heard: list[str] = []  # the revisions begun, from the script's notices
+
+    def hear(diag: Any) -> None:
+        if diag.message_primary and diag.message_primary.startswith(MARK):
+            heard.append(diag.message_primary[len(MARK):])
+
+    driver = conn.connection.dbapi_connection
+    driver.add_notice_handler(hear)
     try:
         while True:
+            heard.clear()
             try:
                 conn.exec_driver_sql(text)
                 reset = True
@@ -386,8 +433,7 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
                     locked = True
                     started = time.monotonic()
                     continue
-                first, last = revisions[0].revision, revisions[-1].revision
-                step = f"revision {first} ({revisions[0].doc})" if first == last else f"revisions {first}..{last}"
+                step = _failed_step(revisions, heard)
                 reason = str(exc.orig or exc).strip().splitlines()[0]
                 error = StoreError(STORE, label(target), step, scrub(reason, target.env.secrets()))
                 record_failure(conn, target, error, started)
@@ -398,6 +444,7 @@ def _run_compiled(conn: Connection, target: PgTarget, start: tuple[str, ...], bo
                     target.emit("upgraded", Step(STORE, target.env.name, target.schema, r.revision, r.doc or ""))
         return SchemaRun(tuple(r.revision for r in revisions))
     finally:
+        driver.remove_notice_handler(hear)
         if locked:
             conn.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:s))"), {"s": target.schema})
         if not reset:

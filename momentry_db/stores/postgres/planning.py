@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ...errors import (
     ConfigError,
@@ -87,34 +88,153 @@ def _files_key(location: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 def heads(script_location: Path | None, cache: Path | None = None) -> tuple[str, ...]:
-    """The head revisions of the revision files (loading them checks each file).
+    """The head revisions of the revision files (loading them checks each file); with ``cache``, read
+    from there while nothing it depends on changed (see :class:`Kept`)."""
+    return Kept.open(cache, script_location).heads()
 
-    With ``cache`` (a file in the state directory), the heads found are kept there with the size
-    and modification time of every revision file and of momentry-db's own files; while none of
-    those changed, the heads are read back without importing Alembic or a revision file, so a
-    no-op run pays for neither. Any change, or an unreadable cache, loads and checks them again.
+
+class Rev(NamedTuple):
+    """One revision of a path, as a compiled run records it."""
+
+    revision: str
+    doc: str
+
+
+#: How a revision file asks whether it runs offline: one that does may do something else there, and a
+#: compiled script (rendered offline) would take that branch.
+_ONLINE_ONLY = re.compile(r"\b(is_offline_mode|as_sql)\b")
+
+
+class Kept:
+    """What a run needs of the revision files and the models, kept in a file of the state directory.
+
+    The heads, the revision line (each revision's id and description), the models' table names and
+    every compiled script rendered so far (see ``fanout.render_template``). They hold while the
+    revision files, momentry-db's own files and the installed Alembic, SQLAlchemy, alembic_utils and
+    psycopg stay as they are (the size and modification time of each): then a run that finds what it
+    needs here loads no revision file and renders nothing, so neither Alembic nor the models are
+    imported for it. Any change, or a file that cannot be read, and the revision files are loaded and
+    checked again. Without a file (``None``), everything is worked out in the process and nothing is
+    kept. The file is as trusted as the revision files: its scripts run as they are.
     """
-    import json
 
-    location = Path(script_location or SCRIPT_LOCATION).resolve()
-    if cache is not None:
-        key = [list(f) for f in _files_key(location) + _files_key(Path(__file__).resolve().parents[2])]
+    def __init__(self, file: Path | None, location: Path, key: list[Any] | None) -> None:
+        self.file, self.location, self.key = file, location, key
+        self.data: dict[str, Any] = {}
+        if file is not None:
+            import json
+
+            try:
+                kept = json.loads(file.read_text())
+            except (OSError, ValueError):
+                kept = None
+            if isinstance(kept, dict) and kept.get("key") == key:
+                self.data = kept
+
+    @classmethod
+    def open(cls, file: Path | None, script_location: Path | None) -> Kept:
+        """The record for these revision files, as the state directory holds it now."""
+        location = Path(script_location or SCRIPT_LOCATION).resolve()
+        return cls(file, location, _kept_key(location) if file is not None else None)
+
+    def heads(self) -> tuple[str, ...]:
+        if not isinstance(self.data.get("heads"), list):
+            self._learn()
+        return tuple(str(h) for h in self.data["heads"])
+
+    def path(self, start: tuple[str, ...]) -> list[Rev] | None:
+        """The revisions from ``start`` (exclusive) to head, oldest first; None when the history is not
+        one line or ``start`` is not in it (Alembic's own revision map answers then)."""
+        rest = self._rest(start)
+        return None if rest is None else [Rev(rev, doc) for rev, doc, _ in rest]
+
+    def compilable(self, start: tuple[str, ...]) -> bool:
+        """Whether the path from ``start`` may run compiled: no revision on it mentions offline mode, so
+        none renders differently offline (such paths run through Alembic, schema by schema)."""
+        rest = self._rest(start)
+        return rest is not None and not any(online_only for _, _, online_only in rest)
+
+    def _rest(self, start: tuple[str, ...]) -> list[list[Any]] | None:
+        if "line" not in self.data:
+            self._learn()
+        line = self.data["line"]
+        if line is None or len(start) > 1:
+            return None
+        ids = [r[0] for r in line]
+        if start and start[0] not in ids:
+            return None
+        return line[ids.index(start[0]) + 1:] if start else line
+
+    def tables(self) -> list[str]:
+        """The models' table names."""
+        if not isinstance(self.data.get("tables"), list):
+            from ...models import metadata
+
+            self.data["tables"] = sorted(metadata.tables)
+            self._save()
+        return list(self.data["tables"])
+
+    def template(self, start: tuple[str, ...], primary: bool, render: Callable[[], str | None]) -> str | None:
+        """The compiled script from ``start`` to head for public (``primary``) or any other schema:
+        kept, or rendered now and kept (None: offline mode cannot express the path)."""
+        templates = self.data.setdefault("templates", {})
+        name = f"{'public' if primary else 'schema'}:{','.join(start)}"
+        if name not in templates:
+            templates[name] = render()
+            self._save()
+        body = templates[name]
+        return body if isinstance(body, str) else None
+
+    def _learn(self) -> None:
+        """Load and check the revision files: the heads and, when the history is one line, that line."""
+        from alembic.util import to_tuple
+
+        script = load_script(self.location)
+        self.data["heads"] = sorted(script.get_heads())
+        revisions = list(reversed(list(script.iterate_revisions("heads", "base"))))
+        linear = all(len(to_tuple(r.down_revision, default=())) <= 1 for r in revisions)
+        self.data["line"] = [[r.revision, r.doc or "", _online_only(r.path)] for r in revisions] if linear else None
+        self._save()
+
+    def _save(self) -> None:
+        if self.file is None:
+            return
+        import json
+        import os
+
         try:
-            kept = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            kept = None
-        if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("heads"), list):
-            return tuple(str(h) for h in kept["heads"])
-    found = tuple(sorted(load_script(script_location).get_heads()))
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            scratch = cache.with_suffix(".tmp")
-            scratch.write_text(json.dumps({"key": key, "heads": list(found)}))
-            scratch.replace(cache)
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            scratch = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+            scratch.write_text(json.dumps({**self.data, "key": self.key}))
+            scratch.replace(self.file)  # two runs at once: each writes a whole record, the last one stays
         except OSError:
             pass  # a read-only state directory only loses the shortcut
-    return found
+
+
+def _kept_key(location: Path) -> list[Any]:
+    """What the kept record depends on: the revision files, momentry-db's own files and the libraries
+    that render the SQL (found without importing them)."""
+    import importlib.util
+    import sys
+
+    files = list(_files_key(location) + _files_key(Path(__file__).resolve().parents[2]))
+    for name in ("alembic", "sqlalchemy", "alembic_utils", "psycopg"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin) if spec is not None and spec.origin else None
+        try:
+            st = origin.stat() if origin is not None else None
+        except OSError:
+            st = None
+        files.append((str(origin), st.st_size, st.st_mtime_ns) if st is not None else (name, 0, 0))
+    return [list(f) for f in files] + [list(sys.version_info[:3])]
+
+
+def _online_only(path: str) -> bool:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return True
+    return _ONLINE_ONLY.search(text) is not None
 
 
 def has_revision(script_location: Path | None, revision: str) -> bool:
@@ -219,23 +339,29 @@ def plan(target: PgTarget, *, with_sql: bool = False, script_location: Path | No
 
 
 def plan_at(target: PgTarget, current: tuple[str, ...], unmanaged: Sequence[str], *,
-            script_location: Path | None = None) -> TargetPlan:
-    """A target's plan from its recorded revisions and unmanaged tables, already read."""
-    from alembic.util import CommandError
-
-    script = load_script(script_location)
+            script_location: Path | None = None, kept: Kept | None = None) -> TargetPlan:
+    """A target's plan from its recorded revisions and unmanaged tables, already read (the revision
+    line from ``kept`` when it has it)."""
     notes: tuple[str, ...] = ()
     if unmanaged:
         notes = (f"{UNMANAGED}: {', '.join(unmanaged[:5])}"
                  + (f" and {len(unmanaged) - 5} more" if len(unmanaged) > 5 else ""),)
-    head = tuple(sorted(script.get_heads()))
-    try:
-        revisions = list(script.iterate_revisions("heads", current[0] if current else "base"))
-    except CommandError as exc:
-        raise StoreError(STORE, label(target), "plan",
-                         f"{exc}; is this checkout older than the database?") from None
-    pending = tuple(Step(STORE, target.env.name, target.schema, r.revision, r.doc or "")
-                    for r in reversed(revisions))
+    path = kept.path(current) if kept is not None else None
+    if path is not None and kept is not None:
+        head = kept.heads()
+        pending = tuple(Step(STORE, target.env.name, target.schema, r.revision, r.doc) for r in path)
+    else:
+        from alembic.util import CommandError
+
+        script = load_script(script_location)
+        head = tuple(sorted(script.get_heads()))
+        try:
+            revisions = list(script.iterate_revisions("heads", current[0] if current else "base"))
+        except CommandError as exc:
+            raise StoreError(STORE, label(target), "plan",
+                             f"{exc}; is this checkout older than the database?") from None
+        pending = tuple(Step(STORE, target.env.name, target.schema, r.revision, r.doc or "")
+                        for r in reversed(revisions))
     return TargetPlan(STORE, target.env.name, target.schema, current, head, pending, None, notes, tuple(unmanaged))
 
 
