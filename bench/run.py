@@ -395,6 +395,7 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
     progress = Progress(sum(per_size.values()) + 3 + 1 + 2 * NOOP_ROUNDS)
     print(f"(scale) public + N schemas from empty, N = {', '.join(map(str, sizes))}; the alembic loop up to "
           f"N = {loop_max}; median of {rounds} interleaved rounds, every other one in reverse order")
+    b.quiet()  # whatever ran before the benchmark has finished writing
     idle = b.env(b.fresh_db(), MOMENTRY_EXTRA_ENVS="")
     b.timed([str(BIN / "momentry-db"), "migrate", "--env", "prod", "--store", "postgres"], idle)
     currents = []
@@ -404,6 +405,8 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
         progress(1, "alembic -x schema=public current", seconds, _mb)
     current = statistics.median(currents)
     every_store = noop_every_store(b, progress)
+    # Every database is kept until the run ends (about 14 GB up to 500 schemas): freeing a dropped
+    # database's files stalls the disk's fsyncs for tens of seconds, which no measurement should pay for.
     for n in sizes:
         extras = ",".join(f"s{i:03d}" for i in range(1, n))  # dev and N - 1 extras: N schemas beside public
         offline = subprocess.run([str(BIN / "alembic"), "upgrade", "head", "--sql"], cwd=b.work,
@@ -452,8 +455,6 @@ def bench_scale(b: Bench, sizes: list[int], loop_max: int, chart: Path, rounds: 
                 loop, peak = loop + seconds, max(peak, mb)
             runs["loop"].append((loop, peak))
             progress(n, f"{METHODS['loop'][0]} ({n + 1} processes)", loop, peak)
-        b.drop_databases()  # between sizes only: no measurement runs while the disk frees their files
-        b.quiet()
         for key, measured in runs.items():
             rounds_of[key][n] = [t for t, _ in measured]
             if measured:
