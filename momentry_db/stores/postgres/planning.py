@@ -87,12 +87,6 @@ def _files_key(location: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(found))
 
 
-def heads(script_location: Path | None, cache: Path | None = None) -> tuple[str, ...]:
-    """The head revisions of the revision files (loading them checks each file); with ``cache``, read
-    from there while nothing it depends on changed (see :class:`Kept`)."""
-    return Kept.open(cache, script_location).heads()
-
-
 class Rev(NamedTuple):
     """One revision of a path, as a compiled run records it."""
 
@@ -138,6 +132,7 @@ class Kept:
         return cls(file, location, _kept_key(location) if file is not None else None)
 
     def heads(self) -> tuple[str, ...]:
+        """The head revisions (loading the revision files, when they are not kept, checks each one)."""
         if not isinstance(self.data.get("heads"), list):
             self._learn()
         return tuple(str(h) for h in self.data["heads"])
