@@ -176,6 +176,16 @@ class Project:
     def momentry_db(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
         return self.run(sys.executable, "-m", "momentry_db.cli", *args, env=env)
 
+    def imports(self, *args: str) -> tuple[set[str], CliResult]:
+        """Run momentry-db in a real process: every module it imported, by full name, and its result
+        (stderr without the import lines)."""
+        ran = self.run(sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
+                       str(self.root), *args, env={"PYTHONDONTWRITEBYTECODE": "1"})
+        lines = ran.err.splitlines()
+        modules = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+        err = "".join(f"{line}\n" for line in lines if not line.startswith("import time:"))
+        return modules, CliResult(ran.code, ran.out, err)
+
     def alembic(self, *args: str, env: dict[str, str] | None = None) -> CliResult:
         return self.run(sys.executable, "-m", "alembic", *args, env=env)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 import threading
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,12 +114,8 @@ with op.get_context().autocommit_block():
 
 
 def _imports(project, *args: str) -> set[str]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
-                           str(project.root), *args], capture_output=True, text=True,
-                          env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
-            if line.startswith("import time:")}
+    """The top-level packages a real run of momentry-db imports."""
+    return {name.split(".")[0] for name in _modules(project, *args)}
 
 
 @pytest.mark.parametrize("args", [["--help"], ["status", "--env", "dev", "--store", "postgres"]])
@@ -554,11 +548,9 @@ def test_a_schema_moved_after_the_plan_is_left_to_alembic(many, database, monkey
 
 def _modules(project, *args: str) -> set[str]:
     """Every module a real run of momentry-db imports, by full name."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "momentry_db.cli", "--project-dir",
-                           str(project.root), *args], capture_output=True, text=True,
-                          env={**project.run_env(), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    modules, result = project.imports(*args)
+    assert result.code == 0, result.err[-2000:]
+    return modules
 
 
 def _dump(database, schema: str) -> str:

@@ -4,6 +4,7 @@ verify's proof, tested as the service would meet them: logged in as a granted lo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from momentry_db.environments import EnvSpec, Registry, validate_role
 from momentry_db.errors import ConfigError
 from momentry_db.settings import load_project
+from momentry_db.tables import isolated_tables, shared_tables, view_names
 from tests.helpers import Granted, as_login, plant
 
 DENIED = psycopg.errors.InsufficientPrivilege
@@ -709,3 +711,31 @@ def test_plain_alembic_over_enough_schemas_grants_each_role_once_and_in_order(gr
     assert all(_held_by_role(db, roles[env], env) == expected for env in envs)
     again = project.cli("migrate", "--all", "--store", "postgres")
     assert again.code == 0 and again.err == "", again.err
+
+
+def test_a_warm_parallel_run_grants_every_new_role_without_importing_the_models(granted: Granted) -> None:
+    """The grants of a compiled run (beside the lanes, then at the end) read the models' names from
+    the state directory's record: a run that finds its scripts kept imports neither the models nor
+    Alembic, in any thread, and its roles get exactly what a run that imported them gets."""
+    db, project = granted.database, granted.project
+    first, second = [f"e{i:02d}" for i in range(1, 33)], [f"f{i:02d}" for i in range(1, 33)]
+    roles = {env: granted.declare(env) for env in first}
+    args = ("migrate", "--all", "--store", "postgres", "--parallel", "2")
+    cold_modules, cold = project.imports(*args)
+    assert cold.code == 0, cold.err
+    assert {"momentry_db.models", "momentry_db.tables", "alembic"} <= cold_modules
+    kept = json.loads((Path(project.environ["MOMENTRY_STATE_DIR"]) / "postgres-scripts.json").read_text())
+    assert kept["scopes"]["shared"] == sorted(shared_tables())
+    assert kept["scopes"]["isolated"] == sorted(isolated_tables())
+    assert kept["scopes"]["views"] == sorted(view_names())
+    roles.update({env: granted.declare(env) for env in second})
+    warm_modules, warm = project.imports(*args)
+    assert warm.code == 0, warm.err
+    assert not {m for m in warm_modules if m.startswith(("alembic", "momentry_db.models", "momentry_db.tables"))}
+    assert warm.err.splitlines() == [f"postgres {env}: role {roles[env]}: role created, "
+                                     f"{_EVERY_NEW_ROLE} privilege(s) granted" for env in second]
+    expected = _held_by_role(db, roles["e01"], "e01")
+    assert len(expected) == _EVERY_NEW_ROLE - 2
+    assert all(_held_by_role(db, roles[env], env) == expected for env in first + second)
+    code, failed = _verify(granted, "f32")
+    assert (code, failed) == (0, {})

@@ -202,7 +202,8 @@ class _Migration:
                              if n not in known]
             except MomentryError:
                 pass  # an environment that cannot be resolved is refused by its own run
-        for notice in grants.ensure_grants(targets, everyone, changed=upgraded, streamed=streamed):
+        for notice in grants.ensure_grants(targets, everyone, changed=upgraded, streamed=streamed,
+                                           scopes=self.kept.scopes):
             self.work.run.notice(notice)
 
     def _upgrade(self, pending: list[Any], versions: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -228,7 +229,8 @@ class _Migration:
         from .postgres.grants import Alongside
 
         # grants made as the compiled schemas commit: the end of the run waits for one batch, not all
-        along = Alongside.for_run([t for group in starts.values() if len(group) > 1 for t in group])
+        along = Alongside.for_run([t for group in starts.values() if len(group) > 1 for t in group],
+                                  self.kept.scopes)
         try:
             for start, group in starts.items():  # one schema alone gains nothing from compiling: Alembic runs it
                 if len(group) > 1:

@@ -12,7 +12,7 @@ marking; only what is missing (or forbidden and held) is written, so a no-op run
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 from .connection import LOCK_CLASS, PgTarget, connect
+from .planning import Scopes
 
 #: Every table privilege that verify checks a non-prod role does not hold on public's isolated tables.
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
@@ -156,40 +157,36 @@ def search_path_for(env: Environment) -> tuple[str, ...]:
     return (PRIMARY_SCHEMA,) if env.primary else (env.schema, PRIMARY_SCHEMA)
 
 
-def wanted(env: Environment, relations: Sequence[Relation]) -> list[Privilege]:
+def wanted(env: Environment, relations: Sequence[Relation], scopes: Scopes) -> list[Privilege]:
     """Every privilege the environment's role needs: its schema's tables and sequences, and (for any
     environment but prod) the shared tables, their sequences and the shared views in public."""
-    from ...tables import BOOKKEEPING_TABLES, shared_tables, view_names
-
     out = [Privilege("schema", s, "", "USAGE") for s in search_path_for(env)]
     for rel in relations:
         mine = rel.schema == env.schema
         shared = rel.schema == PRIMARY_SCHEMA and not env.primary
-        if rel.kind in ("r", "p") and (mine and rel.name not in BOOKKEEPING_TABLES
-                                       or shared and rel.name in shared_tables()):
+        if rel.kind in ("r", "p") and (mine and rel.name not in scopes.bookkeeping
+                                       or shared and rel.name in scopes.shared):
             out += [Privilege("table", rel.schema, rel.name, p, oid=rel.oid, owner_only=rel.owner_only) for p in DML]
-        elif rel.kind in ("v", "m") and (mine or shared and rel.name in view_names()):
+        elif rel.kind in ("v", "m") and (mine or shared and rel.name in scopes.views):
             out.append(Privilege("table", rel.schema, rel.name, "SELECT", oid=rel.oid, owner_only=rel.owner_only))
-        elif rel.kind == "S" and (mine and rel.owner_table not in BOOKKEEPING_TABLES
-                                  or shared and rel.owner_table in shared_tables()):
+        elif rel.kind == "S" and (mine and rel.owner_table not in scopes.bookkeeping
+                                  or shared and rel.owner_table in scopes.shared):
             out += [Privilege("sequence", rel.schema, rel.name, p, oid=rel.oid, owner_only=rel.owner_only)
                     for p in SEQUENCE_PRIVILEGES]
     return out
 
 
-def forbidden(env: Environment, relations: Sequence[Relation]) -> list[Privilege]:
+def forbidden(env: Environment, relations: Sequence[Relation], scopes: Scopes) -> list[Privilege]:
     """What a non-prod role must never hold: any privilege on public's isolated tables and their sequences."""
-    from ...tables import isolated_tables
-
     if env.primary:
         return []
     out: list[Privilege] = []
     for rel in relations:
         if rel.schema != PRIMARY_SCHEMA:
             continue
-        if rel.kind in ("r", "p") and rel.name in isolated_tables():
+        if rel.kind in ("r", "p") and rel.name in scopes.isolated:
             out += [Privilege("table", rel.schema, rel.name, p, oid=rel.oid) for p in TABLE_PRIVILEGES]
-        elif rel.kind == "S" and rel.owner_table in isolated_tables():
+        elif rel.kind == "S" and rel.owner_table in scopes.isolated:
             out += [Privilege("sequence", rel.schema, rel.name, p, oid=rel.oid) for p in _FORBIDDEN_SEQUENCE]
     return out
 
@@ -279,7 +276,7 @@ class _Job:
     public_only: bool = False
 
 
-def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Changes]], bool]:
+def _plan(conn: Connection, jobs: Sequence[_Job], scopes: Scopes) -> tuple[list[tuple[_Job, _Changes]], bool]:
     """What each job's role lacks, or holds and must not, read in three queries however many jobs there
     are; and whether PUBLIC may still create in public. Jobs are planned in order, as if each earlier
     one were already written, so two jobs on one role never grant the same privilege twice."""
@@ -293,14 +290,14 @@ def _plan(conn: Connection, jobs: Sequence[_Job]) -> tuple[list[tuple[_Job, _Cha
     for job in jobs:
         env = job.env
         if job.public_only or env.primary:
-            want = wanted(env, public)
+            want = wanted(env, public, scopes)
             if job.public_only:
                 want = [p for p in want if p.schema == PRIMARY_SCHEMA]
-            wants.append((job, want, forbidden(env, public)))
+            wants.append((job, want, forbidden(env, public, scopes)))
             continue
         if shared is None:
-            shared = [p for p in wanted(env, public) if p.kind != "schema"], forbidden(env, public)
-        wants.append((job, wanted(env, by_schema.get(env.schema, [])) + shared[0], shared[1]))
+            shared = [p for p in wanted(env, public, scopes) if p.kind != "schema"], forbidden(env, public, scopes)
+        wants.append((job, wanted(env, by_schema.get(env.schema, []), scopes) + shared[0], shared[1]))
     held = _held_plan(conn, [(job.env.pg_role, want, deny) for job, want, deny in wants if job.env.pg_role in existing])
     # granted (or revoked) by an earlier job: kept only for a role with more than one job (prod's run)
     repeated = {role for role, n in Counter(job.env.pg_role for job in jobs).items() if n > 1}
@@ -517,7 +514,8 @@ def _stamp(conn: Connection, ensured: Sequence[tuple[Environment, Sequence[Envir
 
 
 def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] = (), *,
-                  changed: Collection[str] = (), streamed: Streamed | None = None) -> list[str]:
+                  changed: Collection[str] = (), streamed: Streamed | None = None,
+                  scopes: Callable[[], Scopes] = Scopes.of_models) -> list[str]:
     """Bring each target environment's role and grants up to date; return one notice per environment
     whose grants changed or could not be managed, in the targets' order.
 
@@ -530,7 +528,8 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
     is named in ``changed`` (just upgraded). The rest are read and written together, in a handful of
     round trips however many environments there are. The environments ``streamed`` names were made
     current earlier in the run (:class:`Alongside`): they are left alone, and their notices come
-    back with the rest.
+    back with the rest. ``scopes`` names the models' tables and views (``Kept.scopes``, or the
+    models themselves); it is called only when a role is planned.
     """
     from ...errors import MomentryError
 
@@ -547,7 +546,7 @@ def ensure_grants(targets: Sequence[PgTarget], everyone: Sequence[Environment] =
             notices.append(("", f"postgres: grants not managed: {exc}"))
             continue
         with conn:
-            notices += _ensure_group(conn, group, everyone, changed, made.envs)
+            notices += _ensure_group(conn, group, everyone, changed, scopes, made.envs)
     order = {t.env.name: i for i, t in enumerate(targets)}
     return [notice for _, notice in sorted(notices, key=lambda named: order.get(named[0], -1))]
 
@@ -576,17 +575,19 @@ class Alongside:
     SMALLEST_BATCH = 16
 
     @classmethod
-    def for_run(cls, targets: Sequence[PgTarget]) -> Alongside | None:
-        """One for a compiled run of ``targets``, when they are enough to leave more than one batch."""
+    def for_run(cls, targets: Sequence[PgTarget],
+                scopes: Callable[[], Scopes] = Scopes.of_models) -> Alongside | None:
+        """One for a compiled run of ``targets``, when they are enough to leave more than one batch.
+        ``scopes`` as for ``ensure_grants``: called here, not in the thread beside the lanes."""
         wanted = sum(1 for t in targets if t.env.pg_grants)
         if wanted < 2 * cls.SMALLEST_BATCH:
             return None
-        return cls(max(cls.SMALLEST_BATCH, wanted // 8))
+        return cls(max(cls.SMALLEST_BATCH, wanted // 8), scopes())
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, scopes: Scopes) -> None:
         import threading
 
-        self.batch = batch
+        self.batch, self.scopes = batch, scopes
         self.ready: list[PgTarget] = []
         self.made = Streamed()
         self.closing = False
@@ -624,7 +625,8 @@ class Alongside:
                 for url, group in by_url.items():
                     if url not in conns:
                         conns[url] = connect(group[0])
-                    self.made.notices += _ensure_group(conns[url], group, (), {t.schema for t in group})
+                    self.made.notices += _ensure_group(conns[url], group, (), {t.schema for t in group},
+                                                       lambda: self.scopes)
                     self.made.envs.update(t.env.name for t in group)
         except Exception:  # noqa: BLE001 - what is not granted here, the run's final ensure_grants grants
             return
@@ -634,7 +636,8 @@ class Alongside:
 
 
 def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequence[Environment],
-                  changed: Collection[str], done: Collection[str] = ()) -> list[tuple[str, str]]:
+                  changed: Collection[str], scopes: Callable[[], Scopes],
+                  done: Collection[str] = ()) -> list[tuple[str, str]]:
     """``ensure_grants`` for the targets of one database: its notices, by environment."""
     from sqlalchemy.exc import DBAPIError
 
@@ -648,7 +651,8 @@ def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequenc
         conn.rollback()
     due = [(t.env, others_of[t.schema]) for t in group if t.schema in changed
            or state.get(("stamp", t.env.pg_role)) != _fingerprint(state, t.env, others_of[t.schema])]
-    outcomes = _ensure(conn, due, likely=any(env.schema in changed for env, _ in due), done=done)
+    outcomes = _ensure(conn, due, scopes(), likely=any(env.schema in changed for env, _ in due),
+                       done=done) if due else {}
     notices: list[tuple[str, str]] = []
     for env, _ in due:
         outcome = outcomes.get(env.name, "")
@@ -663,7 +667,7 @@ def _ensure_group(conn: Connection, group: Sequence[PgTarget], everyone: Sequenc
     return notices
 
 
-def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Environment]]], *,
+def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Environment]]], scopes: Scopes, *,
             likely: bool = False, done: Collection[str] = ()) -> dict[str, str | Exception]:
     """Write what each environment's role (and, from prod, the others' roles in public) lacks, in one
     transaction; by environment, what changed, or why its grants could not be managed.
@@ -681,12 +685,12 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
     if not jobs:
         return {}
     if not likely:
-        todo, public_create = _plan(conn, jobs)
+        todo, public_create = _plan(conn, jobs, scopes)
         conn.rollback()
         if not todo and not public_create:
             return {}  # a no-op run: catalog reads only
     conn.execute(sa.text(_GRANTS_LOCK))
-    todo, public_create = _plan(conn, jobs)  # again, under the lock: another run may have done part of it
+    todo, public_create = _plan(conn, jobs, scopes)  # again, under the lock: another run may have done part of it
     outcomes: dict[str, str | Exception] = {}
     if any(c.create_role for _, c in todo) and not _may_manage_roles(conn):
         user = _current_user(conn)
@@ -720,7 +724,7 @@ def _ensure(conn: Connection, items: Sequence[tuple[Environment, Sequence[Enviro
             return {items[0][0].name: exc}
         for item in items:  # each on its own: the failure is one environment's
             if item[0].name not in outcomes:
-                outcomes.update(_ensure(conn, [item], likely=likely, done=done))
+                outcomes.update(_ensure(conn, [item], scopes, likely=likely, done=done))
         return outcomes
     return {**outcomes, **{name: "; ".join(parts) for name, parts in said.items()}}
 
@@ -817,7 +821,7 @@ def grant_login(target: PgTarget, login: str, everyone: Sequence[Environment], *
                 raise RefusedError(f"schema {env.schema} does not exist; run momentry-db migrate --env {env.name} "
                                    "first")
             conn.rollback()
-            problem = _ensure(conn, [(env, ())]).get(env.name)
+            problem = _ensure(conn, [(env, ())], Scopes.of_models()).get(env.name)
             if isinstance(problem, Exception):
                 raise problem
             if not member:
@@ -875,7 +879,8 @@ def inspect(target: PgTarget, everyone: Sequence[Environment]) -> Privileges:
         found = Privileges(True, [Subject(env.pg_role, False)])
         found.subjects += [Subject(n, bool(login), bool(su))
                            for n, login, su in conn.execute(sa.text(_MEMBERS), {"r": env.pg_role})]
-        want, deny = wanted(env, relations), forbidden(env, relations)
+        scopes = Scopes.of_models()
+        want, deny = wanted(env, relations, scopes), forbidden(env, relations, scopes)
         if not env.primary:
             skip = ["pg_catalog", "information_schema", env.schema]
             deny += [Privilege("function", nsp, oid, "EXECUTE", f"function {shown} (SECURITY DEFINER)")

@@ -87,6 +87,23 @@ def _files_key(location: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(found))
 
 
+class Scopes(NamedTuple):
+    """The models' names by where they live (see ``momentry_db.tables``): the tables every schema holds,
+    the tables and views only public holds, and the bookkeeping tables beside them."""
+
+    isolated: frozenset[str]
+    shared: frozenset[str]
+    views: frozenset[str]
+    bookkeeping: frozenset[str]
+
+    @classmethod
+    def of_models(cls) -> Scopes:
+        """Read from the models (importing them, Alembic and alembic_utils)."""
+        from ...tables import BOOKKEEPING_TABLES, isolated_tables, shared_tables, view_names
+
+        return cls(isolated_tables(), shared_tables(), view_names(), BOOKKEEPING_TABLES)
+
+
 class Rev(NamedTuple):
     """One revision of a path, as a compiled run records it."""
 
@@ -102,7 +119,7 @@ _ONLINE_ONLY = re.compile(r"\b(is_offline_mode|as_sql)\b")
 class Kept:
     """What a run needs of the revision files and the models, kept in a file of the state directory.
 
-    The heads, the revision line (each revision's id and description), the models' table names and
+    The heads, the revision line (each revision's id and description), the models' names by scope and
     every compiled script rendered so far (see ``fanout.render_template``). They hold while the
     revision files, momentry-db's own files and the installed Alembic, SQLAlchemy, alembic_utils and
     psycopg stay as they are (the size and modification time of each): then a run that finds what it
@@ -162,12 +179,18 @@ class Kept:
 
     def tables(self) -> list[str]:
         """The models' table names."""
-        if not isinstance(self.data.get("tables"), list):
-            from ...models import metadata
+        scopes = self.scopes()
+        return sorted(scopes.isolated | scopes.shared)
 
-            self.data["tables"] = sorted(metadata.tables)
-            self._save()
-        return list(self.data["tables"])
+    def scopes(self) -> Scopes:
+        """The models' names by scope (what a role is granted: see ``grants``)."""
+        kept = self.data.get("scopes")
+        if isinstance(kept, dict) and all(isinstance(kept.get(f), list) for f in Scopes._fields):
+            return Scopes(*(frozenset(kept[f]) for f in Scopes._fields))
+        found = Scopes.of_models()
+        self.data["scopes"] = {f: sorted(getattr(found, f)) for f in Scopes._fields}
+        self._save()
+        return found
 
     def template(self, start: tuple[str, ...], primary: bool, render: Callable[[], str | None]) -> str | None:
         """The compiled script from ``start`` to head for public (``primary``) or any other schema:
