@@ -739,3 +739,26 @@ def test_a_warm_parallel_run_grants_every_new_role_without_importing_the_models(
     assert all(_held_by_role(db, roles[env], env) == expected for env in first + second)
     code, failed = _verify(granted, "f32")
     assert (code, failed) == (0, {})
+
+
+def test_batches_beside_the_lanes_shrink_towards_the_end(monkeypatch) -> None:
+    """Batches are an eighth of the run until half of what is left is less, then half of it, never below
+    the smallest batch: the run's last step waits for a few environments, not a full batch."""
+    from types import SimpleNamespace
+
+    from momentry_db.stores.postgres import grants
+    from tests.helpers import wait_until
+
+    sizes: list[int] = []
+    monkeypatch.setattr(grants, "connect", lambda target: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(grants, "_ensure_group", lambda conn, group, *args: sizes.append(len(group)) or [])
+    monkeypatch.setattr(grants.Alongside, "SMALLEST_BATCH", 4)
+    targets = [SimpleNamespace(schema=f"s{i:03d}", env=SimpleNamespace(name=f"s{i:03d}", pg_grants=True),
+                               url=lambda: "postgresql://db") for i in range(100)]
+    along = grants.Alongside.for_run(targets, lambda: grants.Scopes(frozenset(), frozenset(), frozenset(), frozenset()))
+    assert along is not None and along.batch == 12
+    for target in targets:
+        along.committed(target)
+    wait_until(lambda: sum(sizes) == 100, "every target taken by a batch", within=10)
+    along.finish()
+    assert sizes == [12] * 7 + [8, 4, 4]

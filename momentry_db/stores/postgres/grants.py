@@ -564,6 +564,8 @@ class Alongside:
     """Grants made while a fan-out runs: each schema the lanes commit is handed over (``committed``),
     and a thread of its own grants them in batches of ``batch``, one ``ensure_grants`` each, on one
     connection per database, so the run's last step is left with one batch, not every environment.
+    Towards the end of the ``total`` a batch takes at most half of what is left (never fewer than
+    ``SMALLEST_BATCH``), so the last step waits for a small batch, not a full one.
 
     ``finish`` stops it and returns what the batches made (:class:`Streamed`). The targets handed
     over since the last batch are not granted here: the run's final ``ensure_grants`` takes them,
@@ -582,12 +584,12 @@ class Alongside:
         wanted = sum(1 for t in targets if t.env.pg_grants)
         if wanted < 2 * cls.SMALLEST_BATCH:
             return None
-        return cls(max(cls.SMALLEST_BATCH, wanted // 8), scopes())
+        return cls(max(cls.SMALLEST_BATCH, wanted // 8), scopes(), wanted)
 
-    def __init__(self, batch: int, scopes: Scopes) -> None:
+    def __init__(self, batch: int, scopes: Scopes, total: int) -> None:
         import threading
 
-        self.batch, self.scopes = batch, scopes
+        self.batch, self.scopes, self.left = batch, scopes, total
         self.ready: list[PgTarget] = []
         self.made = Streamed()
         self.closing = False
@@ -600,8 +602,12 @@ class Alongside:
         if target.env.pg_grants:
             with self.changed:
                 self.ready.append(target)
-                if len(self.ready) >= self.batch:
+                if len(self.ready) >= self._size():
                     self.changed.notify()
+
+    def _size(self) -> int:
+        """The next batch's size: ``batch``, or half of what is left near the end."""
+        return max(self.SMALLEST_BATCH, min(self.batch, self.left // 2))
 
     def finish(self) -> Streamed:
         with self.changed:
@@ -615,10 +621,12 @@ class Alongside:
         try:
             while True:
                 with self.changed:
-                    self.changed.wait_for(lambda: self.closing or len(self.ready) >= self.batch)
+                    self.changed.wait_for(lambda: self.closing or len(self.ready) >= self._size())
                     if self.closing:
                         return
-                    batch, self.ready = self.ready[:self.batch], self.ready[self.batch:]
+                    size = self._size()
+                    batch, self.ready = self.ready[:size], self.ready[size:]
+                    self.left -= len(batch)
                 by_url: dict[str, list[PgTarget]] = {}
                 for target in batch:
                     by_url.setdefault(target.url(), []).append(target)
