@@ -628,6 +628,28 @@ def test_a_kept_record_that_no_longer_holds_is_not_used(many, database, damage: 
     assert "planted" not in json.dumps(again["templates"]) and again["key"] == key
 
 
+@pytest.mark.parametrize("scopes", [None, {"shared": "videos", "isolated": [], "views": [], "bookkeeping": []}],
+                         ids=["an-earlier-release", "damaged"])
+def test_kept_names_by_scope_missing_or_damaged_are_read_from_the_models_and_kept(tmp_path, scopes) -> None:
+    """A record an earlier release wrote (no names by scope) or one whose names are not lists gives the
+    models' own names, and keeps them; the rest of the record stays."""
+    from momentry_db.stores.postgres.planning import Scopes
+    from momentry_db.tables import shared_tables, view_names
+
+    file = tmp_path / "postgres-scripts.json"
+    first = postgres.Kept.open(file, None)
+    first.data.update({"heads": ["0001"], **({"scopes": scopes} if scopes else {})})
+    first._save()
+    kept = postgres.Kept.open(file, None)
+    assert kept.heads() == ("0001",)
+    assert kept.scopes() == Scopes(isolated_tables(), shared_tables(), view_names(), BOOKKEEPING_TABLES)
+    again = json.loads(file.read_text())
+    assert again["heads"] == ["0001"]
+    assert again["scopes"] == {"isolated": sorted(isolated_tables()), "shared": sorted(shared_tables()),
+                               "views": sorted(view_names()), "bookkeeping": sorted(BOOKKEEPING_TABLES)}
+    assert postgres.Kept.open(file, None).tables() == sorted(isolated_tables() | shared_tables())
+
+
 def test_percent_signs_in_a_revision_reach_every_compiled_schema_as_written(many, database, tmp_path) -> None:
     """The driver reads ``%%`` as ``%``: the SQL, the description in the history and the revision's
     marker all come out as the revision wrote them."""
